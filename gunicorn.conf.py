@@ -1,0 +1,52 @@
+"""gunicorn settings for wsgi-proxy: `gunicorn -c gunicorn.conf.py` from the repository root.
+
+Every value can be overridden on the command line (`-b 0.0.0.0:8000`, `-w 4`, `--threads 200`), and
+the main ones by the WSGI_PROXY_* variables read below. The proxy's own settings (upstream URL,
+keys, timeouts) are WSGI_PROXY_* variables too; they are validated here, before any worker starts,
+so a mistake stops the server with one sentence instead of a traceback per worker.
+"""
+
+import os
+import sys
+
+from wsgi_proxy.config import ConfigError, ProxySettings
+
+try:
+    ProxySettings.load()
+except ConfigError as exc:
+    sys.stderr.write(f"wsgi-proxy: {exc}\n")
+    sys.exit(2)
+
+# The app: the standalone factory. A host app is served with `gunicorn -c gunicorn.conf.py host:app`.
+wsgi_app = "wsgi_proxy.app:create_app()"
+
+# Loopback by default, so that nothing is exposed by accident; use -b 0.0.0.0:8000 behind a load balancer.
+bind = os.environ.get("WSGI_PROXY_BIND", "127.0.0.1:8000")
+
+# gthread: plain threads, no monkey-patching, no asyncio. Each open stream holds one thread for its
+# whole life (a background stream can last many minutes), so threads, not workers, bound the number
+# of concurrent streams: workers x threads. A thread costs about 50-75 KB of RSS while streaming
+# (its 8 MiB stack is virtual), and idle threads are only created when needed.
+worker_class = "gthread"
+workers = int(os.environ.get("WSGI_PROXY_WORKERS", "2"))  # >= 2: one can restart while the other serves
+threads = int(os.environ.get("WSGI_PROXY_THREADS", "500"))
+
+# Sockets one worker accepts: every busy thread plus idle keep-alive connections. gthread keeps at most
+# worker_connections - threads idle connections, so leave room above `threads`.
+worker_connections = threads + 500
+keepalive = 5  # seconds an idle client connection is kept between requests
+
+# In gthread, `timeout` is the worker heartbeat, not a request limit: long streams are not killed by it.
+timeout = 30
+# On SIGTERM/SIGHUP, how long open streams may run on before the worker is stopped. Streams cut then
+# end without a clean terminator, so clients see an error and can resume with starting_after.
+graceful_timeout = int(os.environ.get("WSGI_PROXY_GRACEFUL_TIMEOUT", "30"))
+
+# Access log to stdout (no credentials are in it: gunicorn logs no Authorization header);
+# errors and the proxy's own warnings to stderr.
+accesslog = os.environ.get("WSGI_PROXY_ACCESS_LOG", "-")
+errorlog = "-"
+loglevel = os.environ.get("WSGI_PROXY_LOG_LEVEL", "info")
+
+# Do not use max_requests: a recycled worker cuts its open streams (see the README's sizing section).
+max_requests = 0

@@ -1,0 +1,148 @@
+"""Settings: environment variables with the ``WSGI_PROXY_`` prefix, validated once at start-up.
+
+Every setting can also be given as a keyword argument or, for an embedded proxy, as a
+``WSGI_PROXY_*`` key of the host app's ``app.config``. A mistake is reported as a
+:class:`ConfigError` whose message names the environment variable and says what to do.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["ConfigError", "ProxySettings", "ENV_PREFIX"]
+
+ENV_PREFIX = "WSGI_PROXY_"
+
+
+class ConfigError(RuntimeError):
+    """The configuration is invalid; the message is one sentence naming the setting to fix."""
+
+
+class ProxySettings(BaseSettings):
+    """All settings of one proxy, frozen after validation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", populate_by_name=True
+    )
+
+    upstream_url: str = "https://api.openai.com/v1"
+    """Base URL of the upstream Responses API, up to and including its version segment."""
+
+    upstream_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("upstream_api_key", "WSGI_PROXY_UPSTREAM_API_KEY", "OPENAI_API_KEY"),
+    )
+    """The key the gateway sends upstream. Unset: pass-through mode (the client's own key goes upstream)."""
+
+    api_keys: t.Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    """Client keys the proxy accepts as ``Authorization: Bearer <key>`` (comma-separated)."""
+
+    allow_anonymous: bool = False
+    """With an upstream key but no client keys, serve anyone. Off unless set deliberately."""
+
+    upstream_organization: str | None = None
+    """Sent upstream as ``OpenAI-Organization``
+    (clients' own values are dropped when the gateway holds a key)."""
+
+    upstream_project: str | None = None
+    """Sent upstream as ``OpenAI-Project``."""
+
+    connect_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to wait for a TCP/TLS connection to the upstream."""
+
+    read_timeout: float = Field(default=600.0, gt=0)
+    """Seconds of upstream silence tolerated (reasoning models are silent for minutes)."""
+
+    upstream_ca_bundle: Path | None = None
+    """A CA bundle for the upstream's TLS certificate; the system store is used when unset."""
+
+    pool_size: int = Field(default=1000, ge=1)
+    """Upstream connections kept open per worker process; keep it at or above gunicorn's ``threads``."""
+
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (413 above it)."""
+
+    max_event_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest single SSE event relayed; a larger one aborts the stream instead of exhausting memory."""
+
+    watch_disconnects: bool = True
+    """Watch client sockets so a gone client frees its thread and upstream connection at once."""
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        scheme, sep, rest = value.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "?# "):
+            raise ValueError("it must be an http:// or https:// URL without query or fragment")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("upstream_api_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_auth_mode(self) -> ProxySettings:
+        if self.upstream_api_key is None and self.api_keys:
+            raise ValueError(
+                "WSGI_PROXY_API_KEYS is set but no upstream key is, so there is nothing to authenticate"
+                " clients for: set WSGI_PROXY_UPSTREAM_API_KEY (or OPENAI_API_KEY), or unset"
+                " WSGI_PROXY_API_KEYS to run as a transparent pass-through."
+            )
+        if self.upstream_api_key is not None and not self.api_keys and not self.allow_anonymous:
+            raise ValueError(
+                "An upstream key is configured but WSGI_PROXY_API_KEYS is empty, so anyone who can reach"
+                " the proxy could spend on that key: set WSGI_PROXY_API_KEYS=key1,key2 (the keys your"
+                " clients will send), or set WSGI_PROXY_ALLOW_ANONYMOUS=true to allow this deliberately."
+            )
+        return self
+
+    @property
+    def pass_through(self) -> bool:
+        """True when the proxy holds no key of its own and forwards each client's credentials."""
+        return self.upstream_api_key is None
+
+    @classmethod
+    def load(cls, overrides: t.Mapping[str, t.Any] | None = None) -> ProxySettings:
+        """Build settings from the environment plus ``overrides``, or raise :class:`ConfigError`.
+
+        ``overrides`` may use field names (``read_timeout``) or ``WSGI_PROXY_*`` names, so a Flask
+        ``app.config`` can be passed as it is; other keys are ignored.
+        """
+        values: dict[str, t.Any] = {}
+        for key, value in (overrides or {}).items():
+            name = key[len(ENV_PREFIX) :].lower() if key.startswith(ENV_PREFIX) else key
+            if name in cls.model_fields:
+                values[name] = value
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """One sentence for the first problem, naming the environment variable to fix."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return message
+    name = loc[0]
+    if name in ("upstream_api_key", "WSGI_PROXY_UPSTREAM_API_KEY", "OPENAI_API_KEY"):
+        name = "upstream_api_key"
+    env = ENV_PREFIX + name.upper()
+    return f"{env} is invalid: {message}. Fix the value of {env} and start again."

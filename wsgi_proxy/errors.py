@@ -1,0 +1,173 @@
+"""The proxy's own errors and their OpenAI-shaped JSON envelope.
+
+Every failure that the proxy itself detects is a :class:`ProxyError`; upstream 4xx/5xx answers are
+relayed as they are and never become one. The tree::
+
+    ProxyError                        500  server_error
+    ├── InvalidRequest                400  invalid_request_error   (bad query, path or body; names `param`)
+    │   └── RequestTooLarge           413
+    ├── AuthenticationFailed          401  invalid_request_error   (missing or unknown client key)
+    ├── RouteNotFound                 404  invalid_request_error
+    ├── MethodNotAllowed              405  invalid_request_error
+    └── UpstreamError                 502  upstream_error
+        ├── UpstreamUnavailable       502  (could not connect, or the connection broke before an answer)
+        ├── UpstreamCredentialsRejected 502  (the upstream refused the gateway's own key)
+        ├── UpstreamProtocolError     502  (the upstream answered something a proxy cannot relay)
+        └── UpstreamTimeout           504
+
+    StreamAborted (ConnectionResetError)  raised inside an SSE relay after the first byte; not a response
+    UpstreamStreamInterrupted             the upstream body broke mid-stream (translated in upstream.py)
+
+The envelope is the one the OpenAI SDKs parse: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+__all__ = [
+    "AuthenticationFailed",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "ProxyError",
+    "RequestTooLarge",
+    "RouteNotFound",
+    "StreamAborted",
+    "UpstreamCredentialsRejected",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamStreamInterrupted",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    """Serialise one error in OpenAI's envelope, as compact UTF-8 JSON."""
+    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class ProxyError(Exception):
+    """A failure the proxy answers itself, before any byte of a response went out."""
+
+    status: t.ClassVar[int] = 500
+    type: t.ClassVar[str] = "server_error"
+    code: t.ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        """This error as the JSON body of an HTTP response."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers for this error (none by default)."""
+        return {}
+
+
+class InvalidRequest(ProxyError):
+    """The client's request is malformed: a bad query parameter, path segment or body field."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request body is larger than the configured limit."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationFailed(ProxyError):
+    """The client sent no key, or a key that is not one of the configured client keys."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="wsgi-proxy"'}
+
+
+class RouteNotFound(ProxyError):
+    """No endpoint of the proxy matches the request path."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "unknown_url"
+
+
+class MethodNotAllowed(ProxyError):
+    """The endpoint exists but not for this HTTP method."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allowed: t.Iterable[str]) -> None:
+        super().__init__(message)
+        self.allowed = sorted(allowed)
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not give an answer that the proxy can relay."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached, or it dropped the connection before answering."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamCredentialsRejected(UpstreamError):
+    """The upstream rejected the key the gateway holds; the operator, not the client, must act."""
+
+    code = "upstream_credentials_rejected"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered in a form the proxy cannot relay faithfully."""
+
+    code = "upstream_protocol_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not connect or answer within the configured timeout."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class StreamAborted(ConnectionResetError):
+    """Raised inside an SSE relay to drop the client connection without a clean end.
+
+    After the first byte the status line cannot change, so the only honest signal of a broken
+    stream is an aborted connection: no terminating chunk, so SDKs raise and the client can resume
+    with ``starting_after``. Being a :class:`ConnectionResetError` makes gunicorn treat it as a
+    connection reset (closed quietly, logged at debug) rather than an application crash.
+    """
+
+
+class UpstreamStreamInterrupted(Exception):
+    """The upstream body ended abnormally after the response had started.
+
+    A reset, a truncated chunked body, a read timeout or an undecodable body: the stream cannot be
+    read further on this connection. ``reason`` is a short phrase for logs.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

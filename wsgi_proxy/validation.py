@@ -1,0 +1,183 @@
+"""Input checks, as pure functions: nothing the proxy should reject ever reaches the upstream.
+
+Each function raises :class:`~wsgi_proxy.errors.InvalidRequest` naming the offending ``param``.
+Query strings are checked as the client sent them and forwarded unchanged, never rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import typing as t
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError, field_validator
+
+from .errors import InvalidRequest
+
+__all__ = [
+    "CreateFields",
+    "ResponsePath",
+    "RetrieveQuery",
+    "check_response_id",
+    "parse_create_body",
+    "parse_json_object",
+    "parse_response_path",
+    "parse_retrieve_query",
+]
+
+#: Response ids as OpenAI issues them (``resp_`` + hex) and as compatible servers do: a token that
+#: cannot become another path, query, fragment or header upstream.
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+# 19 digits hold any non-negative int64 prefix and bound the work of parsing it.
+_STARTING_AFTER = re.compile(r"[0-9]{1,19}")
+
+_SUB_ACTIONS = {"cancel": "cancel", "input_items": "input_items"}
+
+
+def check_response_id(value: str, param: str = "response_id") -> str:
+    """Return ``value`` if it is a safe response id, else raise naming ``param``."""
+    if not RESPONSE_ID.fullmatch(value):
+        shown = value if len(value) <= 64 and value.isprintable() else "the given value"
+        raise InvalidRequest(
+            f"Invalid '{param}': {shown!r} is not a response id. Response ids are 1 to 128 letters,"
+            " digits, '_' or '-' (for example 'resp_abc123').",
+            param=param,
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ResponsePath:
+    """What a path below ``/responses/`` asks for."""
+
+    action: t.Literal["item", "cancel", "input_items"]
+    response_id: str
+
+
+def parse_response_path(subpath: str) -> ResponsePath:
+    """Parse ``{id}``, ``{id}/cancel`` or ``{id}/input_items`` (the part after ``/responses/``)."""
+    head, sep, tail = subpath.partition("/")
+    if sep and tail in _SUB_ACTIONS:
+        return ResponsePath(t.cast(t.Any, _SUB_ACTIONS[tail]), check_response_id(head))
+    return ResponsePath("item", check_response_id(subpath))
+
+
+@dataclass(frozen=True)
+class RetrieveQuery:
+    """The query parameters of ``GET /responses/{id}`` that the proxy acts on."""
+
+    stream: bool
+    starting_after: int | None
+
+
+def _single(pairs: list[tuple[str, str]], name: str) -> str | None:
+    values = [v for k, v in pairs if k == name]
+    if len(values) > 1:
+        raise InvalidRequest(f"'{name}' was given {len(values)} times; give it at most once.", param=name)
+    return values[0] if values else None
+
+
+def _parse_pairs(query_string: bytes) -> list[tuple[str, str]]:
+    try:
+        text = query_string.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            "The query string is not valid: percent-encode every non-ASCII character.", param=None
+        ) from None
+    return parse_qsl(text, keep_blank_values=True)
+
+
+def parse_retrieve_query(query_string: bytes) -> RetrieveQuery:
+    """Check ``stream`` and ``starting_after``; other parameters are the upstream's to judge."""
+    pairs = _parse_pairs(query_string)
+    stream_raw = _single(pairs, "stream")
+    if stream_raw is None or stream_raw == "false":
+        stream = False
+    elif stream_raw == "true":
+        stream = True
+    else:
+        raise InvalidRequest(
+            f"Invalid value for 'stream': {stream_raw[:32]!r}. Expected 'true' or 'false'.", param="stream"
+        )
+    after_raw = _single(pairs, "starting_after")
+    starting_after = None
+    if after_raw is not None:
+        if not _STARTING_AFTER.fullmatch(after_raw):
+            raise InvalidRequest(
+                f"Invalid value for 'starting_after': {after_raw[:32]!r}. Expected a non-negative integer"
+                " sequence number of at most 19 digits (the last event you received).",
+                param="starting_after",
+            )
+        starting_after = int(after_raw)
+    return RetrieveQuery(stream=stream, starting_after=starting_after)
+
+
+def parse_json_object(body: bytes) -> dict[str, t.Any]:
+    """Decode a request body that must be a JSON object."""
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. Send a JSON object with"
+            " 'Content-Type: application/json'.",
+            param=None,
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not a JSON {type(value).__name__}.", param=None
+        )
+    return value
+
+
+class CreateFields(BaseModel):
+    """The fields of a create request the proxy acts on; every other field passes through untouched."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: StrictStr | None = None
+    stream: StrictBool | None = None
+    background: StrictBool | None = None
+    store: StrictBool | None = None
+    previous_response_id: StrictStr | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _safe_previous_id(cls, value: str | None) -> str | None:
+        if value is not None and not RESPONSE_ID.fullmatch(value):
+            raise ValueError("must be a response id such as 'resp_abc123'")
+        return value
+
+
+_EXPECTED = {
+    "model": "a model name (string)",
+    "stream": "a boolean (true or false)",
+    "background": "a boolean (true or false)",
+    "store": "a boolean (true or false)",
+    "previous_response_id": "a response id (string)",
+}
+
+
+def parse_create_body(body: bytes) -> CreateFields:
+    """Check the create body: a JSON object whose proxy-relevant fields have the right types."""
+    obj = parse_json_object(body)
+    try:
+        return CreateFields.model_validate(obj)
+    except ValidationError as exc:
+        # One boundary for pydantic errors: the first one, as a sentence naming the field.
+        first = exc.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        detail = str(first["msg"]).removeprefix("Value error, ")
+        expected = _EXPECTED.get(field or "", "a valid value")
+        raise InvalidRequest(
+            f"Invalid value for '{field}': {detail}. Expected {expected}.", param=field
+        ) from None
