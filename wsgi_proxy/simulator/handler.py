@@ -1,0 +1,651 @@
+"""The HTTP layer: routing, validation, the ``/v1`` endpoints and SSE framing on the socket.
+
+Built on :mod:`http.server` rather than WSGI because the point is exact control of the bytes:
+chunked or close-delimited bodies, split writes, and chunked bodies aborted without the last chunk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hmac
+import json
+import logging
+import re
+import secrets
+import select
+import socket
+import sys
+import time
+import typing as t
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from . import errors
+from .config import FaultError, Faults, SimulatorConfig, parse_faults
+from .errors import ApiError
+from .events import (
+    JsonDict,
+    Plan,
+    count_tokens,
+    delta_texts,
+    input_items,
+    input_text,
+    iter_steps,
+    new_id,
+    response_object,
+    strip_obfuscation,
+    usage,
+)
+from .framing import SseWriter
+from .recording import CloseReason, RecordedRequest, Recorder, StreamClosure
+from .store import CancelRefused, Job, ResponseRecord, Store
+
+__all__ = ["MODELS", "SimulatorServer", "peer_closed"]
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-5", "gpt-5-mini", "o4-mini")
+
+TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
+
+# Path pattern -> {method: handler method}; the first pattern that matches decides between 405 and 404.
+_ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
+    (re.compile(r"/v1/responses"), {"POST": "_create"}),
+    (re.compile(r"/v1/responses/input_tokens"), {"POST": "_input_tokens"}),
+    (re.compile(r"/v1/responses/compact"), {"POST": "_compact"}),
+    (re.compile(r"/v1/responses/(?P<id>[^/]+)"), {"GET": "_retrieve", "DELETE": "_delete"}),
+    (re.compile(r"/v1/responses/(?P<id>[^/]+)/cancel"), {"POST": "_cancel"}),
+    (re.compile(r"/v1/responses/(?P<id>[^/]+)/input_items"), {"GET": "_input_items"}),
+    (re.compile(r"/v1/models"), {"GET": "_models"}),
+    (re.compile(r"/v1/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
+]
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Tell whether the client closed its side, without consuming anything it sent."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        if not poller.poll(0):
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+def _read_chunked(rfile: t.BinaryIO) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        line = rfile.readline(65537)
+        if not line:
+            raise ValueError("The chunked request body ended early.")
+        size = int(line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            while rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts)
+        parts.append(rfile.read(size))
+        rfile.readline(65537)
+
+
+def _optional_bool(body: t.Mapping[str, t.Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise errors.invalid_type(name, "a boolean", value)
+
+
+def _bool_arg(args: t.Mapping[str, str], name: str) -> bool | None:
+    """A query boolean: only the literal ``true``/``false`` are accepted, like the API."""
+    raw = args.get(name)
+    if raw is None:
+        return None
+    if raw not in ("true", "false"):
+        raise errors.invalid_value(
+            name, f"Invalid value for '{name}': expected a boolean ('true' or 'false')."
+        )
+    return raw == "true"
+
+
+def _model_object(name: str) -> JsonDict:
+    return {"id": name, "object": "model", "created": 1_715_367_049, "owned_by": "system"}
+
+
+@dataclass
+class _Call:
+    """What an endpoint gets: path parameters, decoded query pairs and the raw body."""
+
+    params: dict[str, str]
+    query: list[tuple[str, str]]
+    body: bytes
+
+    @property
+    def args(self) -> dict[str, str]:
+        """Query parameters, the last value winning."""
+        return dict(self.query)
+
+    @property
+    def sim_args(self) -> dict[str, str]:
+        return {k: v for k, v in self.query if k.startswith("sim_")}
+
+
+class SimulatorServer(ThreadingHTTPServer):
+    """A threading HTTP server carrying the simulator's config, store and recorder."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    # The default backlog of 5 makes bursts of connections wait for SYN retries (a second or more).
+    request_queue_size = 1024
+
+    def __init__(
+        self, address: tuple[str, int], config: SimulatorConfig, store: Store, recorder: Recorder
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.config = config
+        self.store = store
+        self.recorder = recorder
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: t.Any, client_address: t.Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            logger.debug("simulator connection from %s failed", client_address, exc_info=True)
+        else:
+            logger.exception("simulator failed while handling a request from %s", client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "openai-simulator"
+    sys_version = ""
+    disable_nagle_algorithm = True
+
+    _request_id = ""
+    _started = 0.0
+    _gzip = False
+
+    @property
+    def _server(self) -> SimulatorServer:
+        return t.cast(SimulatorServer, self.server)
+
+    def setup(self) -> None:
+        super().setup()
+        self._server.recorder.track(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self._server.recorder.untrack(self.connection)
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        logger.debug("simulator: " + format, *args)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_DELETE = do_PUT = do_PATCH = do_GET
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        self._request_id = "req_" + secrets.token_hex(16)
+        self._started = time.monotonic()
+        self._gzip = False
+        path, _, query = self.path.partition("?")
+        try:
+            try:
+                body = self._read_body()
+            except ValueError:
+                self.close_connection = True
+                self._send_error(ApiError(400, "The request body could not be read."))
+                return
+            if path == "/health" or path.startswith("/_sim/"):
+                self._internal(path)
+                return
+            self._server.recorder.request(
+                RecordedRequest(
+                    method=self.command,
+                    path=path,
+                    query=query,
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    raw_headers=list(self.headers.items()),
+                    body=body,
+                    time=time.monotonic(),
+                )
+            )
+            try:
+                self._route(path, query, body)
+            except ApiError as exc:
+                self._send_error(exc)
+        except OSError:
+            # The client went away while we were answering; there is nobody left to tell.
+            self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return _read_chunked(t.cast(t.BinaryIO, self.rfile))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError("negative Content-Length")
+        return self.rfile.read(length) if length else b""
+
+    def _route(self, path: str, query: str, body: bytes) -> None:
+        self._check_auth()
+        for pattern, methods in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            name = methods.get(self.command)
+            if name is None:
+                raise ApiError(405, f"Invalid method for URL ({self.command} {path})")
+            params = {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
+            call = _Call(params, urllib.parse.parse_qsl(query, keep_blank_values=True), body)
+            faults = self._faults(call.sim_args, self._server.config.faults)
+            if faults.status is not None:
+                raise errors.injected_error(faults)
+            self._gzip = faults.gzip
+            getattr(self, name)(call)
+            return
+        raise ApiError(404, f"Invalid URL ({self.command} {path})")
+
+    @staticmethod
+    def _faults(mapping: t.Mapping[str, str], defaults: Faults) -> Faults:
+        try:
+            return parse_faults(mapping, defaults)
+        except FaultError as exc:
+            raise errors.fault_error(exc) from None
+
+    def _check_auth(self) -> None:
+        expected = self._server.config.api_key
+        if expected is None:
+            return
+        candidates: list[str] = []
+        authorization = self.headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.strip().partition(" ")
+            candidates.append(token.strip() if scheme.lower() == "bearer" else authorization.strip())
+        candidates.append(self.headers.get("api-key", "").strip())
+        candidates = [c for c in candidates if c]
+        if not candidates:
+            raise errors.missing_api_key()
+        if not any(hmac.compare_digest(c.encode(), expected.encode()) for c in candidates):
+            raise errors.incorrect_api_key(candidates[0])
+
+    def _common_headers(self) -> None:
+        self.send_header("x-request-id", self._request_id)
+        self.send_header("openai-version", "2020-10-01")
+        self.send_header("openai-organization", "user-simulator")
+        self.send_header("openai-processing-ms", str(int((time.monotonic() - self._started) * 1000)))
+        self.send_header("x-ratelimit-limit-requests", "10000")
+        self.send_header("x-ratelimit-remaining-requests", "9999")
+        self.send_header("x-ratelimit-reset-requests", "6ms")
+
+    def _send_json(self, status: int, payload: object, headers: t.Mapping[str, str] | None = None) -> None:
+        body = json.dumps(payload, indent=2, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self._common_headers()
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self._gzip:
+            body = gzip.compress(body)
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_error(self, exc: ApiError) -> None:
+        self._send_json(exc.status, exc.envelope(), exc.headers)
+
+    def _client_gone(self) -> bool:
+        return peer_closed(self.connection)
+
+    def _internal(self, path: str) -> None:
+        recorder = self._server.recorder
+        if (self.command, path) == ("GET", "/health"):
+            self._send_json(200, {"status": "ok"})
+        elif (self.command, path) == ("GET", "/_sim/requests"):
+            self._send_json(200, [r.to_dict() for r in recorder.requests])
+        elif (self.command, path) == ("GET", "/_sim/streams"):
+            closures = [c._asdict() for c in recorder.closures]
+            self._send_json(200, {"open": recorder.open_streams, "closures": closures})
+        elif (self.command, path) == ("POST", "/_sim/reset"):
+            recorder.reset()
+            self._send_json(200, {"ok": True})
+        else:
+            self._send_error(ApiError(404, f"Invalid URL ({self.command} {path})"))
+
+    # -- /v1 endpoints ----------------------------------------------------------------------------
+
+    def _json_body(self, call: _Call) -> JsonDict:
+        try:
+            data = json.loads(call.body) if call.body.strip() else None
+        except ValueError:
+            raise errors.bad_json() from None
+        if not isinstance(data, dict):
+            raise errors.invalid_type("body", "an object", data)
+        return data
+
+    @staticmethod
+    def _require_model(body: t.Mapping[str, t.Any]) -> str:
+        model = body.get("model")
+        if model is None:
+            raise errors.missing_parameter("model")
+        if not isinstance(model, str):
+            raise errors.invalid_type("model", "a string", model)
+        return model
+
+    def _create(self, call: _Call) -> None:
+        body = self._json_body(call)
+        config = self._server.config
+        metadata = body.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise errors.invalid_type("metadata", "an object", metadata)
+        for key, value in (metadata or {}).items():
+            if not isinstance(value, str):
+                raise errors.invalid_type(f"metadata.{key}", "a string", value)
+        stored_faults = self._faults(metadata or {}, config.faults)
+        faults = self._faults(call.sim_args, stored_faults)
+        if faults.status is not None:
+            raise errors.injected_error(faults)
+        self._gzip = faults.gzip
+
+        self._require_model(body)
+        stream = bool(_optional_bool(body, "stream"))
+        background = bool(_optional_bool(body, "background"))
+        if background and _optional_bool(body, "store") is False:
+            raise ApiError(
+                400,
+                "Background mode requires store=true. Set store to true or remove background.",
+                param="background",
+                code="unsupported_parameter",
+            )
+        source = body.get("input")
+        if source is not None and not isinstance(source, str | list):
+            raise errors.invalid_type("input", "a string or an array", source)
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise errors.invalid_type("previous_response_id", "a string", previous)
+            if self._server.store.get(previous) is None:
+                raise errors.previous_response_not_found(previous)
+        stream_options = body.get("stream_options")
+        obfuscate = not (
+            isinstance(stream_options, dict) and stream_options.get("include_obfuscation") is False
+        )
+
+        text = input_text(source)
+        instructions = body.get("instructions")
+        snapshot = response_object(
+            response_id=new_id("resp_"),
+            body=body,
+            status="queued" if background else "in_progress",
+            background=background,
+        )
+        plan = Plan(
+            response=snapshot,
+            deltas=delta_texts(
+                text,
+                config.words if faults.words is None else faults.words,
+                faults.delta_bytes,
+                faults.unicode,
+            ),
+            input_tokens=count_tokens(text + (" " + instructions if isinstance(instructions, str) else "")),
+            obfuscate=obfuscate,
+            keepalive_every=faults.keepalive_every,
+            keepalive_first=faults.keepalive_first,
+            error=faults.error,
+            error_at=faults.error_at,
+        )
+        record = ResponseRecord(
+            snapshot=snapshot,
+            background=background,
+            stream=stream,
+            faults=stored_faults.for_replay(config.faults),
+            input_items=input_items(source),
+            cancel_mode=faults.cancel_mode,
+        )
+        delay_ms = config.delay_ms if faults.delay_ms is None else faults.delay_ms
+        job = Job(record, iter_steps(plan), delay_s=delay_ms / 1000, gap_at=faults.gap_at, gap_s=faults.gap_s)
+        self._server.store.add(record)
+        if background:
+            job.start()
+            if stream:
+                self._stream(record, 0, faults)
+            else:
+                self._send_json(200, snapshot)
+        elif stream:
+            job.start()
+            self._stream(record, 0, faults, job=job)
+        else:
+            # A plain JSON reply is generated at once; only an injected gap makes it wait, and then a
+            # client that leaves is noticed and recorded like a stream's.
+            opened = time.monotonic()
+            finished = job.run(poll=self._client_gone, pace=False)
+            record.discard_log()
+            if not finished:
+                self.close_connection = True
+                closure = StreamClosure(record.id, opened, time.monotonic(), "client_gone")
+                self._server.recorder.stream_closed(closure, was_open=False)
+                return
+            self._send_json(200, record.current())
+
+    def _record(self, call: _Call) -> ResponseRecord:
+        record = self._server.store.get(call.params["id"])
+        if record is None:
+            raise errors.response_not_found(call.params["id"])
+        return record
+
+    def _retrieve(self, call: _Call) -> None:
+        args = call.args
+        stream = _bool_arg(args, "stream")
+        include_obfuscation = _bool_arg(args, "include_obfuscation")
+        raw_after = args.get("starting_after")
+        if raw_after is not None and not (raw_after.isascii() and raw_after.isdigit()):
+            raise errors.invalid_value(
+                "starting_after",
+                "Invalid value for 'starting_after': expected a non-negative integer,"
+                f" but got {raw_after!r}.",
+            )
+        record = self._record(call)
+        faults = self._faults(call.sim_args, record.faults)
+        self._gzip = faults.gzip
+        if not stream:
+            self._send_json(200, record.current())
+            return
+        if not record.background:
+            raise errors.stream_refused(
+                "This response cannot be streamed because it was not created with background=true."
+            )
+        if not record.stream:
+            raise errors.stream_refused(
+                "This response cannot be streamed because it was not created with stream=true."
+            )
+        window = self._server.config.replay_window_s
+        if window is not None and time.monotonic() - record.created > window:
+            raise errors.stream_refused(
+                "This response can no longer be streamed because it is more than 5 minutes old."
+            )
+        start = 0 if raw_after is None else int(raw_after) + 1
+        self._stream(record, start, faults, strip=include_obfuscation is False)
+
+    def _cancel(self, call: _Call) -> None:
+        record = self._record(call)
+        try:
+            snapshot = record.cancel()
+        except CancelRefused as exc:
+            raise ApiError(400, str(exc)) from None
+        self._send_json(200, snapshot)
+
+    def _delete(self, call: _Call) -> None:
+        record = self._record(call)
+        self._server.store.delete(record.id)
+        self._send_json(200, {"id": record.id, "object": "response", "deleted": True})
+
+    def _input_items(self, call: _Call) -> None:
+        args = call.args
+        raw_limit = args.get("limit", "20")
+        if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
+            raise errors.invalid_value(
+                "limit",
+                f"Invalid value for 'limit': expected an integer between 1 and 100, but got {raw_limit!r}.",
+            )
+        limit = int(raw_limit)
+        order = args.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise errors.invalid_value(
+                "order", f"Invalid value for 'order': expected one of 'asc', 'desc', but got {order!r}."
+            )
+        items = list(self._record(call).input_items)
+        if order == "desc":
+            items.reverse()
+        after = args.get("after")
+        if after:
+            ids = [item["id"] for item in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        self._send_json(
+            200,
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(items) > limit,
+            },
+        )
+
+    def _input_tokens(self, call: _Call) -> None:
+        body = self._json_body(call)
+        instructions = body.get("instructions")
+        text = input_text(body.get("input")) + (" " + instructions if isinstance(instructions, str) else "")
+        self._send_json(200, {"object": "response.input_tokens", "input_tokens": count_tokens(text)})
+
+    def _compact(self, call: _Call) -> None:
+        body = self._json_body(call)
+        self._require_model(body)
+        items = input_items(body.get("input"))
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str):
+            record = self._server.store.get(previous)
+            if record is None:
+                raise errors.previous_response_not_found(previous)
+            items = record.input_items + items
+        user_messages = [i for i in items if i.get("type") == "message" and i.get("role") == "user"]
+        compaction = {
+            "id": new_id("cmp_"),
+            "type": "compaction",
+            "encrypted_content": "gAAAAA" + secrets.token_urlsafe(48),
+        }
+        tokens = count_tokens(input_text(body.get("input")))
+        self._send_json(
+            200,
+            {
+                "id": new_id("cmp_"),
+                "object": "response.compaction",
+                "created_at": int(time.time()),
+                "output": [*user_messages, compaction],
+                "usage": usage(tokens, max(1, tokens // 4)),
+            },
+        )
+
+    def _models(self, call: _Call) -> None:
+        self._send_json(200, {"object": "list", "data": [_model_object(m) for m in MODELS]})
+
+    def _get_model(self, call: _Call) -> None:
+        name = call.params["id"]
+        if name not in MODELS:
+            raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        self._send_json(200, _model_object(name))
+
+    # -- SSE --------------------------------------------------------------------------------------
+
+    def _stream(
+        self,
+        record: ResponseRecord,
+        start: int,
+        faults: Faults,
+        *,
+        job: Job | None = None,
+        strip: bool = False,
+    ) -> None:
+        """Send the record's events from index ``start`` on, following live ones to the end.
+
+        ``job`` is the generator of a synchronous stream; it stops when this connection goes away.
+        """
+        chunked = faults.transfer == "chunked"
+        recorder = self._server.recorder
+        opened = time.monotonic()
+        recorder.stream_opened()
+        reason: CloseReason = "client_gone"
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self._common_headers()
+            self.send_header("Cache-Control", "no-cache")
+            # Connection: close also makes http.server close the socket once the body is done.
+            self.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")))
+            if faults.gzip:
+                self.send_header("Content-Encoding", "gzip")
+            self.end_headers()
+            writer = SseWriter(
+                self.wfile.write,
+                framing=faults.framing,
+                split=faults.split,
+                chunked=chunked,
+                gzip=faults.gzip,
+            )
+            reason = self._pump(record, start, faults, writer, strip)
+        except OSError:
+            reason = "client_gone"
+        finally:
+            if reason not in ("complete", "cancelled"):
+                self.close_connection = True
+            recorder.stream_closed(StreamClosure(record.id, opened, time.monotonic(), reason))
+            if job is not None:
+                if reason in ("client_gone", "cut"):
+                    job.stop()
+                    job.join(1.0)
+                record.discard_log()
+
+    def _pump(
+        self, record: ResponseRecord, index: int, faults: Faults, writer: SseWriter, strip: bool
+    ) -> CloseReason:
+        written = 0
+
+        def cut() -> CloseReason:
+            if faults.cut_mode == "clean":
+                writer.finish()
+            return "cut"
+
+        if faults.cut_after == 0:
+            return cut()
+        while True:
+            events, finished = record.wait_from(index, 0.1)
+            for event in events:
+                if faults.comments and written:
+                    writer.comment()
+                data = event.data
+                if strip and event.type == "response.output_text.delta":
+                    data = strip_obfuscation(data)
+                writer.event(event.type, data)
+                written += 1
+                index += 1
+                if faults.cut_after is not None and written >= faults.cut_after:
+                    return cut()
+                if (
+                    faults.cut_every is not None
+                    and written >= faults.cut_every
+                    and event.type not in TERMINAL_EVENTS
+                ):
+                    return cut()
+            if finished:
+                writer.finish()
+                return "complete" if record.end_reason == "complete" else "cancelled"
+            if self._client_gone():
+                return "client_gone"

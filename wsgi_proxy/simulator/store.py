@@ -1,0 +1,270 @@
+"""Stored responses, their event logs and the jobs that generate them.
+
+Every response is a :class:`ResponseRecord` whose event log (``events[i].seq == i``) grows under a
+:class:`threading.Condition`; SSE writers follow the log, replaying stored events and then waiting for
+live ones. A :class:`Job` feeds the log from :func:`~wsgi_proxy.simulator.events.iter_steps`, pacing
+the events, in its own thread (streams and background responses) or inline (plain JSON requests).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import typing as t
+
+from .config import CancelMode, Faults
+from .events import JsonDict, Step, cancelled_snapshot, dumps, failed_event
+
+__all__ = ["CancelRefused", "Job", "ResponseRecord", "SseEvent", "Store"]
+
+EndReason = t.Literal["complete", "cancelled", "stopped"]
+
+
+class SseEvent(t.NamedTuple):
+    """One logged event: its sequence number, ``type`` and compact JSON ``data``."""
+
+    seq: int
+    type: str
+    data: bytes
+
+
+class CancelRefused(Exception):
+    """Raised by :meth:`ResponseRecord.cancel` with the 400 message for a response that can't be cancelled."""
+
+
+class ResponseRecord:
+    """One response: its current snapshot, its event log and how it was created."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: JsonDict,
+        background: bool,
+        stream: bool,
+        faults: Faults,
+        input_items: list[JsonDict],
+        cancel_mode: CancelMode = "fail",
+    ) -> None:
+        self.id: str = snapshot["id"]
+        self.background = background
+        self.stream = stream
+        self.stored = bool(snapshot.get("store", True))
+        self.faults = faults
+        """Faults that later ``GET ?stream=true`` replays inherit (see :meth:`Faults.for_replay`)."""
+        self.input_items = input_items
+        self.cancel_mode = cancel_mode
+        self.created = time.monotonic()
+        self.cond = threading.Condition()
+        self.events: list[SseEvent] = []
+        self.snapshot = snapshot
+        self.finished = False
+        self.end_reason: EndReason | None = None
+        # Background responses can be retrieved while they run; others only once finished and stored.
+        self.visible = background
+        self.job: Job | None = None
+        self.size = 0
+        """Bytes of event data generated so far: a rough measure of the memory this record holds."""
+
+    def append(self, step: Step) -> bool:
+        """Log one generated event; return ``False`` when the response already ended."""
+        payload = step.payload
+        with self.cond:
+            if self.finished:
+                return False
+            seq = len(self.events)
+            if payload["sequence_number"] != seq:
+                payload = {**payload, "sequence_number": seq}
+            data = dumps(payload)
+            self.size += len(data)
+            self.events.append(SseEvent(seq, payload["type"], data))
+            if step.snapshot is not None:
+                self.snapshot = step.snapshot
+            if step.terminal:
+                self._finish("complete")
+            self.cond.notify_all()
+            return True
+
+    def finish(self, reason: EndReason) -> None:
+        """End the log without a terminal event (the job stopped or the response was deleted)."""
+        with self.cond:
+            if not self.finished:
+                self._finish(reason)
+                self.cond.notify_all()
+
+    def _finish(self, reason: EndReason) -> None:
+        self.finished = True
+        self.end_reason = reason
+        if reason == "complete" and self.stored:
+            self.visible = True
+
+    def wait_from(self, index: int, timeout: float) -> tuple[list[SseEvent], bool]:
+        """Return the events from ``index`` on, waiting up to ``timeout`` when there are none yet.
+
+        The second value tells whether the log is finished, in which case the list holds every
+        remaining event.
+        """
+        with self.cond:
+            if index >= len(self.events) and not self.finished:
+                self.cond.wait(timeout)
+            return self.events[index:], self.finished
+
+    def current(self) -> JsonDict:
+        with self.cond:
+            return self.snapshot
+
+    def discard_log(self) -> None:
+        """Drop the event log of a response that can never be replayed, to free memory."""
+        if not (self.background and self.stream):
+            with self.cond:
+                if self.finished:
+                    self.events = []
+
+    def cancel(self) -> JsonDict:
+        """Cancel a queued or in-progress background response and return its snapshot.
+
+        With ``cancel_mode="fail"`` the log ends with ``response.failed`` (status ``cancelled``) and the
+        job stops; with ``"continue"`` the job keeps generating, as some users saw in production.
+
+        :raises CancelRefused: for a synchronous or already finished response.
+        """
+        with self.cond:
+            if not self.background:
+                raise CancelRefused("Cannot cancel a synchronous response.")
+            status = self.snapshot.get("status")
+            if status == "cancelled":
+                return self.snapshot
+            if self.finished or status not in ("queued", "in_progress"):
+                raise CancelRefused("Cannot cancel a completed response.")
+            snapshot = cancelled_snapshot(self.snapshot)
+            self.snapshot = snapshot
+            if self.cancel_mode == "continue":
+                return snapshot
+            seq = len(self.events)
+            self.events.append(SseEvent(seq, "response.failed", dumps(failed_event(seq, snapshot))))
+            self._finish("cancelled")
+            self.cond.notify_all()
+            job = self.job
+        if job is not None:
+            job.stop()
+        return snapshot
+
+
+class Job:
+    """Generates one response's events into its record.
+
+    :param delay_s: pause before every event but the first.
+    :param gap_at: sequence number before which to stay silent for ``gap_s`` seconds.
+    """
+
+    def __init__(
+        self,
+        record: ResponseRecord,
+        steps: t.Iterator[Step],
+        *,
+        delay_s: float,
+        gap_at: int | None = None,
+        gap_s: float = 0.0,
+    ) -> None:
+        self.record = record
+        self._steps = steps
+        self._delay_s = delay_s
+        self._gap_at = gap_at
+        self._gap_s = gap_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        record.job = self
+
+    def start(self) -> Job:
+        self._thread = threading.Thread(target=self.run, name=f"sim-job-{self.record.id[:13]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self, poll: t.Callable[[], bool] | None = None, pace: bool = True) -> bool:
+        """Generate until the terminal event; return ``False`` if stopped first.
+
+        :param poll: called about every 100 ms while pausing; returning ``True`` stops the job (used to
+            give up when the client of an inline request went away).
+        :param pace: sleep ``delay_s`` between events. Gaps are always honoured.
+        """
+        try:
+            for index, step in enumerate(self._steps):
+                if step.payload["sequence_number"] == self._gap_at:
+                    pause = self._gap_s
+                else:
+                    pause = self._delay_s if pace and index else 0.0
+                if (pause > 0 and not self._sleep(pause, poll)) or self._stop.is_set():
+                    break
+                if not self.record.append(step) or step.terminal:
+                    break
+        finally:
+            self.record.finish("stopped")
+            if self.record.background:
+                # Nobody follows the log of a background response created without stream.
+                self.record.discard_log()
+        return self.record.end_reason == "complete"
+
+    def _sleep(self, seconds: float, poll: t.Callable[[], bool] | None) -> bool:
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._stop.wait(min(remaining, 0.1)):
+                return False
+            if poll is not None and poll():
+                self._stop.set()
+                return False
+        return True
+
+
+class Store:
+    """The responses by id, oldest first.
+
+    Beyond ``max_responses`` records or ``max_bytes`` of generated event data, the oldest finished
+    responses are forgotten (they answer 404 afterwards), so long benchmarks stay bounded.
+    """
+
+    def __init__(self, max_responses: int = 1000, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self._lock = threading.Lock()
+        self._records: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
+        self._max_responses = max_responses
+        self._max_bytes = max_bytes
+
+    def add(self, record: ResponseRecord) -> None:
+        with self._lock:
+            self._records[record.id] = record
+            count = len(self._records)
+            size = sum(r.size for r in self._records.values())
+            for old in list(self._records.values()):
+                if count <= self._max_responses and size <= self._max_bytes:
+                    break
+                if old.finished and old is not record:
+                    del self._records[old.id]
+                    count -= 1
+                    size -= old.size
+
+    def get(self, response_id: str) -> ResponseRecord | None:
+        """The record if it can be retrieved (stored, and not an unfinished synchronous response)."""
+        with self._lock:
+            record = self._records.get(response_id)
+        return record if record is not None and record.visible else None
+
+    def delete(self, response_id: str) -> ResponseRecord | None:
+        with self._lock:
+            record = self._records.pop(response_id, None)
+        if record is not None and record.job is not None:
+            record.job.stop()
+        return record
+
+    def stop_all(self) -> None:
+        with self._lock:
+            records = list(self._records.values())
+        for record in records:
+            if record.job is not None:
+                record.job.stop()
+            record.finish("stopped")
