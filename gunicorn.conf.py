@@ -50,3 +50,7 @@ loglevel = os.environ.get("WSGI_PROXY_LOG_LEVEL", "info")
 
 # Do not use max_requests: a recycled worker cuts its open streams (see the README's sizing section).
 max_requests = 0
+
+# gunicorn 24+ opens a control socket at ~/.gunicorn/gunicorn.ctl; several instances on one host
+# would fight over it and the proxy does not use it.
+control_socket_disable = True

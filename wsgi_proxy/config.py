@@ -34,7 +34,9 @@ class ProxySettings(BaseSettings):
 
     upstream_api_key: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("upstream_api_key", "WSGI_PROXY_UPSTREAM_API_KEY", "OPENAI_API_KEY"),
+        # Not the bare field name: pydantic-settings would read it as an unprefixed UPSTREAM_API_KEY
+        # variable. Keyword arguments still work through populate_by_name.
+        validation_alias=AliasChoices("WSGI_PROXY_UPSTREAM_API_KEY", "OPENAI_API_KEY"),
     )
     """The key the gateway sends upstream. Unset: pass-through mode (the client's own key goes upstream)."""
 

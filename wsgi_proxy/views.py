@@ -11,7 +11,9 @@ import typing as t
 
 import requests
 from flask import Blueprint, Response, current_app, request
+from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from .errors import (
     InvalidRequest,
@@ -206,9 +208,21 @@ def _unexpected(exc: Exception) -> Response:
     return Response(body, status=500, content_type="application/json")
 
 
+class _AnyPathConverter(PathConverter):
+    """Like ``path`` but also matching control characters, so that a percent-encoded CR/LF in an id
+    reaches validation (and a 400 naming ``response_id``) instead of the host app's 404 page."""
+
+    regex = "[^/](?s:.)*?"
+
+
+def _add_converter(setup: BlueprintSetupState) -> None:
+    setup.app.url_map.converters.setdefault("wsgi_proxy_path", _AnyPathConverter)
+
+
 def make_blueprint() -> Blueprint:
     """A fresh Blueprint with every proxy route (one per mounted proxy)."""
     bp = Blueprint("wsgi_proxy", __name__)
+    bp.record_once(_add_converter)  # first, so the converter exists before the rules below are added
     bp.add_url_rule("/responses", "create", responses_root, methods=_METHODS)
     for endpoint in ("input_tokens", "compact"):
         bp.add_url_rule(
@@ -218,10 +232,10 @@ def make_blueprint() -> Blueprint:
             methods=_METHODS,
             defaults={"endpoint": endpoint},
         )
-    bp.add_url_rule("/responses/<path:subpath>", "response", response_item, methods=_METHODS)
+    bp.add_url_rule("/responses/<wsgi_proxy_path:subpath>", "response", response_item, methods=_METHODS)
     bp.add_url_rule("/models", "models", models, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
-    bp.add_url_rule("/<path:rest>", "not_found_path", not_found, methods=_METHODS)
+    bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=_METHODS)
     bp.register_error_handler(ProxyError, _proxy_error)
     bp.register_error_handler(HTTPException, _http_error)
     bp.register_error_handler(Exception, _unexpected)
