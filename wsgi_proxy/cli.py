@@ -1,0 +1,55 @@
+"""The ``wsgi-proxy`` command: ``demo`` and ``simulate``.
+
+The proxy itself is served by gunicorn (``gunicorn -c gunicorn.conf.py``); see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing as t
+
+__all__ = ["main"]
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulator import SimulatorConfig, serve
+
+    serve(args.host, args.port, SimulatorConfig(api_key=args.api_key, delay_ms=args.delay_ms))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(serve=args.serve, cut_after=args.cut_after)
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="wsgi-proxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="play the background-stream resume scenario through the proxy, in front of the simulator",
+    )
+    demo.add_argument(
+        "--serve", action="store_true", help="leave the proxy running afterwards (Ctrl-C stops)"
+    )
+    demo.add_argument("--cut-after", type=int, default=8, help="drop the connection after this event (8)")
+    demo.set_defaults(run=_demo)
+
+    simulate = commands.add_parser("simulate", help="run the Responses API simulator alone")
+    simulate.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    simulate.add_argument("--port", type=int, default=8001, help="port to bind (8001; 0 picks a free one)")
+    simulate.add_argument("--api-key", default=None, help="require this key from clients (none)")
+    simulate.add_argument("--delay-ms", type=float, default=20.0, help="time between generated events (20)")
+    simulate.set_defaults(run=_simulate)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
