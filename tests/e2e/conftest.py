@@ -1,0 +1,103 @@
+"""End-to-end fixtures: the simulator as upstream, the proxy under real gunicorn, the OpenAI SDK.
+
+Everything binds to 127.0.0.1 on free ports and is stopped by its fixture; a failing test prints
+the proxy's log.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from wsgi_proxy.launch import ServerProcess, free_port, gunicorn_argv
+from wsgi_proxy.simulator import Simulator, SimulatorConfig
+
+REPO = Path(__file__).resolve().parents[2]
+GUNICORN_CONF = REPO / "gunicorn.conf.py"
+
+# Canaries: if either string ever shows up where it must not, a test fails.
+UPSTREAM_KEY = "sk-up-7Qe4Lw9Zr2Xc5Vb8Nm1Kj6Hg3"
+CLIENT_KEY = "sk-cl-P0oI9uY8tR7eW6qA5sD4fG3h"
+
+
+@dataclass
+class Proxy:
+    """A running proxy: its base URL (ending in the API prefix) and its process."""
+
+    base_url: str
+    root_url: str
+    server: ServerProcess
+
+    def client(self, api_key: str = CLIENT_KEY, **kwargs: t.Any) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **kwargs)
+
+    def log(self) -> str:
+        return self.server.log()
+
+
+def start_proxy(
+    tmp_dir: Path,
+    upstream_url: str,
+    *,
+    env: t.Mapping[str, str] | None = None,
+    app: str | None = None,
+    prefix: str = "/v1",
+    ready_path: str = "/healthz",
+    extra: t.Sequence[str] = (),
+) -> Proxy:
+    """Start ``gunicorn -c gunicorn.conf.py`` on a free loopback port in front of ``upstream_url``."""
+    port = free_port()
+    settings = {
+        "WSGI_PROXY_UPSTREAM_URL": upstream_url,
+        "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "WSGI_PROXY_API_KEYS": f"sk-other-client-key,{CLIENT_KEY}",
+        "WSGI_PROXY_WORKERS": "2",
+        "WSGI_PROXY_THREADS": "40",
+        "WSGI_PROXY_GRACEFUL_TIMEOUT": "2",
+        "WSGI_PROXY_LOG_LEVEL": "debug",
+    }
+    settings.update(env or {})
+    server = ServerProcess(
+        gunicorn_argv(f"127.0.0.1:{port}", config=GUNICORN_CONF, app=app, extra=extra),
+        ready_url=f"http://127.0.0.1:{port}{ready_path}",
+        env=settings,
+        cwd=tmp_dir,
+        log_path=tmp_dir / "proxy.log",
+    )
+    server.start()
+    root = f"http://127.0.0.1:{port}"
+    return Proxy(base_url=root + prefix, root_url=root, server=server)
+
+
+@pytest.fixture(scope="module")
+def simulator() -> t.Iterator[Simulator]:
+    sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=5, words=12)).start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Proxy]:
+    running = start_proxy(tmp_path_factory.mktemp("proxy"), simulator.base_url)
+    yield running
+    running.server.stop()
+
+
+@pytest.fixture
+def client(proxy: Proxy) -> t.Iterator[OpenAI]:
+    with proxy.client() as sdk:
+        yield sdk
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> t.Iterator[None]:
+    report = yield
+    if report.failed and call.when == "call":
+        running = item.funcargs.get("proxy") if hasattr(item, "funcargs") else None
+        if isinstance(running, Proxy):
+            report.sections.append(("proxy log (last 4000 chars)", running.log()[-4000:]))
+    return report
