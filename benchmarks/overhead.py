@@ -1,0 +1,262 @@
+"""Overhead of the proxy against the direct upstream, measured in one run on this machine.
+
+    python benchmarks/overhead.py            # full run, writes benchmarks/results/overhead-<date>.json
+    python benchmarks/overhead.py --quick    # a few seconds, for CI (nothing written)
+
+The simulator runs as its own process (`wsgi-proxy simulate`) and the proxy under gunicorn with
+the repository's gunicorn.conf.py (1 worker); the client is this process, on loopback. Reported:
+
+- added latency per non-streaming call: p50/p99 of (proxy - direct) over sequential creates;
+- added delay per event: one live stream read directly and through the proxy at the same time,
+  each event's arrival through the proxy minus its arrival direct;
+- events/s of one stream: a stored replay of many events, direct vs through the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import typing as t
+from pathlib import Path
+
+import requests
+
+from wsgi_proxy.launch import ServerProcess, free_port, gunicorn_argv
+from wsgi_proxy.streaming import EventSplitter, parse_event
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM_KEY = "sk-bench-upstream"
+CLIENT_KEY = "sk-bench-client"
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _start(tmp: Path) -> tuple[ServerProcess, ServerProcess, str, str]:
+    sim_port, proxy_port = free_port(), free_port()
+    sim = ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "wsgi_proxy",
+            "simulate",
+            "--port",
+            str(sim_port),
+            "--api-key",
+            UPSTREAM_KEY,
+            "--delay-ms",
+            "0",
+        ],
+        ready_url=f"http://127.0.0.1:{sim_port}/health",
+        cwd=tmp,
+        log_path=tmp / "simulator.log",
+    ).start()
+    direct = f"http://127.0.0.1:{sim_port}/v1"
+    proxy = ServerProcess(
+        gunicorn_argv(f"127.0.0.1:{proxy_port}", config=REPO / "gunicorn.conf.py"),
+        ready_url=f"http://127.0.0.1:{proxy_port}/healthz",
+        env={
+            "WSGI_PROXY_UPSTREAM_URL": direct,
+            "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+            "WSGI_PROXY_API_KEYS": CLIENT_KEY,
+            "WSGI_PROXY_WORKERS": "1",
+            "WSGI_PROXY_THREADS": "64",
+            "WSGI_PROXY_ACCESS_LOG": "/dev/null",
+            "WSGI_PROXY_LOG_LEVEL": "warning",
+        },
+        cwd=tmp,
+        log_path=tmp / "proxy.log",
+    ).start()
+    return sim, proxy, direct, f"http://127.0.0.1:{proxy_port}/v1"
+
+
+def _session(key: str) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update({"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    return session
+
+
+def bench_latency(direct: str, proxied: str, calls: int) -> dict[str, float]:
+    body = json.dumps({"model": "gpt-4o-mini", "input": "hi", "metadata": {"sim_words": "3"}})
+    results: dict[str, list[float]] = {"direct": [], "proxy": []}
+    sessions = {"direct": (_session(UPSTREAM_KEY), direct), "proxy": (_session(CLIENT_KEY), proxied)}
+    for i in range(calls + 20):
+        for name in ("direct", "proxy") if i % 2 else ("proxy", "direct"):  # alternate to share noise
+            session, base = sessions[name]
+            start = time.perf_counter()
+            answer = session.post(base + "/responses", data=body, timeout=10)
+            elapsed = time.perf_counter() - start
+            assert answer.status_code == 200, answer.text
+            if i >= 20:  # warm-up excluded
+                results[name].append(elapsed * 1000)
+    d, p = results["direct"], results["proxy"]
+    return {
+        "direct_p50_ms": _pct(d, 0.5),
+        "direct_p99_ms": _pct(d, 0.99),
+        "proxy_p50_ms": _pct(p, 0.5),
+        "proxy_p99_ms": _pct(p, 0.99),
+        "added_p50_ms": _pct(p, 0.5) - _pct(d, 0.5),
+        "added_p99_ms": _pct(p, 0.99) - _pct(d, 0.99),
+    }
+
+
+def _arrivals(session: requests.Session, url: str, out: dict[int, float], ready: threading.Barrier) -> None:
+    with session.get(url, stream=True, timeout=60) as answer:
+        ready.wait()
+        splitter = EventSplitter()
+        while chunk := answer.raw.read1(65536):
+            now = time.perf_counter()
+            for event in splitter.feed(chunk):
+                seq = parse_event(event).sequence_number
+                if seq is not None:
+                    out[seq] = now
+
+
+def _create_background_stream(direct: str, metadata: dict[str, str]) -> str:
+    """Start a background streamed response directly upstream; return its id."""
+    body = {
+        "model": "gpt-4o-mini",
+        "input": "bench",
+        "background": True,
+        "stream": True,
+        "metadata": metadata,
+    }
+    with _session(UPSTREAM_KEY).post(direct + "/responses", json=body, stream=True, timeout=30) as first:
+        splitter = EventSplitter()
+        while chunk := first.raw.read1(65536):
+            for event in splitter.feed(chunk):
+                if parse_event(event).type == "response.created":
+                    data = event.split(b"data:", 1)[1]
+                    return str(json.loads(data)["response"]["id"])
+    raise RuntimeError("the simulator sent no response.created event")
+
+
+def bench_event_delay(direct: str, proxied: str, events: int) -> dict[str, float]:
+    response_id = _create_background_stream(direct, {"sim_words": str(events), "sim_delay_ms": "10"})
+    path = f"/responses/{response_id}?stream=true"
+    direct_at: dict[int, float] = {}
+    proxy_at: dict[int, float] = {}
+    ready = threading.Barrier(2)
+    readers = [
+        threading.Thread(target=_arrivals, args=(_session(UPSTREAM_KEY), direct + path, direct_at, ready)),
+        threading.Thread(target=_arrivals, args=(_session(CLIENT_KEY), proxied + path, proxy_at, ready)),
+    ]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    # Events replayed from the store before both readers were attached are not live: skip the first 5.
+    delays = [(proxy_at[s] - direct_at[s]) * 1000 for s in sorted(direct_at) if s in proxy_at and s >= 5]
+    assert len(direct_at) == len(proxy_at), (len(direct_at), len(proxy_at))
+    return {"events": len(delays), "added_p50_ms": _pct(delays, 0.5), "added_p99_ms": _pct(delays, 0.99)}
+
+
+def _drain(session: requests.Session, url: str) -> tuple[int, float]:
+    start = time.perf_counter()
+    count = 0
+    with session.get(url, stream=True, timeout=120) as answer:
+        splitter = EventSplitter()
+        while chunk := answer.raw.read1(65536):
+            count += len(splitter.feed(chunk))
+    return count, time.perf_counter() - start
+
+
+def bench_throughput(direct: str, proxied: str, events: int) -> dict[str, float]:
+    response_id = _create_background_stream(direct, {"sim_words": str(events), "sim_delay_ms": "0"})
+    time.sleep(1.0 if events < 10000 else 3.0)  # let generation finish: the replay is then pure reading
+    path = f"/responses/{response_id}?stream=true"
+    best: dict[str, float] = {}
+    for _ in range(3):
+        for name, session, base in (
+            ("direct", _session(UPSTREAM_KEY), direct),
+            ("proxy", _session(CLIENT_KEY), proxied),
+        ):
+            count, seconds = _drain(session, base + path)
+            best[name] = max(best.get(name, 0.0), count / seconds)
+    return {
+        "events": events,
+        "direct_events_per_s": best["direct"],
+        "proxy_events_per_s": best["proxy"],
+        "ratio": best["proxy"] / best["direct"],
+    }
+
+
+def _machine() -> dict[str, t.Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run that writes nothing (CI)")
+    args = parser.parse_args(argv)
+    sizes = (50, 50, 2000) if args.quick else (1000, 300, 50000)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="wsgi-proxy-bench-") as scratch:
+        sim, proxy, direct, proxied = _start(Path(scratch))
+        try:
+            results = {
+                "machine": _machine(),
+                "latency": bench_latency(direct, proxied, sizes[0]),
+                "event_delay": bench_event_delay(direct, proxied, sizes[1]),
+                "throughput": bench_throughput(direct, proxied, sizes[2]),
+            }
+        finally:
+            proxy.stop()
+            sim.stop()
+    lat, ev, thr = results["latency"], results["event_delay"], results["throughput"]
+    print(f"machine: {results['machine']}")
+    rows = [
+        ("measure", "direct", "through proxy", "added / ratio"),
+        ("---", "---", "---", "---"),
+        (
+            "non-stream call p50",
+            f"{lat['direct_p50_ms']:.2f} ms",
+            f"{lat['proxy_p50_ms']:.2f} ms",
+            f"+{lat['added_p50_ms']:.2f} ms",
+        ),
+        (
+            "non-stream call p99",
+            f"{lat['direct_p99_ms']:.2f} ms",
+            f"{lat['proxy_p99_ms']:.2f} ms",
+            f"+{lat['added_p99_ms']:.2f} ms",
+        ),
+        (
+            f"per-event delay p50 / p99 ({ev['events']} live events)",
+            "-",
+            "-",
+            f"+{ev['added_p50_ms']:.2f} / +{ev['added_p99_ms']:.2f} ms",
+        ),
+        (
+            f"one stream, events/s ({thr['events']} events)",
+            f"{thr['direct_events_per_s']:,.0f}",
+            f"{thr['proxy_events_per_s']:,.0f}",
+            f"{thr['ratio']:.2f}x",
+        ),
+    ]
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if not args.quick:
+        out = REPO / "benchmarks" / "results" / f"overhead-{results['machine']['date']}.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written: {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
