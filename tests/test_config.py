@@ -1,0 +1,211 @@
+"""Settings: environment variables, app.config keys, and start-up failures that name the setting."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr
+
+from wsgi_proxy.config import ConfigError, ProxySettings
+
+CANARY = "sk-CANARY-config-123"
+
+# What pydantic adds to its own messages: none of it belongs in an operator-facing sentence.
+NOISE = ["validation error", "errors.pydantic.dev", "For further information", "input_value", "type=", "\n"]
+
+
+def _load_error(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> ConfigError:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        ProxySettings.load()
+    return info.value
+
+
+def _assert_clean(error: ConfigError) -> None:
+    message = str(error)
+    for noise in NOISE:
+        assert noise not in message
+    assert CANARY not in message
+    assert "CANARY" not in message
+    # Raised `from None`: no chained pydantic traceback under the operator's sentence.
+    assert error.__cause__ is None and error.__suppress_context__
+
+
+def test_load_defaults_pass_through() -> None:
+    settings = ProxySettings.load()
+    assert settings.upstream_url == "https://api.openai.com/v1"
+    assert settings.upstream_api_key is None
+    assert settings.api_keys == ()
+    assert settings.pass_through
+
+
+@pytest.mark.parametrize(
+    ("raw", "keys"),
+    [
+        ("k1", ["k1"]),
+        ("k1,k2", ["k1", "k2"]),
+        (" k1 , k2 ,, k3 ,", ["k1", "k2", "k3"]),
+        ("k1,\tk2\n", ["k1", "k2"]),
+        ('["k1", "k2"]', ["k1", "k2"]),
+    ],
+)
+def test_load_api_keys_comma_split_and_stripped(
+    monkeypatch: pytest.MonkeyPatch, raw: str, keys: list[str]
+) -> None:
+    monkeypatch.setenv("WSGI_PROXY_API_KEYS", raw)
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_KEY", "sk-up")
+    settings = ProxySettings.load()
+    assert [k.get_secret_value() for k in settings.api_keys] == keys
+    assert not settings.pass_through
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"OPENAI_API_KEY": "sk-openai"}, "sk-openai"),
+        ({"WSGI_PROXY_UPSTREAM_API_KEY": "sk-wsgi"}, "sk-wsgi"),
+        ({"OPENAI_API_KEY": "sk-openai", "WSGI_PROXY_UPSTREAM_API_KEY": "sk-wsgi"}, "sk-wsgi"),
+    ],
+    ids=["openai_fallback", "prefixed", "prefixed_wins"],
+)
+def test_load_upstream_key_sources(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WSGI_PROXY_API_KEYS", "client")
+    settings = ProxySettings.load()
+    assert settings.upstream_api_key is not None
+    assert settings.upstream_api_key.get_secret_value() == expected
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_load_blank_upstream_key_is_unset(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_KEY", value)
+    assert ProxySettings.load().pass_through
+
+
+def test_load_unprefixed_upstream_api_key_variable_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only WSGI_PROXY_UPSTREAM_API_KEY and OPENAI_API_KEY may supply the gateway's key.
+    monkeypatch.setenv("UPSTREAM_API_KEY", CANARY)
+    monkeypatch.setenv("upstream_api_key", CANARY)
+    assert ProxySettings.load().upstream_api_key is None
+
+
+def test_keyword_upstream_key_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_KEY", "sk-env")
+    settings = ProxySettings(upstream_api_key=SecretStr("sk-kw"), allow_anonymous=True)
+    assert settings.upstream_api_key is not None
+    assert settings.upstream_api_key.get_secret_value() == "sk-kw"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WSGI_PROXY_UPSTREAM_URL", "ftp://upstream.test/v1"),
+        ("WSGI_PROXY_UPSTREAM_URL", "upstream.test/v1"),
+        ("WSGI_PROXY_UPSTREAM_URL", "https://"),
+        ("WSGI_PROXY_UPSTREAM_URL", f"https://upstream.test/v1?key={CANARY}"),
+        ("WSGI_PROXY_UPSTREAM_URL", f"https://upstream.test/v1#{CANARY}"),
+        ("WSGI_PROXY_CONNECT_TIMEOUT", CANARY),
+        ("WSGI_PROXY_CONNECT_TIMEOUT", "0"),
+        ("WSGI_PROXY_CONNECT_TIMEOUT", "-1"),
+        ("WSGI_PROXY_READ_TIMEOUT", "soon"),
+        ("WSGI_PROXY_READ_TIMEOUT", "0"),
+        ("WSGI_PROXY_POOL_SIZE", "0"),
+        ("WSGI_PROXY_POOL_SIZE", "1.5"),
+        ("WSGI_PROXY_MAX_REQUEST_BYTES", "10"),
+        ("WSGI_PROXY_MAX_REQUEST_BYTES", "lots"),
+        ("WSGI_PROXY_MAX_EVENT_BYTES", "1023"),
+        ("WSGI_PROXY_ALLOW_ANONYMOUS", CANARY),
+        ("WSGI_PROXY_WATCH_DISCONNECTS", "maybe"),
+    ],
+)
+def test_load_invalid_value_names_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    error = _load_error(monkeypatch, {name: value})
+    message = str(error)
+    assert message.startswith(f"{name} is invalid: ")
+    assert message.count(name) >= 2  # named, and named again in what to do
+    _assert_clean(error)
+
+
+def test_load_upstream_key_without_client_keys_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    error = _load_error(monkeypatch, {"WSGI_PROXY_UPSTREAM_API_KEY": CANARY})
+    message = str(error)
+    assert "WSGI_PROXY_API_KEYS" in message
+    assert "WSGI_PROXY_ALLOW_ANONYMOUS" in message
+    assert message.endswith(".")
+    _assert_clean(error)
+
+
+def test_load_openai_api_key_without_client_keys_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    error = _load_error(monkeypatch, {"OPENAI_API_KEY": CANARY})
+    assert "WSGI_PROXY_API_KEYS" in str(error)
+    _assert_clean(error)
+
+
+@pytest.mark.parametrize("value", ["true", "1", "yes", "TRUE"])
+def test_load_allow_anonymous_serves_without_client_keys(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_KEY", CANARY)
+    monkeypatch.setenv("WSGI_PROXY_ALLOW_ANONYMOUS", value)
+    settings = ProxySettings.load()
+    assert settings.allow_anonymous
+    assert settings.api_keys == ()
+    assert not settings.pass_through
+
+
+def test_load_client_keys_without_upstream_key_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    error = _load_error(monkeypatch, {"WSGI_PROXY_API_KEYS": CANARY})
+    message = str(error)
+    assert "WSGI_PROXY_API_KEYS" in message
+    assert "WSGI_PROXY_UPSTREAM_API_KEY" in message
+    _assert_clean(error)
+
+
+def test_load_from_app_config_mapping() -> None:
+    config = {
+        "WSGI_PROXY_UPSTREAM_URL": "http://upstream.test/v1/",
+        "WSGI_PROXY_READ_TIMEOUT": 30,
+        "WSGI_PROXY_UPSTREAM_API_KEY": CANARY,
+        "WSGI_PROXY_API_KEYS": "a, b",
+        "WSGI_PROXY_UPSTREAM_ORGANIZATION": "org-1",
+        "SECRET_KEY": "flask's own",
+        "TESTING": True,
+        "connect_timeout": 2,
+    }
+    settings = ProxySettings.load(config)
+    assert settings.upstream_url == "http://upstream.test/v1"
+    assert settings.read_timeout == 30
+    assert settings.connect_timeout == 2
+    assert settings.upstream_organization == "org-1"
+    assert settings.upstream_api_key is not None
+    assert settings.upstream_api_key.get_secret_value() == CANARY
+    assert [k.get_secret_value() for k in settings.api_keys] == ["a", "b"]
+
+
+def test_load_mapping_overrides_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGI_PROXY_READ_TIMEOUT", "99")
+    monkeypatch.setenv("WSGI_PROXY_CONNECT_TIMEOUT", "7")
+    settings = ProxySettings.load({"WSGI_PROXY_READ_TIMEOUT": "12"})
+    assert (settings.read_timeout, settings.connect_timeout) == (12, 7)
+
+
+def test_load_invalid_mapping_value_names_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        ProxySettings.load({"WSGI_PROXY_POOL_SIZE": CANARY})
+    assert str(info.value).startswith("WSGI_PROXY_POOL_SIZE is invalid: ")
+    _assert_clean(info.value)
+
+
+def test_settings_frozen() -> None:
+    settings = ProxySettings.load()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.read_timeout = 1
+
+
+def test_secrets_never_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_KEY", CANARY)
+    monkeypatch.setenv("WSGI_PROXY_API_KEYS", f"{CANARY}-client,{CANARY}-other")
+    settings = ProxySettings.load()
+    for text in (repr(settings), str(settings), repr(settings.model_dump())):
+        assert "CANARY" not in text

@@ -1,0 +1,179 @@
+"""Header policy: what goes upstream, what comes back, what is logged."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsgi_proxy.headers import client_response_headers, redact, upstream_request_headers
+
+GATEWAY = {"Authorization": "Bearer sk-gateway", "OpenAI-Organization": "org-gw"}
+
+
+def _upstream(
+    headers: list[tuple[str, str]], *, pass_through: bool = False, stream: bool = False
+) -> dict[str, str]:
+    credentials = {} if pass_through else GATEWAY
+    return upstream_request_headers(
+        headers, credentials=credentials, pass_through=pass_through, stream=stream
+    )
+
+
+def _lower(headers: dict[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+        "Expect",
+        "Accept-Encoding",
+        "Forwarded",
+        "X-Forwarded-For",
+        "X-Real-IP",
+        "Cookie",
+        "X-Api-Key",
+    ],
+)
+@pytest.mark.parametrize("pass_through", [False, True], ids=["gateway", "pass_through"])
+def test_upstream_request_headers_dropped_in_both_modes(name: str, pass_through: bool) -> None:
+    out = _lower(_upstream([(name, "client-value")], pass_through=pass_through))
+    assert "client-value" not in out.values()
+
+
+@pytest.mark.parametrize(
+    ("name", "gateway_keeps", "pass_through_keeps"),
+    [
+        ("Authorization", False, False),  # pass-through credentials come through `credentials`
+        ("api-key", False, False),
+        ("OpenAI-Organization", False, True),
+        ("OpenAI-Project", False, True),
+        ("OpenAI-Beta", True, True),
+        ("X-Stainless-Lang", True, True),
+        ("X-Stainless-Retry-Count", True, True),
+        ("Idempotency-Key", True, True),
+        ("Content-Type", True, True),
+        ("User-Agent", True, True),
+        ("Accept", True, True),
+        ("X-Custom-Vendor", True, True),
+    ],
+)
+def test_upstream_request_headers_mode_policy(
+    name: str, gateway_keeps: bool, pass_through_keeps: bool
+) -> None:
+    gateway = _upstream([(name, "client-value")])
+    assert (gateway.get(name) == "client-value") is gateway_keeps
+    passed = _upstream([(name, "client-value")], pass_through=True)
+    assert (passed.get(name) == "client-value") is pass_through_keeps
+
+
+def test_upstream_request_headers_connection_named_headers_dropped() -> None:
+    out = _upstream(
+        [
+            ("Connection", "keep-alive, X-Hop, x-other"),
+            ("X-Hop", "1"),
+            ("X-Other", "2"),
+            ("X-Stays", "3"),
+        ]
+    )
+    assert {k.lower() for k in out} == {"x-stays", "authorization", "openai-organization", "accept-encoding"}
+
+
+def test_upstream_request_headers_gateway_replaces_client_credentials() -> None:
+    out = _upstream(
+        [
+            ("Authorization", "Bearer sk-client"),
+            ("authorization", "Bearer sk-client-2"),
+            ("OpenAI-Organization", "org-client"),
+            ("Cookie", "session=1"),
+        ]
+    )
+    assert out["Authorization"] == "Bearer sk-gateway"
+    assert out["OpenAI-Organization"] == "org-gw"
+    assert not any("client" in v or "session" in v for v in out.values())
+    assert sum(k.lower() == "authorization" for k in out) == 1
+
+
+def test_upstream_request_headers_pass_through_uses_given_credentials() -> None:
+    out = upstream_request_headers(
+        [("Authorization", "Bearer sk-client"), ("OpenAI-Project", "proj_1")],
+        credentials={"Authorization": "Bearer sk-client"},
+        pass_through=True,
+        stream=False,
+    )
+    assert out["Authorization"] == "Bearer sk-client"
+    assert out["OpenAI-Project"] == "proj_1"
+
+
+@pytest.mark.parametrize(("stream", "encoding"), [(True, "identity"), (False, "gzip, deflate")])
+def test_upstream_request_headers_accept_encoding(stream: bool, encoding: str) -> None:
+    out = _upstream([("Accept-Encoding", "br, zstd")], stream=stream)
+    assert [v for k, v in out.items() if k.lower() == "accept-encoding"] == [encoding]
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [
+        ("Content-Type", True),
+        ("content-type", True),
+        ("x-request-id", True),
+        ("request-id", True),
+        ("openai-organization", True),
+        ("openai-processing-ms", True),
+        ("openai-version", True),
+        ("x-ratelimit-remaining-tokens", True),
+        ("X-RateLimit-Reset-Requests", True),
+        ("retry-after", True),
+        ("retry-after-ms", True),
+        ("x-should-retry", True),
+        ("content-length", False),
+        ("content-encoding", False),
+        ("transfer-encoding", False),
+        ("set-cookie", False),
+        ("connection", False),
+        ("keep-alive", False),
+        ("server", False),
+        ("date", False),
+        ("cf-ray", False),
+        ("strict-transport-security", False),
+        ("alt-svc", False),
+        ("www-authenticate", False),
+    ],
+)
+def test_client_response_headers_allow_list(name: str, kept: bool) -> None:
+    assert client_response_headers([(name, "v")]) == ([(name, "v")] if kept else [])
+
+
+def test_client_response_headers_keeps_order_and_repeats() -> None:
+    headers = [("x-ratelimit-a", "1"), ("Set-Cookie", "a=1"), ("openai-b", "2"), ("x-ratelimit-a", "3")]
+    assert client_response_headers(headers) == [
+        ("x-ratelimit-a", "1"),
+        ("openai-b", "2"),
+        ("x-ratelimit-a", "3"),
+    ]
+
+
+def test_redact_replaces_credentials_only() -> None:
+    headers = [
+        ("Authorization", "Bearer sk-secret"),
+        ("api-key", "sk-secret"),
+        ("X-Api-Key", "sk-secret"),
+        ("Cookie", "sid=sk-secret"),
+        ("Proxy-Authorization", "Basic sk-secret"),
+        ("Content-Type", "application/json"),
+        ("OpenAI-Beta", "responses=v1"),
+    ]
+    out = redact(headers)
+    assert [n for n, _ in out] == [n for n, _ in headers]
+    assert not any("sk-secret" in v for _, v in out)
+    assert out[-2:] == headers[-2:]

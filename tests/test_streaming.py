@@ -1,0 +1,459 @@
+"""The SSE splitter, the event peek and the relay, at every chunk boundary."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+import typing as t
+
+import pytest
+
+from wsgi_proxy.errors import StreamAborted, UpstreamStreamInterrupted
+from wsgi_proxy.streaming import EventInfo, EventSplitter, EventTooLarge, StreamRelay, parse_event
+
+# --- helpers -----------------------------------------------------------------------------------
+
+_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
+
+
+def _lines(event: bytes) -> list[tuple[bytes, bytes]]:
+    """Split ``event`` into (content, terminator) pairs; the whole event must be made of lines."""
+    lines = []
+    pos = 0
+    while pos < len(event):
+        match = _LINE.match(event, pos)
+        assert match is not None, f"unterminated line at byte {pos} of {event!r}"
+        lines.append((match.group(1), match.group(2)))
+        pos = match.end()
+    return lines
+
+
+def _is_whole_event(event: bytes) -> bool:
+    """Every line terminated, exactly one blank line, and it is the last one."""
+    lines = _lines(event)
+    return bool(lines) and lines[-1][0] == b"" and all(content for content, _ in lines[:-1])
+
+
+def _is_lone_lf(event: bytes) -> bool:
+    return event == b"\n"
+
+
+def _has_data(event: bytes) -> bool:
+    return any(content.startswith(b"data:") for content, _ in _lines(event))
+
+
+def _feed_in_pieces(data: bytes, cuts: t.Sequence[int]) -> tuple[list[bytes], EventSplitter]:
+    splitter = EventSplitter()
+    events: list[bytes] = []
+    bounds = [0, *cuts, len(data)]
+    for start, stop in itertools.pairwise(bounds):
+        events += splitter.feed(data[start:stop])
+    return events, splitter
+
+
+def _check(data: bytes, cuts: t.Sequence[int], data_events: int) -> None:
+    events, splitter = _feed_in_pieces(data, cuts)
+    assert b"".join(events) == data, cuts
+    for event in events:
+        # A "\r" blank line that ends a read is emitted at once, so its "\n" may follow alone.
+        assert _is_whole_event(event) or _is_lone_lf(event), (cuts, event)
+    assert sum(_has_data(e) for e in events) == data_events, (cuts, events)
+    assert splitter.pending == 0, cuts
+
+
+def _event(type_: str, seq: int, **extra: t.Any) -> bytes:
+    payload = json.dumps({"type": type_, "sequence_number": seq, **extra}, separators=(",", ":"))
+    return f"event: {type_}\ndata: {payload}\n\n".encode()
+
+
+# U+2028, U+2029 and U+0085 are line breaks to str.splitlines() (and to some JS parsers) but not to SSE.
+_UNICODE = "a\u2028b\u2029c\u0085d привет"
+
+STREAMS: list[tuple[str, bytes, int]] = [
+    (
+        "lf",
+        b'event: response.created\ndata: {"type":"response.created","sequence_number":0}\n\n'
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+        b'"sequence_number":1,"delta":"hi"}\n\n',
+        2,
+    ),
+    (
+        "crlf",
+        b'event: a\r\ndata: {"type":"a","sequence_number":0}\r\n\r\n'
+        b'event: b\r\ndata: {"type":"b","sequence_number":1}\r\n\r\n',
+        2,
+    ),
+    ("lone_cr", b'data: {"type":"a"}\r\rid: 7\rdata: {"type":"b"}\r\r', 2),
+    ("mixed_terminators", b"data: 1\r\n\ndata: 2\n\r\ndata: 3\r\r\n", 3),
+    ("comment", b': this is a comment\n\ndata: {"type":"a"}\n\n', 1),
+    ("comment_inside_event", b"data: 1\n: note\ndata: 2\n\n", 1),
+    ("keep_alive_comment", b"data: {}\n\n: keep-alive\n\n: keep-alive\n\ndata: {}\n\n", 2),
+    (
+        "keepalive_event",
+        b'event: keepalive\ndata: {"type":"keepalive","sequence_number":0}\n\n'
+        b'event: response.created\ndata: {"type":"response.created","sequence_number":1}\n\n',
+        2,
+    ),
+    (
+        "unicode_in_json",
+        b'data: {"type":"d","delta":"' + _UNICODE.encode() + b'"}\n\n'
+        b'data: {"type":"d","delta":"\xe2\x80\xa8\xc2\x85"}\r\n\r\n',
+        2,
+    ),
+    ("multi_line_data", b'data: {"type":"a",\ndata: "sequence_number":3}\n\ndata:x\ndata:\ndata: y\n\n', 2),
+    ("blank_line_prefixes", b"\n\r\n\r\n\ndata: {}\n\n", 1),
+    ("fields_without_data", b"retry: 1000\n\nid: 4\n\nevent: x\ndata: 1\n\n", 1),
+]
+
+# Pairs of cuts grow quadratically: keep every sample short enough for them.
+_PAIR_LIMIT = 256
+
+
+@pytest.mark.parametrize(("data", "data_events"), [s[1:] for s in STREAMS], ids=[s[0] for s in STREAMS])
+def test_splitter_every_single_cut_reassembles_whole_events(data: bytes, data_events: int) -> None:
+    _check(data, [], data_events)
+    for cut in range(1, len(data)):
+        _check(data, [cut], data_events)
+
+
+@pytest.mark.parametrize(("data", "data_events"), [s[1:] for s in STREAMS], ids=[s[0] for s in STREAMS])
+def test_splitter_every_pair_of_cuts_reassembles_whole_events(data: bytes, data_events: int) -> None:
+    assert len(data) <= _PAIR_LIMIT, "keep samples short: pairs of cuts grow quadratically"
+    for cuts in itertools.combinations(range(1, len(data)), 2):
+        _check(data, cuts, data_events)
+
+
+def test_splitter_byte_at_a_time_reassembles_whole_events() -> None:
+    for _, data, data_events in STREAMS:
+        _check(data, list(range(1, len(data))), data_events)
+
+
+def test_splitter_crlf_split_inside_data_line_is_not_a_blank_line() -> None:
+    # iter_lines() turns this split into a false blank line and the SDK then fails on half an event.
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: a\r") == []
+    assert splitter.feed(b"\ndata: b\r\n\r\n") == [b"data: a\r\ndata: b\r\n\r\n"]
+    assert splitter.pending == 0
+
+
+def test_splitter_crlf_split_before_blank_line_lf_completes_event() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: a\r") == []
+    assert splitter.feed(b"\n\r") == [b"data: a\r\n\r"]
+    assert splitter.feed(b"\ndata: b\n\n") == [b"\n", b"data: b\n\n"]
+    assert splitter.pending == 0
+
+
+def test_splitter_crlf_blank_line_split_between_cr_and_lf_emits_without_waiting() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: a\r\n\r") == [b"data: a\r\n\r"]
+    assert splitter.pending == 0
+    assert splitter.feed(b"\n") == [b"\n"]
+    assert splitter.pending == 0
+
+
+def test_splitter_lone_cr_framing_splits_events() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: a\r\rdata: b\r") == [b"data: a\r\r"]
+    assert splitter.feed(b"\r") == [b"data: b\r\r"]
+    assert splitter.pending == 0
+
+
+def test_splitter_holds_unfinished_event() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: a\n\ndata: b\n") == [b"data: a\n\n"]
+    assert splitter.pending == len(b"data: b\n")
+
+
+def test_splitter_four_mib_line_in_small_pieces_is_linear() -> None:
+    payload = b'{"type":"response.completed","sequence_number":9,"text":"' + b"x" * (4 * 1024 * 1024) + b'"}'
+    data = b"event: response.completed\ndata: " + payload + b"\n\n"
+    splitter = EventSplitter()
+    events: list[bytes] = []
+    started = time.perf_counter()
+    for start in range(0, len(data), 512):
+        events += splitter.feed(data[start : start + 512])
+    elapsed = time.perf_counter() - started
+    # Generous: a linear splitter takes ~0.1 s here, a quadratic one ~10 s.
+    assert elapsed < 2.0, f"feeding 4 MiB in 512-byte pieces took {elapsed:.1f} s"
+    assert events == [data]
+    assert splitter.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("pieces", "raises"),
+    [
+        ([b"data: " + b"x" * 2000], True),
+        ([b"data: " + b"x" * 600, b"x" * 600], True),
+        ([b"data: " + b"x" * 1018], False),  # exactly 1024 bytes held: at the limit, not past it
+        ([b"data: " + b"x" * 2000 + b"\n\n"], False),  # complete in one read: nothing held
+        ([b"data: 1\n\n" * 300], False),  # many small events in one read
+    ],
+    ids=["one_read", "two_reads", "at_limit", "complete_large_event", "many_small_events"],
+)
+def test_splitter_max_event_bytes(pieces: list[bytes], raises: bool) -> None:
+    splitter = EventSplitter(max_event_bytes=1024)
+    if raises:
+        with pytest.raises(EventTooLarge, match="1024"):
+            for piece in pieces:
+                splitter.feed(piece)
+    else:
+        for piece in pieces:
+            splitter.feed(piece)
+
+
+# --- parse_event -------------------------------------------------------------------------------
+
+_BIG = "y" * (3 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (_event("response.created", 0, response={"id": "resp_1"}), EventInfo("response.created", 0)),
+        (b'data: {"type":"a","sequence_number":12}\r\n\r\n', EventInfo("a", 12)),
+        (b'data:{"type":"a","sequence_number":1}\n\n', EventInfo("a", 1)),
+        (b'data: {"type":"keepalive","sequence_number":466}\n\n', EventInfo("keepalive", 466)),
+        (b": keep-alive\n\n", EventInfo(None, None)),
+        (b": comment\ndata: \n\n", EventInfo(None, None)),
+        (b"\n", EventInfo(None, None)),
+        (b"event: x\n\n", EventInfo(None, None)),
+        (b"data: [DONE]\n\n", EventInfo(None, None)),
+        (b"data: [1, 2]\n\n", EventInfo(None, None)),
+        (b'data: {"type":"a"}\n\n', EventInfo("a", None)),
+        (b'data: {"sequence_number":2,"type":"b"}\n\n', EventInfo("b", 2)),
+        (b'data: {"type":5,"sequence_number":2}\n\n', EventInfo(None, 2)),
+        (b'data: {"type":"a","sequence_number":true}\n\n', EventInfo("a", None)),
+        (b'data: {"type":"a","sequence_number":"3"}\n\n', EventInfo("a", None)),
+        # A nested sequence_number comes first: the fast path must not take it.
+        (
+            b'data: {"type":"response.output_item.done","item":{"sequence_number":99},"sequence_number":7}\n\n',
+            EventInfo("response.output_item.done", 7),
+        ),
+        (b'data: {"type":"a","item":{"sequence_number":99}}\n\n', EventInfo("a", None)),
+        (b'data: {"type":"a",\ndata: "sequence_number":4}\n\n', EventInfo("a", 4)),
+        (
+            b'data: {"type":"d","sequence_number":5,"delta":"' + _UNICODE.encode() + b'"}\n\n',
+            EventInfo("d", 5),
+        ),
+        (
+            b'data: {"type":"response.completed","sequence_number":9,"t":"' + _BIG.encode() + b'"}\n\n',
+            EventInfo("response.completed", 9),
+        ),
+        (
+            b'data: {"t":"' + _BIG.encode() + b'","type":"response.completed","sequence_number":10}\n\n',
+            EventInfo("response.completed", 10),
+        ),
+    ],
+    ids=[
+        "sdk_event",
+        "crlf",
+        "no_space",
+        "keepalive",
+        "comment",
+        "comment_empty_data",
+        "lone_lf",
+        "event_without_data",
+        "not_json",
+        "json_array",
+        "no_sequence",
+        "sequence_first",
+        "non_string_type",
+        "bool_sequence",
+        "string_sequence",
+        "nested_sequence_first",
+        "only_nested_sequence",
+        "multi_line_data",
+        "unicode",
+        "multi_mib_head",
+        "multi_mib_tail",
+    ],
+)
+def test_parse_event_extracts_type_and_sequence(event: bytes, expected: EventInfo) -> None:
+    assert parse_event(event) == expected
+
+
+# --- StreamRelay -------------------------------------------------------------------------------
+
+
+class FakeBody:
+    """An upstream body that returns queued chunks, raises queued errors, then ends (``b""``)."""
+
+    def __init__(self, items: t.Iterable[bytes | Exception], *, framed: bool = True) -> None:
+        self.framed = framed
+        self._items = list(items)
+        self.reads = 0
+        self.closes = 0
+
+    def read(self) -> bytes:
+        self.reads += 1
+        if not self._items:
+            return b""
+        item = self._items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+CREATED = _event("response.created", 0)
+DELTA = _event("response.output_text.delta", 1, delta="hé")
+COMPLETED = _event("response.completed", 2)
+
+
+def _relay(body: FakeBody, **kwargs: t.Any) -> tuple[StreamRelay, Counter]:
+    on_close = Counter()
+    return StreamRelay(body, label="test", on_close=on_close, **kwargs), on_close
+
+
+def test_relay_first_item_is_empty_bytes() -> None:
+    body = FakeBody([CREATED, COMPLETED])
+    relay, _ = _relay(body)
+    assert next(relay) == b""
+    assert body.reads == 0
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [CREATED + DELTA + COMPLETED],
+        [CREATED, DELTA, COMPLETED],
+        [CREATED[:5], CREATED[5:] + DELTA[:-1], DELTA[-1:] + COMPLETED],
+        [bytes([b]) for b in CREATED + DELTA + COMPLETED],
+        [b": keep-alive\n\n", CREATED.replace(b"\n", b"\r\n"), COMPLETED],
+    ],
+    ids=["one_chunk", "event_per_chunk", "ragged", "byte_per_chunk", "comments_and_crlf"],
+)
+def test_relay_bytes_out_equal_bytes_in(chunks: list[bytes]) -> None:
+    body = FakeBody(chunks)
+    relay, on_close = _relay(body)
+    out = list(relay)
+    assert out[0] == b""
+    assert b"".join(out) == b"".join(chunks)
+    assert all(_is_whole_event(e) for item in out[1:] for e in EventSplitter().feed(item))
+    assert body.closes == 1
+    assert on_close.calls == 1
+
+
+def test_relay_holds_half_event_until_completed() -> None:
+    body = FakeBody([CREATED[:20], CREATED[20:] + DELTA[:10], DELTA[10:], COMPLETED])
+    relay, _ = _relay(body)
+    assert next(relay) == b""
+    assert next(relay) == CREATED
+    assert body.reads == 2  # the first chunk alone produced nothing
+    assert next(relay) == DELTA
+    assert body.reads == 3
+
+
+def test_relay_tracks_last_sequence_and_terminal() -> None:
+    body = FakeBody([CREATED, b": keep-alive\n\n", DELTA])
+    relay, _ = _relay(body)
+    next(relay)
+    next(relay)
+    assert (relay.last_sequence, relay.terminal, relay.events) == (0, None, 1)
+    list(relay)
+    assert (relay.last_sequence, relay.terminal, relay.events) == (1, None, 2)
+
+    body = FakeBody([CREATED, DELTA, COMPLETED])
+    relay, _ = _relay(body)
+    list(relay)
+    assert (relay.last_sequence, relay.terminal, relay.events) == (2, "response.completed", 3)
+
+
+def test_relay_interruption_after_events_aborts_and_closes_once() -> None:
+    body = FakeBody([CREATED, DELTA, UpstreamStreamInterrupted("reset by peer")])
+    relay, on_close = _relay(body)
+    got: list[bytes] = []
+    with pytest.raises(StreamAborted, match="reset by peer") as info:
+        for item in relay:
+            got.append(item)
+    assert isinstance(info.value, ConnectionResetError)
+    assert b"".join(got) == CREATED + DELTA
+    assert relay.last_sequence == 1
+    assert (body.closes, on_close.calls) == (1, 1)
+    relay.close()  # the WSGI server calls close() afterwards
+    assert (body.closes, on_close.calls) == (1, 1)
+
+
+def test_relay_interruption_when_client_gone_ends_quietly() -> None:
+    body = FakeBody([CREATED, UpstreamStreamInterrupted("shut down by the watchdog")])
+    relay, on_close = _relay(body, client_gone=lambda: True)
+    assert b"".join(relay) == CREATED
+    assert (body.closes, on_close.calls) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "framed", "aborts"),
+    [
+        ([CREATED, DELTA], False, True),  # close-delimited cut looks like an end: it is not one
+        ([CREATED, DELTA, COMPLETED], False, False),
+        ([_event("response.failed", 2)], False, False),
+        ([_event("error", 0)], False, False),
+        ([CREATED, DELTA], True, False),  # the transport framed the end: trust it
+        ([b": keep-alive\n\n"], False, False),
+        ([], False, False),
+        ([CREATED, DELTA[:-1]], True, True),  # EOF inside an event
+        ([CREATED, DELTA[:-1]], False, True),
+        ([CREATED, COMPLETED + b"data: {"], True, True),
+    ],
+    ids=[
+        "close_delimited_no_terminal",
+        "close_delimited_completed",
+        "close_delimited_failed",
+        "close_delimited_error",
+        "framed_no_terminal",
+        "close_delimited_only_comments",
+        "empty",
+        "framed_partial_event",
+        "close_delimited_partial_event",
+        "partial_after_terminal",
+    ],
+)
+def test_relay_end_of_body(chunks: list[bytes], framed: bool, aborts: bool) -> None:
+    body = FakeBody(chunks, framed=framed)
+    relay, on_close = _relay(body)
+    if aborts:
+        with pytest.raises(StreamAborted):
+            list(relay)
+    else:
+        assert b"".join(relay) == b"".join(chunks)
+    assert (body.closes, on_close.calls) == (1, 1)
+
+
+def test_relay_event_too_large_aborts() -> None:
+    body = FakeBody([CREATED, b"data: " + b"x" * 4096])
+    relay, on_close = _relay(body, max_event_bytes=1024)
+    with pytest.raises(StreamAborted, match="exceeded 1024 bytes"):
+        list(relay)
+    assert (body.closes, on_close.calls) == (1, 1)
+
+
+def test_relay_close_before_iteration_releases_body_once() -> None:
+    body = FakeBody([CREATED])
+    relay, on_close = _relay(body)
+    relay.close()
+    assert (body.closes, on_close.calls, body.reads) == (1, 1, 0)
+    relay.close()
+    assert (body.closes, on_close.calls) == (1, 1)
+    assert list(relay) == []
+
+
+def test_relay_close_mid_stream_releases_body_once() -> None:
+    body = FakeBody([CREATED, DELTA, COMPLETED])
+    relay, on_close = _relay(body)
+    next(relay)
+    next(relay)
+    relay.close()
+    assert (body.closes, on_close.calls) == (1, 1)

@@ -1,0 +1,228 @@
+"""Input checks: ids, the retrieve query string and the create body."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsgi_proxy.errors import InvalidRequest
+from wsgi_proxy.validation import (
+    CreateFields,
+    ResponsePath,
+    RetrieveQuery,
+    check_response_id,
+    parse_create_body,
+    parse_json_object,
+    parse_response_path,
+    parse_retrieve_query,
+)
+
+GOOD_IDS = ["resp_68af4030592c81938ec0a5fbab4a3e9f", "resp_abc123", "a", "A-b_9", "x" * 128]
+BAD_IDS = [
+    "../models",
+    "..",
+    "a/b",
+    "x\r\nHeader: y",
+    "a b",
+    "?",
+    "a?b=c",
+    "#",
+    "a#b",
+    "%2F",
+    "a%2Fb",
+    "",
+    "x" * 129,
+    "résp_1",
+    "resp_абв",
+    "resp_1\x00",
+    "resp.1",
+]
+
+
+@pytest.mark.parametrize("value", GOOD_IDS)
+def test_check_response_id_valid_returns_it(value: str) -> None:
+    assert check_response_id(value) == value
+
+
+@pytest.mark.parametrize("value", BAD_IDS)
+def test_check_response_id_invalid_names_param(value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        check_response_id(value)
+    assert info.value.param == "response_id"
+    assert info.value.status == 400
+    # A hostile value must not be echoed into the message with its control characters.
+    assert "\r" not in info.value.message and "\n" not in info.value.message
+
+
+def test_check_response_id_custom_param() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        check_response_id("../x", param="previous_response_id")
+    assert info.value.param == "previous_response_id"
+
+
+@pytest.mark.parametrize(
+    ("subpath", "expected"),
+    [
+        ("resp_1", ResponsePath("item", "resp_1")),
+        ("resp_1/cancel", ResponsePath("cancel", "resp_1")),
+        ("resp_1/input_items", ResponsePath("input_items", "resp_1")),
+        ("cancel", ResponsePath("item", "cancel")),
+    ],
+)
+def test_parse_response_path_valid(subpath: str, expected: ResponsePath) -> None:
+    assert parse_response_path(subpath) == expected
+
+
+@pytest.mark.parametrize(
+    "subpath",
+    [
+        *BAD_IDS,
+        "resp_1/",
+        "resp_1/delete",
+        "resp_1/cancel/x",
+        "../models/cancel",
+        "a/b/input_items",
+        "/resp_1",
+        "resp_1/input_items/",
+    ],
+)
+def test_parse_response_path_invalid_names_response_id(subpath: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_response_path(subpath)
+    assert info.value.param == "response_id"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"", RetrieveQuery(stream=False, starting_after=None)),
+        (b"stream=true", RetrieveQuery(stream=True, starting_after=None)),
+        (b"stream=false", RetrieveQuery(stream=False, starting_after=None)),
+        (b"stream=true&starting_after=0", RetrieveQuery(stream=True, starting_after=0)),
+        (b"starting_after=5", RetrieveQuery(stream=False, starting_after=5)),
+        (b"starting_after=" + b"9" * 19, RetrieveQuery(stream=False, starting_after=int("9" * 19))),
+        (b"starting_after=007", RetrieveQuery(stream=False, starting_after=7)),
+        (b"include%5B%5D=a&include%5B%5D=b&stream=true", RetrieveQuery(stream=True, starting_after=None)),
+        (b"include[]=a&include[]=b", RetrieveQuery(stream=False, starting_after=None)),
+        (b"include_obfuscation=false&unknown=1", RetrieveQuery(stream=False, starting_after=None)),
+    ],
+)
+def test_parse_retrieve_query_valid(query: bytes, expected: RetrieveQuery) -> None:
+    assert parse_retrieve_query(query) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        (b"stream=1", "stream"),
+        (b"stream=True", "stream"),
+        (b"stream=TRUE", "stream"),
+        (b"stream=", "stream"),
+        (b"stream", "stream"),
+        (b"stream=yes", "stream"),
+        (b"stream=true&stream=true", "stream"),
+        (b"stream=true&stream=false", "stream"),
+        (b"starting_after=-1", "starting_after"),
+        (b"starting_after=1.5", "starting_after"),
+        (b"starting_after=", "starting_after"),
+        (b"starting_after=" + b"1" * 20, "starting_after"),
+        (b"starting_after=abc", "starting_after"),
+        (b"starting_after=%201", "starting_after"),
+        (b"starting_after=+1", "starting_after"),  # '+' is a space in a query string
+        (b"starting_after=1e3", "starting_after"),
+        (b"starting_after=%D9%A3", "starting_after"),  # ARABIC-INDIC DIGIT THREE: int() accepts it
+        (b"starting_after=1&starting_after=2", "starting_after"),
+        (b"stream=true&starting_after=-1", "starting_after"),
+    ],
+)
+def test_parse_retrieve_query_invalid_names_param(query: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_retrieve_query(query)
+    assert info.value.param == param
+    assert info.value.status == 400
+
+
+def test_parse_retrieve_query_non_ascii_bytes_rejected() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_retrieve_query(b"stream=true&x=\xff")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"{",
+        b"[]",
+        b"[1, 2]",
+        b'"a string"',
+        b"42",
+        b"null",
+        b"true",
+        b"\xff\xfe{}",
+        b'{"a": NaN',
+    ],
+)
+def test_parse_create_body_not_an_object_has_no_param(body: bytes) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_create_body(body)
+    assert info.value.param is None
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"model": 5}', "model"),
+        (b'{"model": ""}', "model"),
+        (b'{"model": "   "}', "model"),
+        (b'{"model": ["gpt"]}', "model"),
+        (b'{"model": "gpt-4o", "stream": "true"}', "stream"),
+        (b'{"stream": 1}', "stream"),
+        (b'{"stream": 0}', "stream"),
+        (b'{"background": "yes"}', "background"),
+        (b'{"background": 1}', "background"),
+        (b'{"store": "false"}', "store"),
+        (b'{"store": {}}', "store"),
+        (b'{"previous_response_id": 12}', "previous_response_id"),
+        (b'{"previous_response_id": "../x"}', "previous_response_id"),
+        (b'{"previous_response_id": "resp_1/cancel"}', "previous_response_id"),
+        (b'{"previous_response_id": ""}', "previous_response_id"),
+    ],
+)
+def test_parse_create_body_wrong_type_names_param(body: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_create_body(body)
+    assert info.value.param == param
+    assert repr(param) in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"{}", CreateFields()),
+        (b'{"model": "gpt-4o", "input": "hi"}', CreateFields(model="gpt-4o")),
+        (
+            b'{"model": "m", "stream": true, "background": true, "store": true}',
+            CreateFields(model="m", stream=True, background=True, store=True),
+        ),
+        (
+            b'{"stream": false, "previous_response_id": "resp_abc"}',
+            CreateFields(stream=False, previous_response_id="resp_abc"),
+        ),
+        (
+            b'{"model": null, "stream": null, "background": null, "store": null, "previous_response_id": null}',
+            CreateFields(),
+        ),
+        (
+            b'{"model": "m", "future_field": {"x": [1]}, "stream_options": {"include_obfuscation": false}}',
+            CreateFields(model="m"),
+        ),
+    ],
+    ids=["empty", "model", "all_bools", "previous_id", "nulls", "unknown_fields"],
+)
+def test_parse_create_body_valid(body: bytes, expected: CreateFields) -> None:
+    assert parse_create_body(body) == expected
+
+
+def test_parse_json_object_returns_dict() -> None:
+    assert parse_json_object(b'{"input": "caf\\u00e9"}') == {"input": "café"}

@@ -1,0 +1,598 @@
+"""The proxy's HTTP surface, with the Flask test client in front and ``responses`` as the upstream."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import typing as t
+
+import pytest
+import requests
+import responses
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from wsgi_proxy import ProxySettings, ResponsesProxy
+
+UPSTREAM = "http://upstream.test/v1"
+UPSTREAM_KEY = "sk-UPSTREAM-CANARY-1234567890"
+CLIENT_KEY = "sk-CLIENT-CANARY-0987654321"
+CLIENT_AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+GATEWAY = {"upstream_api_key": UPSTREAM_KEY, "api_keys": CLIENT_KEY}
+
+SSE = (
+    b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+    b'"response":{"id":"resp_1","status":"in_progress"}}\n\n'
+    b": keep-alive\n\n"
+    b'event: response.output_text.delta\r\ndata: {"type":"response.output_text.delta","sequence_number":1,'
+    b'"delta":"\xd0\xbf\xd1\x80\xe2\x80\xa8"}\r\n\r\n'
+    b'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,'
+    b'"response":{"id":"resp_1","status":"completed"}}\n\n'
+)
+
+MakeApp = t.Callable[..., Flask]
+
+
+def assert_error(
+    resp: TestResponse, status: int, *, param: str | None = None, code: str | None = None
+) -> dict[str, t.Any]:
+    """The one error shape every failure must have: OpenAI's envelope, as JSON."""
+    assert resp.status_code == status, resp.data
+    assert resp.mimetype == "application/json"
+    body = json.loads(resp.data)
+    assert list(body) == ["error"]
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"].endswith((".", ")"))
+    assert isinstance(error["type"], str) and error["type"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return t.cast(dict[str, t.Any], error)
+
+
+def _all_header_values(request: requests.PreparedRequest) -> list[str]:
+    return [f"{name}: {value}" for name, value in request.headers.items()]
+
+
+# --- authentication and credentials ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer sk-wrong"},
+        {"Authorization": f"Basic {CLIENT_KEY}"},
+        {"api-key": CLIENT_KEY},
+    ],
+    ids=["none", "wrong", "wrong_scheme", "api_key_header"],
+)
+def test_gateway_without_right_key_is_401_and_never_calls_upstream(
+    make_app: MakeApp, mocked: responses.RequestsMock, headers: dict[str, str]
+) -> None:
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", json={"id": "resp_1"})
+    client = make_app(**GATEWAY).test_client()
+    resp = client.post("/v1/responses", data=b'{"model":"m"}', headers=headers)
+    assert_error(resp, 401, code="invalid_api_key")
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert len(mocked.calls) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/responses/..%2Fmodels"),
+        ("POST", "/v1/responses/bad.id/cancel"),
+        ("GET", "/v1/responses/a?stream=1"),
+    ],
+)
+def test_gateway_authenticates_before_validating_input(
+    make_app: MakeApp, mocked: responses.RequestsMock, method: str, path: str
+) -> None:
+    resp = make_app(**GATEWAY).test_client().open(path, method=method)
+    assert_error(resp, 401, code="invalid_api_key")
+    assert len(mocked.calls) == 0
+
+
+def test_gateway_right_key_sends_upstream_key_never_client_key(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", json={"id": "resp_1"})
+    client = make_app(**GATEWAY, upstream_organization="org-gw").test_client()
+    resp = client.post(
+        "/v1/responses",
+        data=b'{"model":"m"}',
+        headers={
+            **CLIENT_AUTH,
+            "api-key": CLIENT_KEY,
+            "OpenAI-Organization": "org-client",
+            "Cookie": CLIENT_KEY,
+        },
+    )
+    assert resp.status_code == 200
+    assert resp.get_json() == {"id": "resp_1"}
+    (call,) = mocked.calls
+    assert call.request.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert call.request.headers["OpenAI-Organization"] == "org-gw"
+    for line in _all_header_values(call.request):
+        assert "CLIENT-CANARY" not in line and "org-client" not in line
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_gateway_upstream_rejecting_own_key_is_502_without_key_fragments(
+    make_app: MakeApp, mocked: responses.RequestsMock, caplog: pytest.LogCaptureFixture, stream: bool
+) -> None:
+    echo = {
+        "error": {
+            "message": "Incorrect API key provided: sk-UP***7890. You can find your API key at"
+            " https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    mocked.add(
+        responses.POST, f"{UPSTREAM}/responses", json=echo, status=401, headers={"x-request-id": "req_1"}
+    )
+    client = make_app(**GATEWAY).test_client()
+    with caplog.at_level(logging.DEBUG):
+        resp = client.post(
+            "/v1/responses", data=json.dumps({"model": "m", "stream": stream}), headers=CLIENT_AUTH
+        )
+    assert_error(resp, 502, code="upstream_credentials_rejected")
+    assert len(mocked.calls) == 1
+    # Every 4-character window of the key, except those of "UPSTREAM" that the message's own
+    # WSGI_PROXY_UPSTREAM_API_KEY contains.
+    windows = {UPSTREAM_KEY[i : i + 4] for i in range(len(UPSTREAM_KEY) - 3)}
+    windows -= {w for w in windows if w in "WSGI_PROXY_UPSTREAM_API_KEY"}
+    assert {"sk-U", "7890", "CANA"} <= windows
+    leaked = resp.data.decode() + "\n".join(f"{k}: {v}" for k, v in resp.headers.items())
+    for fragment in [UPSTREAM_KEY, "sk-UP", "***", *windows]:
+        assert fragment not in leaked
+    assert "CANARY" not in caplog.text and "7890" not in caplog.text
+
+
+def test_pass_through_forwards_client_credentials(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", json={"id": "resp_1"})
+    client = make_app().test_client()
+    resp = client.get(
+        "/v1/responses/resp_1",
+        headers={"Authorization": "Bearer sk-own", "api-key": "azure-own", "OpenAI-Project": "proj_own"},
+    )
+    assert resp.status_code == 200
+    headers = mocked.calls[0].request.headers
+    assert headers["Authorization"] == "Bearer sk-own"
+    assert headers["api-key"] == "azure-own"
+    assert headers["OpenAI-Project"] == "proj_own"
+
+
+def test_pass_through_upstream_401_relayed(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    body = (
+        b'{"error":{"message":"Incorrect API key provided: sk-ow***","type":"invalid_request_error",'
+        b'"param":null,"code":"invalid_api_key"}}'
+    )
+    mocked.add(responses.GET, f"{UPSTREAM}/models", body=body, status=401, content_type="application/json")
+    resp = make_app().test_client().get("/v1/models", headers={"Authorization": "Bearer sk-own"})
+    assert resp.status_code == 401
+    assert resp.data == body
+
+
+# --- relaying upstream answers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 429, 500, 503])
+def test_upstream_error_status_and_body_relayed(
+    make_app: MakeApp, mocked: responses.RequestsMock, status: int
+) -> None:
+    body = b'{"error": {"message": "No response with id \\u2028 resp_1", "type": "x", "param": null, "code": null}}'
+    mocked.add(
+        responses.GET,
+        f"{UPSTREAM}/responses/resp_1",
+        body=body,
+        status=status,
+        content_type="application/json",
+        headers={"x-request-id": "req_9", "retry-after": "3", "Set-Cookie": "track=1", "Server": "upstream"},
+    )
+    resp = make_app().test_client().get("/v1/responses/resp_1")
+    assert resp.status_code == status
+    assert resp.data == body
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.headers["x-request-id"] == "req_9"
+    assert resp.headers["retry-after"] == "3"
+    assert "Set-Cookie" not in resp.headers
+    assert resp.headers.get("Server") != "upstream"
+
+
+def test_upstream_success_headers_filtered(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(
+        responses.GET,
+        f"{UPSTREAM}/models",
+        json={"data": []},
+        headers={"openai-processing-ms": "12", "x-ratelimit-remaining-requests": "99", "Connection": "close"},
+    )
+    resp = make_app().test_client().get("/v1/models")
+    assert resp.status_code == 200
+    assert resp.headers["openai-processing-ms"] == "12"
+    assert resp.headers["x-ratelimit-remaining-requests"] == "99"
+    assert "Connection" not in resp.headers
+
+
+def test_upstream_cookies_never_stored_or_replayed(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/models", json={}, headers={"Set-Cookie": "sid=tenant-a; Path=/"})
+    client = make_app().test_client()
+    client.get("/v1/models")
+    client.get("/v1/models")
+    assert len(mocked.calls) == 2
+    assert "Cookie" not in mocked.calls[1].request.headers
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (requests.ConnectionError("refused"), 502, "upstream_unavailable"),
+        (requests.ConnectTimeout("slow"), 504, "upstream_timeout"),
+        (requests.ReadTimeout("silent"), 504, "upstream_timeout"),
+        (requests.exceptions.SSLError("bad cert"), 502, "upstream_unavailable"),
+        (requests.exceptions.ContentDecodingError("bad gzip"), 502, "upstream_protocol_error"),
+    ],
+    ids=["connection", "connect_timeout", "read_timeout", "ssl", "decoding"],
+)
+def test_transport_failure_before_answer_is_envelope(
+    make_app: MakeApp, mocked: responses.RequestsMock, exc: Exception, status: int, code: str
+) -> None:
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", body=exc)
+    resp = make_app().test_client().post("/v1/responses", data=b'{"model":"m"}')
+    error = assert_error(resp, status, code=code)
+    assert "upstream.test" in error["message"]
+
+
+def test_raw_query_string_reaches_upstream_unchanged(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    query = "include%5B%5D=a&include%5B%5D=b&include[]=c&x=%7e+%7E&starting_after=3&stream=false"
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", json={"id": "resp_1"})
+    resp = make_app().test_client().get(f"/v1/responses/resp_1?{query}")
+    assert resp.status_code == 200
+    assert mocked.calls[0].request.url == f"{UPSTREAM}/responses/resp_1?{query}"
+
+
+def test_input_items_query_reaches_upstream_unchanged(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    query = "limit=5&order=asc&after=item_1&include%5B%5D=message.input_image.image_url"
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1/input_items", json={"data": []})
+    resp = make_app().test_client().get(f"/v1/responses/resp_1/input_items?{query}")
+    assert resp.status_code == 200
+    assert mocked.calls[0].request.url == f"{UPSTREAM}/responses/resp_1/input_items?{query}"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "upstream_method", "upstream_path"),
+    [
+        ("POST", "/v1/responses", "POST", "/responses"),
+        ("POST", "/v1/responses/input_tokens", "POST", "/responses/input_tokens"),
+        ("POST", "/v1/responses/compact", "POST", "/responses/compact"),
+        ("POST", "/v1/responses/resp_1/cancel", "POST", "/responses/resp_1/cancel"),
+    ],
+)
+def test_request_body_reaches_upstream_byte_identical(
+    make_app: MakeApp,
+    mocked: responses.RequestsMock,
+    method: str,
+    path: str,
+    upstream_method: str,
+    upstream_path: str,
+) -> None:
+    body = (
+        b'{ "model" :"gpt-4o",\n\t"input":"caf\\u00e9 \\ud83d\\ude00 \xd0\xbf\xd1\x80\xd0\xb8",'
+        b'  "zzz_unknown": [1, {"a":null, "b": 1.50}] ,"stream":false , "metadata":{}}'
+    )
+    mocked.add(upstream_method, f"{UPSTREAM}{upstream_path}", json={"ok": True})
+    resp = make_app().test_client().open(path, method=method, data=body, content_type="application/json")
+    assert resp.status_code == 200
+    (call,) = mocked.calls
+    assert call.request.body == body
+    assert call.request.headers["Content-Type"] == "application/json"
+
+
+def test_end_to_end_headers_pass_and_hop_by_hop_do_not(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/models", json={})
+    headers = {
+        "OpenAI-Beta": "responses=v1",
+        "X-Stainless-Lang": "python",
+        "Idempotency-Key": "idem-1",
+        "X-Forwarded-For": "10.0.0.1",
+        "Connection": "X-Secret-Hop",
+        "X-Secret-Hop": "1",
+        "Accept-Encoding": "br",
+    }
+    make_app().test_client().get("/v1/models", headers=headers)
+    sent = mocked.calls[0].request.headers
+    assert sent["OpenAI-Beta"] == "responses=v1"
+    assert sent["X-Stainless-Lang"] == "python"
+    assert sent["Idempotency-Key"] == "idem-1"
+    assert "X-Forwarded-For" not in sent
+    assert "X-Secret-Hop" not in sent
+    assert sent["Accept-Encoding"] != "br"
+
+
+def test_delete_forwarded(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.DELETE, f"{UPSTREAM}/responses/resp_1", json={"id": "resp_1", "deleted": True})
+    resp = make_app().test_client().delete("/v1/responses/resp_1")
+    assert resp.status_code == 200
+    assert mocked.calls[0].request.method == "DELETE"
+
+
+# --- rejected before the upstream --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "param"),
+    [
+        ("GET", "/v1/responses/..%2Fmodels", None, "response_id"),
+        ("GET", "/v1/responses/resp_1%2F..%2F..%2Fmodels", None, "response_id"),
+        ("GET", "/v1/responses/a%0D%0AX-Injected:%201", None, "response_id"),
+        ("GET", "/v1/responses/resp%3F1", None, "response_id"),
+        ("GET", "/v1/responses/resp%231", None, "response_id"),
+        ("GET", "/v1/responses/resp_1/", None, "response_id"),
+        ("GET", "/v1/responses/" + "x" * 129, None, "response_id"),
+        ("GET", "/v1/responses/r%C3%A9sp_1", None, "response_id"),
+        ("DELETE", "/v1/responses/a.b", None, "response_id"),
+        ("POST", "/v1/responses/..%2Fx/cancel", b"{}", "response_id"),
+        ("GET", "/v1/responses/a%2Fb/input_items", None, "response_id"),
+        ("GET", "/v1/responses/resp_1?stream=1", None, "stream"),
+        ("GET", "/v1/responses/resp_1?stream=True", None, "stream"),
+        ("GET", "/v1/responses/resp_1?stream=true&stream=true", None, "stream"),
+        ("GET", "/v1/responses/resp_1?stream=true&starting_after=-1", None, "starting_after"),
+        ("GET", "/v1/responses/resp_1?starting_after=1.5", None, "starting_after"),
+        ("GET", "/v1/responses/resp_1?starting_after=" + "1" * 20, None, "starting_after"),
+        ("POST", "/v1/responses", b"not json", None),
+        ("POST", "/v1/responses", b"", None),
+        ("POST", "/v1/responses", b"[]", None),
+        ("POST", "/v1/responses", b'{"model": 5}', "model"),
+        ("POST", "/v1/responses", b'{"model": "m", "stream": "true"}', "stream"),
+        ("POST", "/v1/responses", b'{"background": 1}', "background"),
+        ("POST", "/v1/responses", b'{"store": "no"}', "store"),
+        ("POST", "/v1/responses", b'{"previous_response_id": "../x"}', "previous_response_id"),
+        ("POST", "/v1/responses/input_tokens", b"[1]", None),
+        ("POST", "/v1/responses/input_tokens", b'"text"', None),
+        ("POST", "/v1/responses/compact", b"{", None),
+    ],
+)
+def test_bad_input_is_400_naming_param_without_upstream_call(
+    make_app: MakeApp,
+    mocked: responses.RequestsMock,
+    method: str,
+    path: str,
+    body: bytes | None,
+    param: str | None,
+) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/models", json={})  # the target of a traversal
+    client = make_app(**GATEWAY).test_client()
+    resp = client.open(path, method=method, data=body, headers=CLIENT_AUTH)
+    error = assert_error(resp, 400, param=param)
+    assert error["type"] == "invalid_request_error"
+    assert "\r" not in error["message"] and "\n" not in error["message"]
+    assert len(mocked.calls) == 0
+
+
+def test_request_body_over_limit_is_413(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", json={})
+    client = make_app(max_request_bytes=1024).test_client()
+    ok = client.post("/v1/responses", data=b'{"input":"' + b"x" * 1000 + b'"}')
+    assert ok.status_code == 200
+    resp = client.post("/v1/responses", data=b'{"input":"' + b"x" * 1013 + b'"}')  # 1025 bytes
+    assert_error(resp, 413, code="request_too_large")
+    assert len(mocked.calls) == 1
+
+
+@pytest.mark.parametrize(("size", "status"), [(1000, 200), (1013, 413), (100_000, 413)])
+def test_chunked_request_body_without_length_is_limited(
+    make_app: MakeApp, mocked: responses.RequestsMock, size: int, status: int
+) -> None:
+    # No Content-Length: only the bounded read can notice (gunicorn sets wsgi.input_terminated).
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", json={})
+    body = b'{"input":"' + b"x" * size + b'"}'
+    resp = (
+        make_app(max_request_bytes=1024)
+        .test_client()
+        .post(
+            "/v1/responses",
+            input_stream=io.BytesIO(body),
+            headers={"Transfer-Encoding": "chunked"},
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+    )
+    if status == 413:
+        assert_error(resp, 413, code="request_too_large")
+        assert len(mocked.calls) == 0
+    else:
+        assert resp.status_code == 200
+        assert mocked.calls[0].request.body == body
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/responses", "POST"),
+        ("DELETE", "/v1/responses", "POST"),
+        ("PUT", "/v1/responses/resp_1", "DELETE, GET"),
+        ("POST", "/v1/responses/resp_1", "DELETE, GET"),
+        ("GET", "/v1/responses/resp_1/cancel", "POST"),
+        ("POST", "/v1/responses/resp_1/input_items", "GET"),
+        ("GET", "/v1/responses/input_tokens", "POST"),
+        ("PATCH", "/v1/models", "GET"),
+    ],
+)
+def test_wrong_method_is_405_envelope_with_allow(
+    make_app: MakeApp, mocked: responses.RequestsMock, method: str, path: str, allow: str
+) -> None:
+    resp = make_app().test_client().open(path, method=method, data=b"{}")
+    assert_error(resp, 405, code="method_not_allowed")
+    assert resp.headers["Allow"] == allow
+    assert len(mocked.calls) == 0
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1", "/v1/", "/v1/nope", "/v1/chat/completions", "/v1/models/gpt-4o/x", "/v1/a%0Ab"]
+)
+def test_unknown_path_under_prefix_is_404_envelope(
+    make_app: MakeApp, mocked: responses.RequestsMock, path: str
+) -> None:
+    resp = make_app().test_client().post(path, data=b"{}")
+    assert_error(resp, 404, code="unknown_url")
+    assert len(mocked.calls) == 0
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz"])
+def test_health_probes_answer_without_upstream(
+    make_app: MakeApp, mocked: responses.RequestsMock, path: str
+) -> None:
+    resp = make_app(**GATEWAY).test_client().get(path)
+    assert resp.status_code == 200
+    assert resp.get_json() == {"status": "ok"}
+    assert len(mocked.calls) == 0
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+
+def _stream_create(make_app: MakeApp, **settings: t.Any) -> TestResponse:
+    client = make_app(**settings).test_client()
+    return client.post("/v1/responses", data=b'{"model":"m","stream":true}', content_type="application/json")
+
+
+def test_stream_create_relays_bytes_with_sse_headers(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(
+        responses.POST,
+        f"{UPSTREAM}/responses",
+        body=SSE,
+        content_type="text/event-stream; charset=utf-8",
+        headers={"x-request-id": "req_s", "Content-Encoding": "identity", "Set-Cookie": "a=1"},
+    )
+    resp = _stream_create(make_app)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert resp.headers["Cache-Control"] == "no-cache"
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    assert resp.headers["x-request-id"] == "req_s"
+    for name in ("Content-Length", "Content-Encoding", "Transfer-Encoding", "Set-Cookie"):
+        assert name not in resp.headers
+    assert resp.data == SSE
+    assert mocked.calls[0].request.headers["Accept-Encoding"] == "identity"
+
+
+def test_stream_retrieve_relays_bytes(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", body=SSE, content_type="text/event-stream")
+    resp = make_app().test_client().get("/v1/responses/resp_1?stream=true&starting_after=0")
+    assert resp.status_code == 200
+    assert resp.data == SSE
+    assert mocked.calls[0].request.url == f"{UPSTREAM}/responses/resp_1?stream=true&starting_after=0"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_compressed_upstream_body_is_decoded(
+    make_app: MakeApp, mocked: responses.RequestsMock, stream: bool
+) -> None:
+    # The proxy never copies Content-Encoding, so it must never pass compressed bytes on.
+    body = SSE if stream else b'{"id": "resp_1", "output_text": "\\u00e9"}'
+    mocked.add(
+        responses.POST,
+        f"{UPSTREAM}/responses",
+        body=gzip.compress(body),
+        content_type="text/event-stream" if stream else "application/json",
+        headers={"Content-Encoding": "gzip"},
+    )
+    resp = make_app().test_client().post("/v1/responses", data=json.dumps({"stream": stream}))
+    assert resp.status_code == 200
+    assert resp.data == body
+    assert "Content-Encoding" not in resp.headers
+
+
+def test_stream_request_answered_with_json_is_502(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", json={"id": "resp_1", "object": "response"})
+    assert_error(_stream_create(make_app), 502, code="upstream_protocol_error")
+
+
+def test_stream_request_answered_with_error_is_relayed(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    body = b'{"error":{"message":"bad model","type":"invalid_request_error","param":"model","code":null}}'
+    mocked.add(
+        responses.POST, f"{UPSTREAM}/responses", body=body, status=400, content_type="application/json"
+    )
+    resp = _stream_create(make_app)
+    assert resp.status_code == 400
+    assert resp.data == body
+
+
+# --- the extension inside a host app -----------------------------------------------------------
+
+
+def _host_app() -> Flask:
+    app = Flask("host")
+
+    @app.route("/hello")
+    def hello() -> str:
+        return "host hello"
+
+    @app.errorhandler(404)
+    def host_not_found(exc: Exception) -> tuple[str, int]:
+        return "host 404 page", 404
+
+    return app
+
+
+def test_extension_serves_under_prefix_and_leaves_host_alone(mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", json={"id": "resp_1"})
+    app = _host_app()
+    ResponsesProxy(app, url_prefix="/llm/v1", settings=ProxySettings(upstream_url=UPSTREAM))
+    client = app.test_client()
+
+    resp = client.get("/llm/v1/responses/resp_1")
+    assert resp.status_code == 200
+    assert mocked.calls[0].request.url == f"{UPSTREAM}/responses/resp_1"
+
+    assert_error(client.get("/llm/v1/nope"), 404, code="unknown_url")
+    assert client.get("/hello").data == b"host hello"
+    for path in ("/v1/responses/resp_1", "/nope", "/llm/nope"):
+        resp = client.get(path)
+        assert (resp.status_code, resp.data) == (404, b"host 404 page")
+    assert len(mocked.calls) == 1
+
+
+def test_extension_init_app_reads_app_config(mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.GET, "http://other.test/api/v1/models", json={"data": []})
+    app = _host_app()
+    app.config["WSGI_PROXY_UPSTREAM_URL"] = "http://other.test/api/v1"
+    proxy = ResponsesProxy()
+    proxy.init_app(app)
+    assert app.test_client().get("/v1/models").status_code == 200
+    assert len(mocked.calls) == 1
+
+
+def test_extension_init_app_twice_raises() -> None:
+    app = _host_app()
+    proxy = ResponsesProxy(app, settings=ProxySettings(upstream_url=UPSTREAM))
+    with pytest.raises(RuntimeError, match=r"already registered.*\.$"):
+        proxy.init_app(app)
+    with pytest.raises(RuntimeError, match="already registered"):
+        ResponsesProxy(app, url_prefix="/other", settings=ProxySettings(upstream_url=UPSTREAM))
+
+
+def test_extension_one_instance_serves_two_apps(mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/models", json={})
+    proxy = ResponsesProxy(settings=ProxySettings(upstream_url=UPSTREAM))
+    first, second = _host_app(), _host_app()
+    proxy.init_app(first)
+    proxy.init_app(second)
+    assert first.test_client().get("/v1/models").status_code == 200
+    assert second.test_client().get("/v1/models").status_code == 200
+    assert first.extensions["wsgi_proxy"] is not second.extensions["wsgi_proxy"]
