@@ -7,6 +7,7 @@ Every setting can also be given as a keyword argument or, for an embedded proxy,
 
 from __future__ import annotations
 
+import json
 import typing as t
 from pathlib import Path
 
@@ -87,6 +88,11 @@ class ProxySettings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
+            if value.lstrip().startswith("["):  # a JSON list, as pydantic-settings users may write it
+                try:
+                    return tuple(json.loads(value))
+                except ValueError:
+                    raise ValueError("it looks like a JSON list but is not valid JSON") from None
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 

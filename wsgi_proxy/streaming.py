@@ -198,7 +198,6 @@ class StreamRelay:
         self.events = 0
         self.last_sequence: int | None = None
         self.terminal: str | None = None
-        self.response_id: str | None = None
         self._gen: t.Generator[bytes, None, None] = self._run()
 
     def __iter__(self) -> StreamRelay:

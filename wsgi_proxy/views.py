@@ -153,17 +153,16 @@ def responses_json_post(endpoint: str) -> Response:
 
 
 def response_item(subpath: str) -> Response:
+    state = _authenticated()  # before validation: an unauthenticated client learns nothing more
     target = parse_response_path(subpath)
     rid = target.response_id
     if target.action == "cancel":
         _require("POST")
-        state = _authenticated()
         return _forward(state, "POST", f"/responses/{rid}/cancel", body=_read_body(state), stream=False)
     if target.action == "input_items":
         _require("GET")
-        return _forward(_authenticated(), "GET", f"/responses/{rid}/input_items", body=None, stream=False)
+        return _forward(state, "GET", f"/responses/{rid}/input_items", body=None, stream=False)
     _require("GET", "DELETE")
-    state = _authenticated()
     if request.method == "DELETE":
         return _forward(state, "DELETE", f"/responses/{rid}", body=None, stream=False)
     query = parse_retrieve_query(request.query_string)
@@ -234,6 +233,7 @@ def make_blueprint() -> Blueprint:
         )
     bp.add_url_rule("/responses/<wsgi_proxy_path:subpath>", "response", response_item, methods=_METHODS)
     bp.add_url_rule("/models", "models", models, methods=_METHODS)
+    bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
     bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=_METHODS)
     bp.register_error_handler(ProxyError, _proxy_error)
