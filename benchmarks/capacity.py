@@ -22,11 +22,7 @@ import time
 import typing as t
 from pathlib import Path
 
-from wsgi_proxy.launch import ServerProcess, free_port, gunicorn_argv
-
-REPO = Path(__file__).resolve().parents[1]
-UPSTREAM_KEY = "sk-bench-upstream"
-CLIENT_KEY = "sk-bench-client"
+from harness import CLIENT_KEY, REPO, start_bed
 
 
 def _worker_pid(master: int) -> int:
@@ -58,41 +54,10 @@ def _open_stream(port: int, body: bytes) -> socket.socket:
 def run(streams: int, hold: float) -> dict[str, t.Any]:
     with tempfile.TemporaryDirectory(prefix="wsgi-proxy-capacity-") as scratch:
         tmp = Path(scratch)
-        sim_port, proxy_port = free_port(), free_port()
-        sim = ServerProcess(
-            [
-                sys.executable,
-                "-m",
-                "wsgi_proxy",
-                "simulate",
-                "--port",
-                str(sim_port),
-                "--api-key",
-                UPSTREAM_KEY,
-            ],
-            ready_url=f"http://127.0.0.1:{sim_port}/health",
-            cwd=tmp,
-            log_path=tmp / "simulator.log",
-        ).start()
-        proxy = ServerProcess(
-            gunicorn_argv(
-                f"127.0.0.1:{proxy_port}", config=REPO / "gunicorn.conf.py", extra=["--backlog", "4096"]
-            ),
-            ready_url=f"http://127.0.0.1:{proxy_port}/healthz",
-            env={
-                "WSGI_PROXY_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/v1",
-                "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-                "WSGI_PROXY_API_KEYS": CLIENT_KEY,
-                "WSGI_PROXY_WORKERS": "1",
-                "WSGI_PROXY_THREADS": str(streams + 50),
-                "WSGI_PROXY_ACCESS_LOG": "/dev/null",
-                "WSGI_PROXY_LOG_LEVEL": "warning",
-            },
-            cwd=tmp,
-            log_path=tmp / "proxy.log",
-        ).start()
+        bed = start_bed(tmp, threads=streams + 50, extra=["--backlog", "4096"])
+        proxy_port = bed.proxy_port
         try:
-            worker = _worker_pid(proxy.pid)
+            worker = _worker_pid(bed.proxy.pid)
             time.sleep(0.5)
             before = _status(worker)
             body = json.dumps(
@@ -134,8 +99,7 @@ def run(streams: int, hold: float) -> dict[str, t.Any]:
             time.sleep(3.0)
             after = _status(worker)
         finally:
-            proxy.stop()
-            sim.stop()
+            bed.stop()
     per_stream_kb = (during["rss_kb"] - before["rss_kb"]) / streams
     return {
         "streams": streams,

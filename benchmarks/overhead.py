@@ -25,56 +25,14 @@ import typing as t
 from pathlib import Path
 
 import requests
+from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, start_bed
 
-from wsgi_proxy.launch import ServerProcess, free_port, gunicorn_argv
 from wsgi_proxy.streaming import EventSplitter, parse_event
-
-REPO = Path(__file__).resolve().parents[1]
-UPSTREAM_KEY = "sk-bench-upstream"
-CLIENT_KEY = "sk-bench-client"
 
 
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _start(tmp: Path) -> tuple[ServerProcess, ServerProcess, str, str]:
-    sim_port, proxy_port = free_port(), free_port()
-    sim = ServerProcess(
-        [
-            sys.executable,
-            "-m",
-            "wsgi_proxy",
-            "simulate",
-            "--port",
-            str(sim_port),
-            "--api-key",
-            UPSTREAM_KEY,
-            "--delay-ms",
-            "0",
-        ],
-        ready_url=f"http://127.0.0.1:{sim_port}/health",
-        cwd=tmp,
-        log_path=tmp / "simulator.log",
-    ).start()
-    direct = f"http://127.0.0.1:{sim_port}/v1"
-    proxy = ServerProcess(
-        gunicorn_argv(f"127.0.0.1:{proxy_port}", config=REPO / "gunicorn.conf.py"),
-        ready_url=f"http://127.0.0.1:{proxy_port}/healthz",
-        env={
-            "WSGI_PROXY_UPSTREAM_URL": direct,
-            "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-            "WSGI_PROXY_API_KEYS": CLIENT_KEY,
-            "WSGI_PROXY_WORKERS": "1",
-            "WSGI_PROXY_THREADS": "64",
-            "WSGI_PROXY_ACCESS_LOG": "/dev/null",
-            "WSGI_PROXY_LOG_LEVEL": "warning",
-        },
-        cwd=tmp,
-        log_path=tmp / "proxy.log",
-    ).start()
-    return sim, proxy, direct, f"http://127.0.0.1:{proxy_port}/v1"
 
 
 def _session(key: str) -> requests.Session:
@@ -208,7 +166,8 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="wsgi-proxy-bench-") as scratch:
-        sim, proxy, direct, proxied = _start(Path(scratch))
+        bed = start_bed(Path(scratch), threads=64, delay_ms=0)
+        direct, proxied = bed.direct, bed.proxied
         try:
             results = {
                 "machine": _machine(),
@@ -217,8 +176,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
                 "throughput": bench_throughput(direct, proxied, sizes[2]),
             }
         finally:
-            proxy.stop()
-            sim.stop()
+            bed.stop()
     lat, ev, thr = results["latency"], results["event_delay"], results["throughput"]
     print(f"machine: {results['machine']}")
     rows = [

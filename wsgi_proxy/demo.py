@@ -48,7 +48,7 @@ def _show(event: dict[str, t.Any]) -> None:
         detail = json.dumps(event.get("delta", ""))
     elif kind == "response.completed":
         detail = f"status={event['response']['status']}"
-    _say(f"     seq {event.get('sequence_number', '?'):>3}  {kind:<34} {detail}")
+    _say(f"     seq {event.get('sequence_number', '?'):>3}  {kind:<34} {detail}".rstrip())
 
 
 def _final_text(response: dict[str, t.Any]) -> str:

@@ -1,0 +1,62 @@
+"""The benchmarks' test bed: the simulator and the proxy, each in its own process, on loopback."""
+
+from __future__ import annotations
+
+import sys
+import typing as t
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsgi_proxy.launch import ServerProcess, free_port, gunicorn_argv
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM_KEY = "sk-bench-upstream"
+CLIENT_KEY = "sk-bench-client"
+
+
+@dataclass
+class Bed:
+    """A running simulator and proxy; ``direct`` and ``proxied`` are base URLs ending in ``/v1``."""
+
+    simulator: ServerProcess
+    proxy: ServerProcess
+    direct: str
+    proxied: str
+    proxy_port: int
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.simulator.stop()
+
+
+def start_bed(tmp: Path, *, threads: int, extra: t.Sequence[str] = (), delay_ms: float = 20.0) -> Bed:
+    """Start the simulator (``wsgi-proxy simulate``) and one gunicorn worker of the proxy in front of it."""
+    sim_port, proxy_port = free_port(), free_port()
+    simulate = [sys.executable, "-m", "wsgi_proxy", "simulate", "--port", str(sim_port)]
+    simulator = ServerProcess(
+        [*simulate, "--api-key", UPSTREAM_KEY, "--delay-ms", str(delay_ms)],
+        ready_url=f"http://127.0.0.1:{sim_port}/health",
+        cwd=tmp,
+        log_path=tmp / "simulator.log",
+    ).start()
+    direct = f"http://127.0.0.1:{sim_port}/v1"
+    try:
+        proxy = ServerProcess(
+            gunicorn_argv(f"127.0.0.1:{proxy_port}", config=REPO / "gunicorn.conf.py", extra=extra),
+            ready_url=f"http://127.0.0.1:{proxy_port}/healthz",
+            env={
+                "WSGI_PROXY_UPSTREAM_URL": direct,
+                "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+                "WSGI_PROXY_API_KEYS": CLIENT_KEY,
+                "WSGI_PROXY_WORKERS": "1",
+                "WSGI_PROXY_THREADS": str(threads),
+                "WSGI_PROXY_ACCESS_LOG": "/dev/null",
+                "WSGI_PROXY_LOG_LEVEL": "warning",
+            },
+            cwd=tmp,
+            log_path=tmp / "proxy.log",
+        ).start()
+    except BaseException:
+        simulator.stop()
+        raise
+    return Bed(simulator, proxy, direct, f"http://127.0.0.1:{proxy_port}/v1", proxy_port)
