@@ -23,6 +23,7 @@ The envelope is the one the OpenAI SDKs parse: ``{"error": {"message", "type", "
 
 from __future__ import annotations
 
+import errno
 import json
 import typing as t
 
@@ -125,6 +126,10 @@ class UpstreamError(ProxyError):
     status = 502
     type = "upstream_error"
 
+    #: True when the request provably never reached the upstream (no connection was made),
+    #: so that even a create may be sent again.
+    never_sent: bool = False
+
 
 class UpstreamUnavailable(UpstreamError):
     """The upstream could not be reached, or it dropped the connection before answering."""
@@ -156,9 +161,13 @@ class StreamAborted(ConnectionResetError):
 
     After the first byte the status line cannot change, so the only honest signal of a broken
     stream is an aborted connection: no terminating chunk, so SDKs raise and the client can resume
-    with ``starting_after``. Being a :class:`ConnectionResetError` makes gunicorn treat it as a
-    connection reset (closed quietly, logged at debug) rather than an application crash.
+    with ``starting_after``. Being a :class:`ConnectionResetError` with ``errno`` ECONNRESET makes
+    gunicorn treat it as a connection reset (closed quietly, logged at debug) rather than an
+    application crash with a traceback.
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ECONNRESET, message)
 
 
 class UpstreamStreamInterrupted(Exception):

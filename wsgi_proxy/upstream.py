@@ -7,6 +7,9 @@ import contextlib
 import http.cookiejar
 import logging
 import os
+import select
+import socket
+import ssl
 import threading
 import typing as t
 
@@ -16,6 +19,7 @@ from requests.adapters import HTTPAdapter
 
 from .config import ProxySettings
 from .errors import (
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamStreamInterrupted,
     UpstreamTimeout,
@@ -40,7 +44,7 @@ def translate_errors(target: str) -> t.Iterator[None]:
     try:
         yield
     except requests.ConnectTimeout as exc:
-        raise UpstreamTimeout(
+        raise _never_sent(UpstreamTimeout)(
             f"The upstream at {target} did not accept a connection in time. Try again later;"
             " if it persists, the operator should check the upstream URL and its network path."
         ) from exc
@@ -59,10 +63,38 @@ def translate_errors(target: str) -> t.Iterator[None]:
             f"The upstream at {target} sent a body that could not be decoded. Try again."
         ) from exc
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise UpstreamUnavailable(
+        error = UpstreamUnavailable(
             f"The upstream at {target} could not be reached or dropped the connection"
             f" ({type(exc).__name__}). Try again later."
-        ) from exc
+        )
+        error.never_sent = _connection_refused(exc)
+        raise error from exc
+
+
+def _connection_refused(exc: BaseException) -> bool:
+    """True when ``exc`` proves the request never left: no connection was ever established."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # requests wraps urllib3's MaxRetryError, which holds the reason
+        if seen is None:
+            return False
+        if isinstance(seen, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError):
+            return True
+        reason = getattr(seen, "reason", None)
+        if isinstance(reason, BaseException):
+            seen = reason
+            continue
+        arg = seen.args[0] if seen.args else None
+        seen = arg if isinstance(arg, BaseException) else seen.__cause__ or seen.__context__
+    return False
+
+
+def _never_sent(cls: type[UpstreamError]) -> t.Callable[[str], UpstreamError]:
+    def make(message: str) -> UpstreamError:
+        error = cls(message)
+        error.never_sent = True
+        return error
+
+    return make
 
 
 @contextlib.contextmanager
@@ -96,6 +128,31 @@ class UpstreamStream:
         with translate_stream_errors():
             return self._raw.read1(READ_SIZE, decode_content=True)
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the next :meth:`read` to have something to return.
+
+        True when bytes (or the end, or an error) are there to read; False after ``timeout`` seconds
+        of upstream silence, with nothing consumed, so that the relay can send a keep-alive and wait
+        again. Reading with a socket timeout instead would not do: urllib3 closes the connection on a
+        read timeout. Where the answer cannot be known (an unusual connection object) it says True,
+        and the read simply blocks as it would without keep-alives.
+        """
+        try:
+            fp = self._raw._fp  # type: ignore[attr-defined]  # http.client.HTTPResponse
+            reader = fp.fp  # its BufferedReader over the socket
+            sock: socket.socket = reader.raw._sock  # the SocketIO's socket, also when urllib3 let go of it
+            if len(self._raw._decoded_buffer) or (  # type: ignore[attr-defined]
+                isinstance(sock, ssl.SSLSocket) and sock.pending()
+            ):
+                return True
+            if _complete_in_buffer(_peek_without_blocking(reader, sock), fp.chunked, fp.chunk_left):
+                return True
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(timeout * 1000))
+        except (AttributeError, TypeError, ValueError, OSError):
+            return True
+
     def shutdown(self) -> None:
         """Unblock a reader in another thread (the disconnect watchdog calls this)."""
         if self._closed:
@@ -107,6 +164,31 @@ class UpstreamStream:
         self._closed = True
         with contextlib.suppress(Exception):
             self._response.close()
+
+
+def _peek_without_blocking(reader: t.Any, sock: socket.socket) -> bytes:
+    """What the reader holds, or can take from the socket at once, without consuming it."""
+    previous = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return bytes(reader.peek(1) or b"")
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return b""
+    finally:
+        sock.settimeout(previous)
+
+
+def _complete_in_buffer(ahead: bytes, chunked: bool, chunk_left: int | None) -> bool:
+    """Whether ``ahead`` lets the next read return data without waiting for the network.
+
+    With chunked framing, at the end of a chunk the reader must first get past the chunk's CRLF
+    and the next size line; bytes that stop short of that would make the read block.
+    """
+    if not chunked or chunk_left:
+        return bool(ahead)
+    if chunk_left == 0:  # the CRLF ending the previous chunk is still unread
+        ahead = ahead[2:]
+    return b"\n" in ahead
 
 
 class _RefuseCookies(http.cookiejar.DefaultCookiePolicy):
