@@ -48,9 +48,22 @@ accesslog = os.environ.get("WSGI_PROXY_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("WSGI_PROXY_LOG_LEVEL", "info")
 
-# Do not use max_requests: a recycled worker cuts its open streams (see the README's sizing section).
+# No max_requests by default: a recycled worker ends its open streams (background ones are resumable;
+# see post_worker_init below and the README's sizing section).
 max_requests = 0
 
 # gunicorn 24+ opens a control socket at ~/.gunicorn/gunicorn.ctl; several instances on one host
 # would fight over it and the proxy does not use it.
 control_socket_disable = True
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """On SIGTERM, SIGHUP or max_requests, end open streams deliberately instead of by SIGKILL.
+
+    Background streams are ended at once, so that their clients resume (starting_after) on another
+    worker; other streams get until shortly before graceful_timeout. They end while the worker can
+    still log and clean up: nothing is left to a `finally` that a SIGKILL would skip.
+    """
+    from wsgi_proxy.watchdog import drain_when
+
+    drain_when(lambda: not worker.alive, grace=worker.cfg.graceful_timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import re
@@ -11,7 +12,15 @@ import typing as t
 import pytest
 
 from wsgi_proxy.errors import StreamAborted, UpstreamStreamInterrupted
-from wsgi_proxy.streaming import EventInfo, EventSplitter, EventTooLarge, StreamRelay, parse_event
+from wsgi_proxy.streaming import (
+    KEEPALIVE,
+    EventInfo,
+    EventSplitter,
+    EventTooLarge,
+    Resume,
+    StreamRelay,
+    parse_event,
+)
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -278,33 +287,64 @@ def test_parse_event_extracts_type_and_sequence(event: bytes, expected: EventInf
 # --- StreamRelay -------------------------------------------------------------------------------
 
 
+#: Queued in a FakeBody: the upstream stays silent for one keep-alive interval.
+SILENCE = object()
+
+
 class FakeBody:
     """An upstream body that returns queued chunks, raises queued errors, then ends (``b""``)."""
 
-    def __init__(self, items: t.Iterable[bytes | Exception], *, framed: bool = True) -> None:
+    def __init__(self, items: t.Iterable[bytes | Exception | object], *, framed: bool = True) -> None:
         self.framed = framed
         self._items = list(items)
         self.reads = 0
         self.closes = 0
 
+    def wait(self, timeout: float) -> bool:
+        if self._items and self._items[0] is SILENCE:
+            self._items.pop(0)
+            return False
+        return True
+
     def read(self) -> bytes:
         self.reads += 1
+        while self._items and self._items[0] is SILENCE:  # a read without wait() just blocks on
+            self._items.pop(0)
         if not self._items:
             return b""
         item = self._items.pop(0)
         if isinstance(item, Exception):
             raise item
+        assert isinstance(item, bytes)
         return item
 
     def close(self) -> None:
         self.closes += 1
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.calls = 0
+class FakeControl:
+    """Stands in for the watchdog's Watch: a settable stop reason, and counters."""
 
-    def __call__(self) -> None:
+    def __init__(self, reason: str | None = None) -> None:
+        self.reason = reason
+        self.calls = 0  # cancel() calls
+        self.resumable = False
+        self.sleeps: list[float] = []
+
+    def stop_reason(self) -> str | None:
+        return self.reason
+
+    def writing(self, active: bool) -> None:
+        pass
+
+    def set_resumable(self, resumable: bool) -> None:
+        self.resumable = resumable
+
+    def sleep(self, seconds: float) -> bool:
+        self.sleeps.append(seconds)
+        return self.reason is not None
+
+    def cancel(self) -> None:
         self.calls += 1
 
 
@@ -313,9 +353,11 @@ DELTA = _event("response.output_text.delta", 1, delta="hé")
 COMPLETED = _event("response.completed", 2)
 
 
-def _relay(body: FakeBody, **kwargs: t.Any) -> tuple[StreamRelay, Counter]:
-    on_close = Counter()
-    return StreamRelay(body, label="test", on_close=on_close, **kwargs), on_close
+def _relay(
+    body: FakeBody, control: FakeControl | None = None, **kwargs: t.Any
+) -> tuple[StreamRelay, FakeControl]:
+    control = control or FakeControl()
+    return StreamRelay(body, label="test", control=control, **kwargs), control
 
 
 def test_relay_first_item_is_empty_bytes() -> None:
@@ -380,6 +422,7 @@ def test_relay_interruption_after_events_aborts_and_closes_once() -> None:
         for item in relay:
             got.append(item)
     assert isinstance(info.value, ConnectionResetError)
+    assert info.value.errno == errno.ECONNRESET  # what makes gunicorn close quietly, without a traceback
     assert b"".join(got) == CREATED + DELTA
     assert relay.last_sequence == 1
     assert (body.closes, on_close.calls) == (1, 1)
@@ -389,7 +432,7 @@ def test_relay_interruption_after_events_aborts_and_closes_once() -> None:
 
 def test_relay_interruption_when_client_gone_ends_quietly() -> None:
     body = FakeBody([CREATED, UpstreamStreamInterrupted("shut down by the watchdog")])
-    relay, on_close = _relay(body, client_gone=lambda: True)
+    relay, on_close = _relay(body, FakeControl(reason="client_gone"))
     assert b"".join(relay) == CREATED
     assert (body.closes, on_close.calls) == (1, 1)
 
@@ -457,3 +500,119 @@ def test_relay_close_mid_stream_releases_body_once() -> None:
     next(relay)
     relay.close()
     assert (body.closes, on_close.calls) == (1, 1)
+
+
+# --- keep-alives and transparent resume ------------------------------------------------------------
+
+
+def test_relay_sends_keepalive_comment_during_silence_at_event_boundaries_only() -> None:
+    half = DELTA[:10]
+    body = FakeBody([CREATED, SILENCE, half, SILENCE, DELTA[10:], COMPLETED])
+    relay, _ = _relay(body, keepalive_interval=15.0)
+    out = list(relay)
+    assert out == [b"", CREATED, KEEPALIVE, DELTA, COMPLETED]  # no keep-alive inside the half event
+
+
+def test_relay_without_keepalive_interval_never_sends_one() -> None:
+    body = FakeBody([CREATED, SILENCE, COMPLETED])
+    relay, _ = _relay(body)
+    assert KEEPALIVE not in list(relay)
+
+
+class FakeResumer:
+    """Hands out queued outcomes for reopen(); records what it was asked."""
+
+    max_attempts = 3
+
+    def __init__(self, outcomes: list[t.Any], *, ended: bool = False) -> None:
+        self.outcomes = outcomes
+        self.asked: list[tuple[str, int | None]] = []
+        self.ended = ended
+
+    def backoff(self, attempt: int) -> float:
+        return 0.01 * attempt
+
+    def reopen(self, response_id: str, after: int | None) -> t.Any:
+        self.asked.append((response_id, after))
+        return self.outcomes.pop(0)
+
+    def has_ended(self, response_id: str) -> bool:
+        return self.ended
+
+
+CREATED_WITH_ID = (
+    b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+    b'"response":{"id":"resp_abc","status":"queued","background":true}}\n\n'
+)
+CUT = UpstreamStreamInterrupted("the upstream connection failed (ProtocolError)")
+
+
+def test_relay_resumes_after_a_cut_from_the_last_whole_event() -> None:
+    first = FakeBody([CREATED_WITH_ID, DELTA, DELTA[:12], CUT])  # a half event, then the cut
+    second = FakeBody([_event("response.output_text.delta", 2), _event("response.completed", 3)])
+    resumer = FakeResumer([second])
+    relay, control = _relay(first, resumer=resumer)
+    out = b"".join(relay)
+    assert resumer.asked == [("resp_abc", 1)]
+    assert out == CREATED_WITH_ID + DELTA + _event("response.output_text.delta", 2) + _event(
+        "response.completed", 3
+    )
+    assert (relay.resumes, relay.terminal, control.resumable) == (1, "response.completed", True)
+    assert (first.closes, second.closes, control.calls) == (1, 1, 1)
+
+
+def test_relay_resume_retries_transient_failures_then_gives_up() -> None:
+    body = FakeBody([CREATED_WITH_ID, CUT])
+    resumer = FakeResumer([Resume.RETRY, Resume.RETRY, Resume.RETRY])
+    relay, control = _relay(body, resumer=resumer)
+    with pytest.raises(StreamAborted, match="resuming failed 3 times"):
+        list(relay)
+    assert len(resumer.asked) == 3
+    assert control.sleeps == [0.01, 0.02, 0.03]
+
+
+def test_relay_resume_gives_up_at_once_on_a_permanent_refusal() -> None:
+    relay, _ = _relay(FakeBody([CREATED_WITH_ID, CUT]), resumer=FakeResumer([Resume.GIVE_UP]))
+    with pytest.raises(StreamAborted, match="refused"):
+        list(relay)
+
+
+def test_relay_progress_renews_the_attempt_budget() -> None:
+    # Every body delivers one event and is cut: far more breaks than max_attempts, yet it completes.
+    bodies = [FakeBody([_event("response.output_text.delta", n), CUT]) for n in range(1, 10)]
+    bodies.append(FakeBody([_event("response.completed", 10)]))
+    resumer = FakeResumer([*bodies])
+    relay, _ = _relay(FakeBody([CREATED_WITH_ID, CUT]), resumer=resumer)
+    out = list(relay)
+    assert relay.resumes == 10
+    assert [after for _, after in resumer.asked] == list(range(10))
+    assert out[-1] == _event("response.completed", 10)
+
+
+def test_relay_cannot_resume_before_the_response_id_is_known() -> None:
+    relay, _ = _relay(FakeBody([CUT]), resumer=FakeResumer([]))
+    with pytest.raises(StreamAborted, match="before the response id was known"):
+        list(relay)
+
+
+def test_relay_on_worker_shutdown_aborts_instead_of_resuming() -> None:
+    resumer = FakeResumer([])
+    relay, _ = _relay(FakeBody([CREATED_WITH_ID, CUT]), FakeControl(reason="shutdown"), resumer=resumer)
+    with pytest.raises(StreamAborted, match="shutting down"):
+        list(relay)
+    assert resumer.asked == []
+
+
+def test_relay_clean_end_without_terminal_resumes_and_ends_when_nothing_is_left() -> None:
+    # The stream ends cleanly but early; the replay after it brings nothing and the response is over.
+    resumer = FakeResumer([FakeBody([])], ended=True)
+    relay, _ = _relay(FakeBody([CREATED_WITH_ID, DELTA]), resumer=resumer)
+    assert b"".join(relay) == CREATED_WITH_ID + DELTA
+    assert resumer.asked == [("resp_abc", 1)]
+
+
+def test_relay_empty_retrieve_past_the_end_is_a_clean_end() -> None:
+    resumer = FakeResumer([], ended=True)
+    relay, _ = _relay(FakeBody([]), resumer=resumer, response_id="resp_abc")
+    assert list(relay) == [b""]
+    assert resumer.asked == []

@@ -215,7 +215,7 @@ def test_parse_create_body_wrong_type_names_param(body: bytes, param: str) -> No
         ),
         (
             b'{"model": "m", "future_field": {"x": [1]}, "stream_options": {"include_obfuscation": false}}',
-            CreateFields(model="m"),
+            CreateFields(model="m", stream_options={"include_obfuscation": False}),
         ),
     ],
     ids=["empty", "model", "all_bools", "previous_id", "nulls", "unknown_fields"],

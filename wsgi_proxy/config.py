@@ -75,6 +75,27 @@ class ProxySettings(BaseSettings):
     watch_disconnects: bool = True
     """Watch client sockets so a gone client frees its thread and upstream connection at once."""
 
+    keepalive_interval: float = Field(default=15.0, ge=0)
+    """Seconds of upstream silence before a ``: keep-alive`` comment is sent (0: never)."""
+
+    send_timeout: float = Field(default=60.0, gt=0)
+    """Seconds one write to a client may take; a client that stops reading is then disconnected."""
+
+    resume_attempts: int = Field(default=5, ge=0)
+    """Attempts to re-open a broken background stream, per break (0: abort at once)."""
+
+    resume_backoff: float = Field(default=0.25, ge=0)
+    """Seconds before the first resume attempt; doubled per attempt, with jitter."""
+
+    resume_backoff_max: float = Field(default=4.0, ge=0)
+    """The longest wait between resume attempts."""
+
+    retry_attempts: int = Field(default=2, ge=0)
+    """Extra attempts for a request that failed where a retry is safe (see the README)."""
+
+    retry_max_wait: float = Field(default=8.0, ge=0)
+    """The longest wait before a retry; a longer ``Retry-After`` is relayed to the client instead."""
+
     @field_validator("upstream_url")
     @classmethod
     def _check_url(cls, value: str) -> str:

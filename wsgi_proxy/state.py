@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .auth import Credentials
 from .config import ProxySettings
@@ -22,8 +22,13 @@ class ProxyState:
     settings: ProxySettings
     upstream: UpstreamClient
     credentials: Credentials
-    watchdog: DisconnectWatchdog = field(default_factory=DisconnectWatchdog)
+    watchdog: DisconnectWatchdog
 
     @classmethod
     def build(cls, settings: ProxySettings) -> ProxyState:
-        return cls(settings=settings, upstream=UpstreamClient(settings), credentials=Credentials(settings))
+        return cls(
+            settings=settings,
+            upstream=UpstreamClient(settings),
+            credentials=Credentials(settings),
+            watchdog=DisconnectWatchdog(send_timeout=settings.send_timeout),
+        )

@@ -7,6 +7,7 @@ a blank line), each as soon as it is complete. It looks at a copy of each event 
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import re
@@ -15,7 +16,18 @@ from dataclasses import dataclass
 
 from .errors import StreamAborted, UpstreamStreamInterrupted
 
-__all__ = ["EventInfo", "EventSplitter", "EventTooLarge", "StreamRelay", "UpstreamBody", "parse_event"]
+__all__ = [
+    "Control",
+    "EventInfo",
+    "EventSplitter",
+    "EventTooLarge",
+    "KEEPALIVE",
+    "Resume",
+    "Resumer",
+    "StreamRelay",
+    "UpstreamBody",
+    "parse_event",
+]
 
 log = logging.getLogger("wsgi_proxy.stream")
 
@@ -161,23 +173,79 @@ class UpstreamBody(t.Protocol):
         """Bytes as soon as any arrive; ``b""`` at a clean end; raises UpstreamStreamInterrupted."""
         ...
 
+    def wait(self, timeout: float) -> bool:
+        """True when :meth:`read` would not block; False after ``timeout`` seconds of silence."""
+        ...
+
     def close(self) -> None:
         """Release the connection (called once, from the relaying thread)."""
         ...
 
 
+class Control(t.Protocol):
+    """The relay's handle on its client (a :class:`~wsgi_proxy.watchdog.Watch`)."""
+
+    def stop_reason(self) -> str | None:
+        """Why the stream must end now (``client_gone``, ``send_timeout``, ``shutdown``), or None."""
+        ...
+
+    def writing(self, active: bool) -> None: ...
+
+    def set_resumable(self, resumable: bool) -> None: ...
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait; True if the stream was stopped meanwhile."""
+        ...
+
+    def cancel(self) -> None: ...
+
+
+class Resume(enum.Enum):
+    """What a resume attempt came to, when it did not give a new body."""
+
+    RETRY = "a transient failure"
+    GIVE_UP = "a permanent failure"
+
+
+class Resumer(t.Protocol):
+    """Re-opens a broken background stream after the last event the client received."""
+
+    max_attempts: int
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt`` (1-based)."""
+        ...
+
+    def reopen(self, response_id: str, after: int | None) -> UpstreamBody | Resume:
+        """A new body with the events after ``after``, or why there is none."""
+        ...
+
+    def has_ended(self, response_id: str) -> bool:
+        """Whether the response is over upstream (asked when a stream ends with nothing new)."""
+        ...
+
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
 class StreamRelay:
     """The WSGI iterable of one SSE response: upstream bytes in, the same bytes out, whole events.
 
-    It yields ``b""`` first so the status line and headers go out at once. When the upstream
-    breaks off, it raises :class:`StreamAborted` so the client's connection ends without a clean
-    terminator and the client knows to resume. ``close()`` releases everything whether or not
+    It yields ``b""`` first so the status line and headers go out at once, then every complete
+    event as it arrives. While the upstream is silent and the client holds whole events only, it
+    sends a ``: keep-alive`` comment every ``keepalive_interval`` seconds. When the upstream breaks
+    off before a terminal event and a ``resumer`` is given (background streams), it re-opens the
+    stream after the last event forwarded and carries on in the same response, each event exactly
+    once. When it cannot, it raises :class:`StreamAborted` so the client's connection ends without a
+    clean terminator and the client knows to resume. ``close()`` releases everything whether or not
     iteration began (WSGI servers call it).
 
     :param body: the upstream body.
-    :param label: names the stream in logs (a response id or the request path).
-    :param client_gone: tells whether the disconnect watchdog saw the client leave.
-    :param on_close: called once when the relay ends, however it ends.
+    :param label: names the stream in logs (the method and path).
+    :param control: the client side (disconnects, send timeouts, shutdown).
+    :param resumer: re-opens a broken background stream; ``None`` when it cannot be resumed.
+    :param response_id: the response's id when known in advance (a retrieve).
+    :param keepalive_interval: seconds of silence before a keep-alive comment (0: never).
     :param max_event_bytes: the largest event relayed.
     """
 
@@ -186,18 +254,27 @@ class StreamRelay:
         body: UpstreamBody,
         *,
         label: str,
-        client_gone: t.Callable[[], bool] = lambda: False,
-        on_close: t.Callable[[], None] = lambda: None,
+        control: Control,
+        resumer: Resumer | None = None,
+        response_id: str | None = None,
+        keepalive_interval: float = 0.0,
         max_event_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._body = body
         self._label = label
-        self._client_gone = client_gone
-        self._on_close: t.Callable[[], None] | None = on_close
+        self._control = control
+        self._resumer = resumer
+        self._keepalive = keepalive_interval
+        self._max_event_bytes = max_event_bytes
         self._splitter = EventSplitter(max_event_bytes)
+        self._released = False
+        self._clean_eof = False
+        self.response_id = response_id
         self.events = 0
+        self.resumes = 0
         self.last_sequence: int | None = None
         self.terminal: str | None = None
+        control.set_resumable(resumer is not None and response_id is not None)
         self._gen: t.Generator[bytes, None, None] = self._run()
 
     def __iter__(self) -> StreamRelay:
@@ -212,62 +289,140 @@ class StreamRelay:
         self._release()
 
     def _release(self) -> None:
-        on_close, self._on_close = self._on_close, None
-        if on_close is None:
+        if self._released:
             return
+        self._released = True
         try:
             self._body.close()
         finally:
-            on_close()
+            self._control.cancel()
 
     def _observe(self, event: bytes) -> None:
         info = parse_event(event)
         if info.sequence_number is not None:
             self.last_sequence = info.sequence_number
-        if info.type is not None:
-            self.events += 1
-            if info.type in TERMINAL_TYPES:
-                self.terminal = info.type
+        if info.type is None:
+            return
+        self.events += 1
+        if info.type in TERMINAL_TYPES:
+            self.terminal = info.type
+        elif info.type == "response.created" and self.response_id is None:
+            self.response_id = _created_id(event)
+            self._control.set_resumable(self._resumer is not None and self.response_id is not None)
 
     def _failure_at_eof(self) -> str | None:
         if self._splitter.pending:
             return f"the upstream ended in the middle of an event ({self._splitter.pending} bytes unfinished)"
-        if not self._body.framed and self.terminal is None and self.events:
-            return "the upstream closed a close-delimited stream before its terminal event"
+        if self.terminal is None and (self._resumer is not None or (not self._body.framed and self.events)):
+            return "the upstream stream ended before its terminal event"
         return None
+
+    def _write(self, data: bytes) -> t.Generator[bytes, None, None]:
+        self._control.writing(True)
+        yield data
+        self._control.writing(False)
+
+    def _pump(self) -> t.Generator[bytes, None, str | None]:
+        """Relay the current body to its end; return why it failed, or None for a clean end."""
+        while True:
+            try:
+                if self._keepalive and not self._splitter.pending and not self._body.wait(self._keepalive):
+                    yield from self._write(KEEPALIVE)
+                    continue
+                chunk = self._body.read()
+                if not chunk:
+                    self._clean_eof = True
+                    return self._failure_at_eof()
+                events = self._splitter.feed(chunk)
+            except UpstreamStreamInterrupted as exc:
+                self._clean_eof = False
+                return exc.reason
+            except EventTooLarge as exc:
+                return str(exc)
+            if events:
+                for event in events:
+                    self._observe(event)
+                yield from self._write(events[0] if len(events) == 1 else b"".join(events))
 
     def _run(self) -> t.Generator[bytes, None, None]:
         try:
             yield b""
+            attempt = 0
             while True:
-                try:
-                    chunk = self._body.read()
-                    if not chunk:
-                        failure = self._failure_at_eof()
-                        break
-                    events = self._splitter.feed(chunk)
-                except UpstreamStreamInterrupted as exc:
-                    failure = exc.reason
-                    break
-                except EventTooLarge as exc:
-                    failure = str(exc)
-                    break
-                if events:
-                    for event in events:
-                        self._observe(event)
-                    yield events[0] if len(events) == 1 else b"".join(events)
-            if failure is None or self._client_gone():
-                return
-            # Seam for transparent resume: a background stream could be re-opened here from
-            # `self.last_sequence`. Until then the client must see a broken stream, never an end.
-            log.warning(
-                "upstream stream %s broke after %d events (last sequence_number %s): %s;"
-                " aborting the client connection so the client can resume",
-                self._label,
-                self.events,
-                self.last_sequence,
-                failure,
-            )
-            raise StreamAborted(f"upstream stream {self._label} broke: {failure}")
+                events_before = self.events
+                failure = yield from self._pump()
+                if failure is None:
+                    return
+                progressed = self.events > events_before
+                if progressed:
+                    attempt = 0  # the last body made progress: a fresh budget of attempts
+                elif self._clean_eof and self._ended_upstream():
+                    return  # nothing after our last event and the response is over: a true end
+                outcome = self._recover(failure, attempt)
+                if outcome is None:
+                    return
+                if isinstance(outcome, str):
+                    self._abort(outcome)
+                attempt, body = outcome
+                self._body.close()
+                self._body = body
+                self._splitter = EventSplitter(self._max_event_bytes)  # a half event is dropped
+                self.resumes += 1
         finally:
             self._release()
+
+    def _ended_upstream(self) -> bool:
+        if self._resumer is None or self.response_id is None or self._control.stop_reason():
+            return False
+        return self._resumer.has_ended(self.response_id)
+
+    def _recover(self, failure: str, attempt: int) -> tuple[int, UpstreamBody] | str | None:
+        """After a failure: a new body (with the attempt count), a reason to abort, or None to end."""
+        while True:
+            reason = self._control.stop_reason()
+            if reason in ("client_gone", "send_timeout"):
+                return None
+            if reason == "shutdown":
+                return f"{failure}; the worker is shutting down"
+            if self._resumer is None:
+                return failure
+            if self.response_id is None:
+                return f"{failure}, before the response id was known"
+            attempt += 1
+            if attempt > self._resumer.max_attempts:
+                return f"{failure}; resuming failed {self._resumer.max_attempts} times"
+            if self._control.sleep(self._resumer.backoff(attempt)):
+                continue  # stopped while waiting: the reason decides
+            outcome = self._resumer.reopen(self.response_id, self.last_sequence)
+            if outcome is Resume.GIVE_UP:
+                return f"{failure}; the upstream refused to resume it"
+            if not isinstance(outcome, Resume):
+                log.info(
+                    "resumed upstream stream %s after sequence_number %s (%s)",
+                    self._label,
+                    self.last_sequence,
+                    failure,
+                )
+                return attempt, outcome
+
+    def _abort(self, failure: str) -> t.NoReturn:
+        log.warning(
+            "upstream stream %s broke after %d events (last sequence_number %s): %s;"
+            " aborting the client connection so the client can resume",
+            self._label,
+            self.events,
+            self.last_sequence,
+            failure,
+        )
+        raise StreamAborted(f"upstream stream {self._label} broke: {failure}")
+
+
+def _created_id(event: bytes) -> str | None:
+    """The response id carried by a ``response.created`` event."""
+    data = _data_of(event)
+    try:
+        response = json.loads(data or b"").get("response") or {}
+    except (ValueError, AttributeError):
+        return None
+    value = response.get("id") if isinstance(response, dict) else None
+    return value if isinstance(value, str) else None

@@ -142,6 +142,8 @@ class CreateFields(BaseModel):
     background: StrictBool | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
+    include: list[StrictStr] | None = None
+    stream_options: dict[str, t.Any] | None = None
 
     @field_validator("model")
     @classmethod
@@ -164,6 +166,8 @@ _EXPECTED = {
     "background": "a boolean (true or false)",
     "store": "a boolean (true or false)",
     "previous_response_id": "a response id (string)",
+    "include": "a list of strings",
+    "stream_options": "an object",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import typing as t
+from dataclasses import dataclass
 
 import requests
 from flask import Blueprint, Response, current_app, request
@@ -26,16 +27,21 @@ from .errors import (
     error_body,
 )
 from .headers import client_response_headers, upstream_request_headers
+from .resume import StreamResumer, create_resume_query
+from .retries import send_with_retries
 from .state import EXTENSION_KEY, ProxyState
 from .streaming import StreamRelay
 from .upstream import MAX_ERROR_BODY, UpstreamStream
 from .validation import parse_create_body, parse_json_object, parse_response_path, parse_retrieve_query
+from .watchdog import NoWatch
 
 __all__ = ["make_blueprint"]
 
 log = logging.getLogger("wsgi_proxy")
 
 _METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH"]
+#: How many times the proxy sent the request upstream (retries where safe, see retries.py).
+ATTEMPTS_HEADER = "X-Upstream-Attempts"
 _SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 
 
@@ -72,22 +78,69 @@ def _client_socket(environ: dict[str, t.Any]) -> t.Any:
     return environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
 
 
-def _forward(state: ProxyState, method: str, path: str, *, body: bytes | None, stream: bool) -> Response:
+@dataclass(frozen=True)
+class _Resume:
+    """How a stream of this request can be resumed: the query that replays it, and its id if known."""
+
+    query: bytes
+    response_id: str | None = None
+
+
+def _forward(
+    state: ProxyState,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None,
+    stream: bool,
+    idempotent: bool,
+    resume: _Resume | None = None,
+) -> Response:
+    settings = state.settings
     headers = upstream_request_headers(
         request.headers.items(),
         credentials=state.credentials.upstream_headers(request.headers),
         pass_through=state.credentials.pass_through,
         stream=stream,
     )
-    upstream = state.upstream.send(
-        method, path, query=request.query_string, headers=headers, body=body, stream=stream
+    upstream, attempts = send_with_retries(
+        state.upstream,
+        method,
+        path,
+        query=request.query_string,
+        headers=headers,
+        body=body,
+        stream=stream,
+        idempotent=idempotent,
+        attempts=settings.retry_attempts,
+        max_wait=settings.retry_max_wait,
     )
-    if stream:
-        return _relay_stream(state, upstream, label=f"{method} {path}")
-    return _relay_answer(state, upstream, upstream.content)
+    extra = [(ATTEMPTS_HEADER, str(attempts))]
+    if not stream:
+        return _relay_answer(state, upstream, upstream.content, extra)
+    resumer = None
+    if resume is not None and settings.resume_attempts:
+        resumer = StreamResumer(
+            state.upstream,
+            headers,
+            resume.query,
+            max_attempts=settings.resume_attempts,
+            backoff_base=settings.resume_backoff,
+            backoff_max=settings.resume_backoff_max,
+        )
+    return _relay_stream(
+        state,
+        upstream,
+        extra,
+        label=f"{method} {path}",
+        resumer=resumer,
+        response_id=resume.response_id if resume else None,
+    )
 
 
-def _relay_answer(state: ProxyState, upstream: requests.Response, content: bytes) -> Response:
+def _relay_answer(
+    state: ProxyState, upstream: requests.Response, content: bytes, extra: list[tuple[str, str]]
+) -> Response:
     """Relay a complete upstream answer (success or error) with its status and safe headers."""
     if upstream.status_code == 401 and not state.credentials.pass_through:
         # The body echoes a masked fragment of the gateway's key: it must not reach the client.
@@ -98,13 +151,21 @@ def _relay_answer(state: ProxyState, upstream: requests.Response, content: bytes
             "The upstream rejected this gateway's own credentials. This is not a problem with your"
             " request: the proxy's operator must check WSGI_PROXY_UPSTREAM_API_KEY."
         )
-    headers = client_response_headers(upstream.headers.items())
+    headers = client_response_headers(upstream.headers.items()) + extra
     if "Content-Type" not in upstream.headers:
         headers.append(("Content-Type", "application/json"))
     return Response(content, status=upstream.status_code, headers=headers)
 
 
-def _relay_stream(state: ProxyState, upstream: requests.Response, *, label: str) -> Response:
+def _relay_stream(
+    state: ProxyState,
+    upstream: requests.Response,
+    extra: list[tuple[str, str]],
+    *,
+    label: str,
+    resumer: StreamResumer | None,
+    response_id: str | None,
+) -> Response:
     content_type = upstream.headers.get("Content-Type", "")
     if not 200 <= upstream.status_code < 300 or not content_type.startswith("text/event-stream"):
         content = state.upstream.read_body(upstream, limit=MAX_ERROR_BODY)
@@ -114,7 +175,7 @@ def _relay_stream(state: ProxyState, upstream: requests.Response, *, label: str)
                 " instead of an event stream, so there are no events to relay. Check that the upstream"
                 " supports streaming for this request."
             )
-        return _relay_answer(state, upstream, content)
+        return _relay_answer(state, upstream, content, extra)
     body = UpstreamStream(upstream)
     watch = None
     if state.settings.watch_disconnects:
@@ -122,12 +183,14 @@ def _relay_stream(state: ProxyState, upstream: requests.Response, *, label: str)
     relay = StreamRelay(
         body,
         label=label,
-        client_gone=watch.is_gone if watch else (lambda: False),
-        on_close=watch.cancel if watch else (lambda: None),
+        control=watch or NoWatch(),
+        resumer=resumer,
+        response_id=response_id,
+        keepalive_interval=state.settings.keepalive_interval,
         max_event_bytes=state.settings.max_event_bytes,
     )
     headers = [h for h in client_response_headers(upstream.headers.items()) if h[0].lower() != "content-type"]
-    headers += _SSE_HEADERS
+    headers += _SSE_HEADERS + extra
     headers.append(("Content-Type", content_type))
     return Response(relay, status=upstream.status_code, headers=headers, direct_passthrough=True)
 
@@ -140,7 +203,10 @@ def responses_root() -> Response:
     state = _authenticated()
     body = _read_body(state)
     fields = parse_create_body(body)
-    return _forward(state, "POST", "/responses", body=body, stream=fields.stream is True)
+    stream = fields.stream is True
+    # A background stream can be resumed; nothing else can (OpenAI's rule).
+    resume = _Resume(create_resume_query(fields)) if stream and fields.background is True else None
+    return _forward(state, "POST", "/responses", body=body, stream=stream, idempotent=False, resume=resume)
 
 
 def responses_json_post(endpoint: str) -> Response:
@@ -149,7 +215,7 @@ def responses_json_post(endpoint: str) -> Response:
     state = _authenticated()
     body = _read_body(state)
     parse_json_object(body)
-    return _forward(state, "POST", f"/responses/{endpoint}", body=body, stream=False)
+    return _forward(state, "POST", f"/responses/{endpoint}", body=body, stream=False, idempotent=False)
 
 
 def response_item(subpath: str) -> Response:
@@ -158,20 +224,27 @@ def response_item(subpath: str) -> Response:
     rid = target.response_id
     if target.action == "cancel":
         _require("POST")
-        return _forward(state, "POST", f"/responses/{rid}/cancel", body=_read_body(state), stream=False)
+        # Cancelling is idempotent: "subsequent calls simply return the final Response object".
+        body = _read_body(state)
+        return _forward(state, "POST", f"/responses/{rid}/cancel", body=body, stream=False, idempotent=True)
     if target.action == "input_items":
         _require("GET")
-        return _forward(state, "GET", f"/responses/{rid}/input_items", body=None, stream=False)
+        return _forward(
+            state, "GET", f"/responses/{rid}/input_items", body=None, stream=False, idempotent=True
+        )
     _require("GET", "DELETE")
     if request.method == "DELETE":
-        return _forward(state, "DELETE", f"/responses/{rid}", body=None, stream=False)
+        return _forward(state, "DELETE", f"/responses/{rid}", body=None, stream=False, idempotent=True)
     query = parse_retrieve_query(request.query_string)
-    return _forward(state, "GET", f"/responses/{rid}", body=None, stream=query.stream)
+    resume = _Resume(request.query_string, rid) if query.stream else None
+    return _forward(
+        state, "GET", f"/responses/{rid}", body=None, stream=query.stream, idempotent=True, resume=resume
+    )
 
 
 def models() -> Response:
     _require("GET")
-    return _forward(_authenticated(), "GET", "/models", body=None, stream=False)
+    return _forward(_authenticated(), "GET", "/models", body=None, stream=False, idempotent=True)
 
 
 def not_found(rest: str = "") -> Response:

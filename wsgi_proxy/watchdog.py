@@ -1,11 +1,19 @@
-"""Notice clients that leave while the upstream is silent.
+"""One thread per worker process that watches the client side of every open stream.
 
 A WSGI server only notices a gone client when a write fails, and a silent upstream (reasoning
 models think for minutes) means no writes: the worker thread would sit in ``recv`` with an upstream
-connection open. One thread per worker process watches the client sockets of open streams with
-``epoll`` (``EPOLLRDHUP``: the peer closed) and, when one goes, calls that stream's callback, which
-shuts the upstream socket down so the blocked read returns at once. On systems without ``epoll``
-the watchdog is inactive and a gone client is noticed at the next write.
+connection open. The watchdog notices, and ends such streams at once:
+
+- **gone clients**: ``epoll`` on the client sockets (``EPOLLRDHUP``: the peer closed). The stream's
+  upstream socket is shut down, so the relay's blocked read returns and its thread is freed.
+- **stalled clients**: a client that stops reading blocks the relay's write forever. A write that
+  has not finished after ``send_timeout`` seconds gets both ends shut down.
+- **worker shutdown** (SIGTERM, SIGHUP, ``max_requests``): once :func:`drain_when`'s predicate turns
+  true, resumable (background) streams are ended at once so their clients resume on another
+  worker; the others get until shortly before gunicorn's ``graceful_timeout``. Either way they end
+  while the worker can still log and clean up, never by a SIGKILL.
+
+On systems without ``epoll`` the watchdog is inactive and a gone client is noticed at the next write.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import os
 import select
 import socket
 import threading
+import time
 import typing as t
 
-__all__ = ["DisconnectWatchdog", "Watch"]
+__all__ = ["DisconnectWatchdog", "StopReason", "Watch", "drain_when"]
 
 log = logging.getLogger("wsgi_proxy.watchdog")
 
@@ -28,49 +37,126 @@ _GONE_EVENTS = (
     | getattr(select, "EPOLLHUP", 0x10)
     | getattr(select, "EPOLLERR", 0x8)
 )
+_SCAN_INTERVAL = 0.5
+#: How long before gunicorn's graceful_timeout a non-resumable stream is ended on shutdown.
+_DRAIN_MARGIN = 2.0
+
+StopReason = t.Literal["client_gone", "send_timeout", "shutdown"]
+
+_drain_check: t.Callable[[], bool] | None = None
+_drain_grace = 30.0
+
+
+def drain_when(check: t.Callable[[], bool], grace: float) -> None:
+    """Make this process's watchdogs end open streams once ``check()`` is true (worker stopping).
+
+    ``gunicorn.conf.py`` calls this from ``post_worker_init`` with ``lambda: not worker.alive``
+    and the configured ``graceful_timeout``.
+    """
+    global _drain_check, _drain_grace
+    _drain_check, _drain_grace = check, grace
 
 
 class Watch:
-    """One watched client socket. ``gone`` turns true when the client has left."""
+    """The watchdog's view of one open stream; also the relay's handle on it."""
 
-    __slots__ = ("fd", "gone", "_on_gone", "_watchdog")
+    __slots__ = (
+        "fd",
+        "reason",
+        "resumable",
+        "_client",
+        "_on_stop",
+        "_stopped",
+        "_watchdog",
+        "_writing_since",
+    )
 
-    def __init__(self, watchdog: DisconnectWatchdog, fd: int, on_gone: t.Callable[[], None]) -> None:
+    def __init__(
+        self, watchdog: DisconnectWatchdog, client: socket.socket, fd: int, on_stop: t.Callable[[], None]
+    ) -> None:
         self.fd = fd
-        self.gone = False
-        self._on_gone = on_gone
+        self.reason: StopReason | None = None
+        self.resumable = False
+        self._client = client
+        self._on_stop = on_stop
+        self._stopped = threading.Event()
         self._watchdog = watchdog
+        self._writing_since: float | None = None
 
-    def is_gone(self) -> bool:
-        return self.gone
+    def stop_reason(self) -> StopReason | None:
+        return self.reason
+
+    def writing(self, active: bool) -> None:
+        """The relay is handing bytes to the server (True) or got control back (False)."""
+        self._writing_since = time.monotonic() if active else None
+
+    def set_resumable(self, resumable: bool) -> None:
+        self.resumable = resumable
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``; True if the stream was stopped meanwhile."""
+        return self._stopped.wait(seconds)
 
     def cancel(self) -> None:
         """Stop watching (the stream ended); safe to call more than once."""
         self._watchdog._unregister(self)
 
-    def _fire(self) -> None:
-        self.gone = True
+    def _stop(self, reason: StopReason, *, close_client: bool = False) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        self._stopped.set()
+        if close_client:
+            with contextlib.suppress(OSError):
+                self._client.shutdown(socket.SHUT_RDWR)
         try:
-            self._on_gone()
+            self._on_stop()
         except Exception:  # a failing callback must not stop the watchdog thread
-            log.exception("disconnect callback failed")
+            log.exception("stopping a stream failed")
+
+
+class NoWatch:
+    """Stands in for a :class:`Watch` where nothing is watched."""
+
+    resumable = False
+
+    def stop_reason(self) -> StopReason | None:
+        return None
+
+    def writing(self, active: bool) -> None:
+        pass
+
+    def set_resumable(self, resumable: bool) -> None:
+        pass
+
+    def sleep(self, seconds: float) -> bool:
+        time.sleep(seconds)
+        return False
+
+    def cancel(self) -> None:
+        pass
 
 
 class DisconnectWatchdog:
-    """A per-process watcher of client sockets; re-created lazily after a fork."""
+    """A per-process watcher of client sockets; re-created lazily after a fork.
 
-    def __init__(self) -> None:
+    :param send_timeout: seconds a single write to a client may take before the stream is ended.
+    """
+
+    def __init__(self, send_timeout: float = 60.0) -> None:
+        self.send_timeout = send_timeout
         self._lock = threading.Lock()
         self._pid = 0
         self._epoll: t.Any = None
         self._watches: dict[int, Watch] = {}
+        self._drain_started: float | None = None
 
     @property
     def available(self) -> bool:
         return _EPOLL is not None
 
-    def watch(self, sock: socket.socket | None, on_gone: t.Callable[[], None]) -> Watch | None:
-        """Call ``on_gone`` (from the watchdog thread) when the client behind ``sock`` hangs up."""
+    def watch(self, sock: socket.socket | None, on_stop: t.Callable[[], None]) -> Watch | None:
+        """Watch the client behind ``sock``; ``on_stop`` (from the watchdog thread) ends the stream."""
         if _EPOLL is None or sock is None:
             return None
         try:
@@ -81,7 +167,7 @@ class DisconnectWatchdog:
             return None
         with self._lock:
             self._ensure_started()
-            watch = Watch(self, fd, on_gone)
+            watch = Watch(self, sock, fd, on_stop)
             try:
                 self._epoll.register(fd, _GONE_EVENTS)
             except OSError:
@@ -97,6 +183,7 @@ class DisconnectWatchdog:
         self._pid = pid
         self._epoll = _EPOLL() if _EPOLL is not None else None
         self._watches = {}
+        self._drain_started = None
         thread = threading.Thread(
             target=self._run, args=(self._epoll,), name="wsgi-proxy-watchdog", daemon=True
         )
@@ -112,16 +199,39 @@ class DisconnectWatchdog:
     def _run(self, epoll: t.Any) -> None:
         while True:
             try:
-                ready = epoll.poll(1.0)
+                ready = epoll.poll(_SCAN_INTERVAL)
             except InterruptedError:
                 continue
             except (OSError, ValueError):
                 return
-            for fd, _events in ready:
-                with self._lock:
+            gone = []
+            with self._lock:
+                for fd, _events in ready:
                     watch = self._watches.pop(fd, None)
                     if watch is not None:
                         with contextlib.suppress(OSError, ValueError):
                             epoll.unregister(fd)
-                if watch is not None:
-                    watch._fire()
+                        gone.append(watch)
+                watches = list(self._watches.values())
+            for watch in gone:
+                watch._stop("client_gone")
+            self._scan(watches, time.monotonic())
+
+    def _scan(self, watches: list[Watch], now: float) -> None:
+        for watch in watches:
+            since = watch._writing_since
+            if since is not None and now - since > self.send_timeout:
+                log.warning(
+                    "a client has not taken a write for %.0f s (send timeout); closing its stream",
+                    now - since,
+                )
+                watch._stop("send_timeout", close_client=True)
+        if _drain_check is None or not _drain_check():
+            return
+        if self._drain_started is None:
+            self._drain_started = now
+            log.info("worker stopping: ending %d open streams so their clients can resume", len(watches))
+        deadline = self._drain_started + max(0.0, _drain_grace - _DRAIN_MARGIN)
+        for watch in watches:
+            if watch.resumable or now >= deadline:
+                watch._stop("shutdown")

@@ -1,0 +1,123 @@
+"""Transparent resume: re-open a broken background stream after the last event forwarded.
+
+The relay (``streaming.py``) decides when; this module knows how: ``GET /responses/{id}?stream=true
+&starting_after=N`` with the query the client's own request implies, bounded attempts with jittered
+exponential backoff, and which upstream answers are worth another try. A resume is a retrieve: it
+never creates or bills a response again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import typing as t
+from urllib.parse import unquote_plus, urlencode
+
+from .errors import UpstreamError
+from .retries import backoff
+from .streaming import Resume, UpstreamBody
+from .upstream import MAX_ERROR_BODY, UpstreamClient, UpstreamStream
+from .validation import CreateFields
+
+__all__ = ["StreamResumer", "create_resume_query", "resume_query"]
+
+log = logging.getLogger("wsgi_proxy.resume")
+
+#: Statuses after which another attempt may succeed.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: Response statuses after which no more events will come.
+ENDED_STATUSES = frozenset({"completed", "failed", "cancelled", "incomplete"})
+
+
+def resume_query(query: bytes, after: int | None) -> bytes:
+    """The client's raw query with ``starting_after`` set to ``after`` (kept as sent when None).
+
+    Every other parameter keeps its exact bytes and order (repeated ``include[]`` included).
+    """
+    if after is None:
+        return query
+    kept = [
+        p
+        for p in query.split(b"&")
+        if p and unquote_plus(p.split(b"=", 1)[0].decode("latin-1")) != "starting_after"
+    ]
+    kept.append(b"starting_after=%d" % after)
+    return b"&".join(kept)
+
+
+def create_resume_query(fields: CreateFields) -> bytes:
+    """The retrieve query that replays a created stream as its create asked for it.
+
+    ``include`` and ``stream_options.include_obfuscation`` shape the events, so a resumed stream
+    carries them over; ``starting_after`` is added by :func:`resume_query`.
+    """
+    pairs: list[tuple[str, str]] = [("stream", "true")]
+    pairs += [("include[]", item) for item in fields.include or ()]
+    if fields.stream_options and fields.stream_options.get("include_obfuscation") is False:
+        pairs.append(("include_obfuscation", "false"))
+    return urlencode(pairs).encode("ascii")
+
+
+class StreamResumer:
+    """Re-opens one background stream (see :class:`~wsgi_proxy.streaming.Resumer`).
+
+    :param upstream: the upstream client.
+    :param headers: the upstream headers of the original request (credentials included).
+    :param query: the query to replay the stream with (without ``starting_after`` for a create).
+    :param max_attempts: attempts per break before the client's connection is aborted.
+    :param backoff_base: the first wait, doubled per attempt up to ``backoff_max`` (with jitter).
+    """
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        headers: t.Mapping[str, str],
+        query: bytes,
+        *,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+    ) -> None:
+        self.max_attempts = max_attempts
+        self._upstream = upstream
+        self._headers = dict(headers)
+        self._query = query
+        self._base = backoff_base
+        self._max = backoff_max
+
+    def backoff(self, attempt: int) -> float:
+        return backoff(attempt, self._base, self._max)
+
+    def reopen(self, response_id: str, after: int | None) -> UpstreamBody | Resume:
+        try:
+            answer = self._upstream.send(
+                "GET",
+                f"/responses/{response_id}",
+                query=resume_query(self._query, after),
+                headers=self._headers,
+                body=None,
+                stream=True,
+            )
+        except UpstreamError as exc:
+            log.info("resuming %s failed: %s", response_id, exc.message)
+            return Resume.RETRY
+        content_type = answer.headers.get("Content-Type", "")
+        if answer.status_code == 200 and content_type.startswith("text/event-stream"):
+            return UpstreamStream(answer)
+        try:
+            self._upstream.read_body(answer, limit=MAX_ERROR_BODY)
+        except UpstreamError:
+            pass
+        log.info("resuming %s: the upstream answered %d", response_id, answer.status_code)
+        return Resume.RETRY if answer.status_code in RETRYABLE_STATUSES else Resume.GIVE_UP
+
+    def has_ended(self, response_id: str) -> bool:
+        headers = {k: v for k, v in self._headers.items() if k.lower() != "accept-encoding"}
+        try:
+            answer = self._upstream.send(
+                "GET", f"/responses/{response_id}", query=b"", headers=headers, body=None, stream=False
+            )
+            status = json.loads(answer.content).get("status") if answer.status_code == 200 else None
+        except (UpstreamError, ValueError, AttributeError):
+            return False
+        return status in ENDED_STATUSES
