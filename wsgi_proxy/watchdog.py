@@ -27,15 +27,17 @@ import threading
 import time
 import typing as t
 
-__all__ = ["DisconnectWatchdog", "StopReason", "Watch", "drain_when"]
+__all__ = ["DisconnectWatchdog", "NoWatch", "StopReason", "Watch", "drain_when", "peer_closed"]
 
 log = logging.getLogger("wsgi_proxy.watchdog")
 
 _EPOLL = getattr(select, "epoll", None)
+# Edge-triggered: an event is a hint to check once, never a condition that keeps firing.
 _GONE_EVENTS = (
     getattr(select, "EPOLLRDHUP", 0x2000)
     | getattr(select, "EPOLLHUP", 0x10)
     | getattr(select, "EPOLLERR", 0x8)
+    | getattr(select, "EPOLLET", 1 << 31)
 )
 _SCAN_INTERVAL = 0.5
 #: How long before gunicorn's graceful_timeout a non-resumable stream is ended on shutdown.
@@ -55,6 +57,21 @@ def drain_when(check: t.Callable[[], bool], grace: float) -> None:
     """
     global _drain_check, _drain_grace
     _drain_check, _drain_grace = check, grace
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock`` has closed (or reset) the connection, checked without blocking.
+
+    An epoll event is only a hint: it may belong to an earlier socket that had the same file
+    descriptor, so the socket itself is asked. A peer that sent bytes and then closed its side
+    reads as alive here; it is noticed at the next write instead.
+    """
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 class Watch:
@@ -207,11 +224,13 @@ class DisconnectWatchdog:
             gone = []
             with self._lock:
                 for fd, _events in ready:
-                    watch = self._watches.pop(fd, None)
-                    if watch is not None:
-                        with contextlib.suppress(OSError, ValueError):
-                            epoll.unregister(fd)
-                        gone.append(watch)
+                    watch = self._watches.get(fd)
+                    if watch is None or not peer_closed(watch._client):
+                        continue  # a stale event for a reused descriptor, or a half-close
+                    del self._watches[fd]
+                    with contextlib.suppress(OSError, ValueError):
+                        epoll.unregister(fd)
+                    gone.append(watch)
                 watches = list(self._watches.values())
             for watch in gone:
                 watch._stop("client_gone")

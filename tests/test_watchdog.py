@@ -1,0 +1,81 @@
+"""The disconnect watchdog against real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import typing as t
+
+import pytest
+
+from wsgi_proxy.watchdog import DisconnectWatchdog, peer_closed
+
+
+@pytest.fixture
+def pair() -> t.Iterator[tuple[socket.socket, socket.socket]]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    yield server, client
+    server.close()
+    client.close()
+
+
+def test_peer_closed_false_while_the_peer_is_connected(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _client = pair
+    assert not peer_closed(server)
+
+
+def test_peer_closed_true_after_the_peer_closes(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    client.close()
+    time.sleep(0.05)
+    assert peer_closed(server)
+
+
+def test_peer_closed_leaves_pending_bytes_unread(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    client.sendall(b"GET / HTTP/1.1\r\n")
+    time.sleep(0.05)
+    assert not peer_closed(server)
+    assert server.recv(100) == b"GET / HTTP/1.1\r\n"
+
+
+def test_watchdog_stops_a_stream_when_its_client_leaves(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    stopped = threading.Event()
+    watch = DisconnectWatchdog().watch(server, stopped.set)
+    assert watch is not None
+    client.close()
+    assert stopped.wait(2.0)
+    assert watch.stop_reason() == "client_gone"
+
+
+def test_watchdog_ignores_a_live_client_and_honours_cancel(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    stopped = threading.Event()
+    watch = DisconnectWatchdog().watch(server, stopped.set)
+    assert watch is not None
+    client.sendall(b"pipelined bytes")
+    assert not stopped.wait(0.7)
+    watch.cancel()
+    client.close()
+    assert not stopped.wait(0.7)
+    assert watch.stop_reason() is None
+
+
+def test_watchdog_ends_a_write_that_exceeds_the_send_timeout(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, _client = pair
+    stopped = threading.Event()
+    watch = DisconnectWatchdog(send_timeout=0.3).watch(server, stopped.set)
+    assert watch is not None
+    watch.writing(True)  # and the client never reads
+    assert stopped.wait(3.0)
+    assert watch.stop_reason() == "send_timeout"
+    with pytest.raises(OSError):
+        for _ in range(100):
+            server.sendall(b"x" * 65536)  # the client side was shut down
