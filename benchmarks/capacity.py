@@ -22,22 +22,7 @@ import time
 import typing as t
 from pathlib import Path
 
-from harness import CLIENT_KEY, REPO, start_bed
-
-
-def _worker_pid(master: int) -> int:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
-
-
-def _status(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "Threads"):
-            fields[name] = int(value.split()[0])
-    return {"rss_kb": fields["VmRSS"], "threads": fields["Threads"]}
+from harness import CLIENT_KEY, REPO, process_status, start_bed, worker_pid
 
 
 def _open_stream(port: int, body: bytes) -> socket.socket:
@@ -57,9 +42,9 @@ def run(streams: int, hold: float) -> dict[str, t.Any]:
         bed = start_bed(tmp, threads=streams + 50, extra=["--backlog", "4096"])
         proxy_port = bed.proxy_port
         try:
-            worker = _worker_pid(bed.proxy.pid)
+            worker = worker_pid(bed.proxy.pid)
             time.sleep(0.5)
-            before = _status(worker)
+            before = process_status(worker)
             body = json.dumps(
                 {
                     "model": "gpt-4o-mini",
@@ -91,13 +76,13 @@ def run(streams: int, hold: float) -> dict[str, t.Any]:
 
             pump(hold)
             live = sum(1 for n in received.values() if n > 0)
-            during = _status(worker)
+            during = process_status(worker)
             pump(1.0)
             for key in list(selector.get_map().values()):
                 selector.unregister(key.fileobj)
                 t.cast(socket.socket, key.fileobj).close()
             time.sleep(3.0)
-            after = _status(worker)
+            after = process_status(worker)
         finally:
             bed.stop()
     per_stream_kb = (during["rss_kb"] - before["rss_kb"]) / streams

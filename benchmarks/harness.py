@@ -29,7 +29,14 @@ class Bed:
         self.simulator.stop()
 
 
-def start_bed(tmp: Path, *, threads: int, extra: t.Sequence[str] = (), delay_ms: float = 20.0) -> Bed:
+def start_bed(
+    tmp: Path,
+    *,
+    threads: int,
+    extra: t.Sequence[str] = (),
+    delay_ms: float = 20.0,
+    log_level: str = "warning",
+) -> Bed:
     """Start the simulator (``wsgi-proxy simulate``) and one gunicorn worker of the proxy in front of it."""
     sim_port, proxy_port = free_port(), free_port()
     simulate = [sys.executable, "-m", "wsgi_proxy", "simulate", "--port", str(sim_port)]
@@ -51,7 +58,7 @@ def start_bed(tmp: Path, *, threads: int, extra: t.Sequence[str] = (), delay_ms:
                 "WSGI_PROXY_WORKERS": "1",
                 "WSGI_PROXY_THREADS": str(threads),
                 "WSGI_PROXY_ACCESS_LOG": "/dev/null",
-                "WSGI_PROXY_LOG_LEVEL": "warning",
+                "WSGI_PROXY_LOG_LEVEL": log_level,
             },
             cwd=tmp,
             log_path=tmp / "proxy.log",
@@ -60,3 +67,20 @@ def start_bed(tmp: Path, *, threads: int, extra: t.Sequence[str] = (), delay_ms:
         simulator.stop()
         raise
     return Bed(simulator, proxy, direct, f"http://127.0.0.1:{proxy_port}/v1", proxy_port)
+
+
+def worker_pid(master: int) -> int:
+    """The PID of the only worker of a gunicorn master."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def process_status(pid: int) -> dict[str, int]:
+    """A process's resident memory (KiB) and thread count, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "Threads"):
+            fields[name] = int(value.split()[0])
+    return {"rss_kb": fields["VmRSS"], "threads": fields["Threads"]}
