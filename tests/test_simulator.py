@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing as t
 import zlib
@@ -797,6 +798,51 @@ def test_stop_closes_open_streams_promptly() -> None:
         while True:
             raw.chunk()
     assert time.monotonic() - started < 2
+
+
+def test_client_gone_is_noticed_between_slow_events_of_streams_and_replays(sim: Simulator) -> None:
+    raw = Raw(sim, "POST", "/v1/responses?sim_delay_ms=5000", create_body(stream=True, background=True))
+    created = json.loads(raw.chunk().split(b"data: ")[1])  # type: ignore[union-attr]
+    response_id = created["response"]["id"]
+    replay = Raw(sim, "GET", f"/v1/responses/{response_id}?stream=true")
+    replay.chunk()
+    wait_for(lambda: sim.open_streams == 2)
+    for index, conn in enumerate((replay, raw)):
+        left_at = time.monotonic()
+        conn.close()
+        wait_for(lambda: len(sim.stream_closures) > index, timeout=2)  # noqa: B023
+        closure = sim.stream_closures[index]
+        assert closure.reason == "client_gone"
+        assert closure.closed_at - left_at < 0.5
+    assert sim.open_streams == 0
+    assert sim.store._records[response_id].finished is False  # the background job goes on
+
+
+def test_client_sending_more_during_a_stream_is_not_taken_for_gone(sim: Simulator) -> None:
+    body = json.dumps(create_body(stream=True, metadata={"sim_gap_at": "3", "sim_gap_s": "0.5"})).encode()
+    pipelined = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=10) as sock:
+        head = f"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body + pipelined)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    assert b"event: response.completed" in received
+    assert received.count(b"HTTP/1.1 200 OK") == 2 and received.endswith(b"}")
+    assert [c.reason for c in sim.stream_closures] == ["complete"]
+
+
+def test_streams_share_one_generating_and_one_watching_thread(sim: Simulator) -> None:
+    before = threading.active_count()
+    streams = [
+        Raw(sim, "POST", "/v1/responses?sim_delay_ms=2000", create_body(stream=True, background=True))
+        for _ in range(20)
+    ]
+    for raw in streams:
+        raw.chunk()
+    wait_for(lambda: sim.open_streams == 20)
+    # One thread per connection, plus the pacer and the client watcher: no thread per job.
+    assert threading.active_count() - before <= 20 + 2
 
 
 # -- introspection ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ store decides when each one happens.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import secrets
@@ -225,8 +226,13 @@ class Step(t.NamedTuple):
     terminal: bool
 
 
-def _planned_events(plan: Plan) -> list[t.Callable[[int], Step]]:
-    """The regular text-reply events in order, each waiting for its sequence number."""
+def _planned_events(plan: Plan) -> tuple[int, t.Iterator[t.Callable[[int], Step]]]:
+    """How many regular text-reply events there are, and the events in order, each waiting for its
+    sequence number.
+
+    The delta builders are made one at a time: a response of a thousand words waiting in a thousand
+    concurrent streams would otherwise hold a million functions for the garbage collector to traverse.
+    """
     base = plan.response
     item_id = new_id("msg_")
     text = "".join(plan.deltas)
@@ -274,20 +280,22 @@ def _planned_events(plan: Plan) -> list[t.Callable[[int], Step]]:
         )
 
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    events = [lifecycle("response.created", base)]
+    head = [lifecycle("response.created", base)]
     if base.get("background"):
-        events.append(lifecycle("response.queued", base))
-    events += [
+        head.append(lifecycle("response.queued", base))
+    head += [
         lifecycle("response.in_progress", in_progress),
         simple("response.output_item.added", output_index=0, item=item("in_progress", [])),
         simple("response.content_part.added", **where, part=part("")),
-        *(delta(d) for d in plan.deltas),
+    ]
+    tail = [
         simple("response.output_text.done", **where, text=text, logprobs=[]),
         simple("response.content_part.done", **where, part=part(text)),
         simple("response.output_item.done", output_index=0, item=item("completed", [part(text)])),
         completed,
     ]
-    return events
+    deltas = (delta(d) for d in plan.deltas)
+    return len(head) + len(plan.deltas) + len(tail), itertools.chain(head, deltas, tail)
 
 
 def _error_steps(plan: Plan, seq: int) -> list[Step]:
@@ -326,9 +334,9 @@ def iter_steps(plan: Plan) -> t.Iterator[Step]:
     if plan.keepalive_first:
         yield Step({"type": "keepalive", "sequence_number": seq}, None, False)
         seq += 1
-    planned = _planned_events(plan)
+    count, planned = _planned_events(plan)
     for index, build in enumerate(planned):
-        last = index == len(planned) - 1
+        last = index == count - 1
         if plan.error is not None and (last or (plan.error_at is not None and seq >= plan.error_at)):
             yield from _error_steps(plan, seq)
             return

@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import secrets
-import select
 import socket
 import sys
 import time
@@ -40,6 +39,7 @@ from .events import (
 from .framing import SseWriter
 from .recording import CloseReason, RecordedRequest, Recorder, StreamClosure
 from .store import CancelRefused, Job, ResponseRecord, Store
+from .watcher import ClientWatcher, Watch, peer_closed
 
 __all__ = ["MODELS", "SimulatorServer", "peer_closed"]
 
@@ -60,20 +60,6 @@ _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/v1/models"), {"GET": "_models"}),
     (re.compile(r"/v1/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
 ]
-
-
-def peer_closed(sock: socket.socket) -> bool:
-    """Tell whether the client closed its side, without consuming anything it sent."""
-    try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLPRI)
-        if not poller.poll(0):
-            return False
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):
-        return True
 
 
 def _read_chunked(rfile: t.BinaryIO) -> bytes:
@@ -138,8 +124,9 @@ class SimulatorServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
-    # The default backlog of 5 makes bursts of connections wait for SYN retries (a second or more).
-    request_queue_size = 1024
+    # The default backlog of 5 makes bursts of connections wait for SYN retries (a second or more); the
+    # capacity benchmark opens thousands at once. The kernel caps it at net.core.somaxconn.
+    request_queue_size = 4096
 
     def __init__(
         self, address: tuple[str, int], config: SimulatorConfig, store: Store, recorder: Recorder
@@ -149,7 +136,13 @@ class SimulatorServer(ThreadingHTTPServer):
         self.config = config
         self.store = store
         self.recorder = recorder
+        self.watcher = ClientWatcher()
+        """Notices the clients of waiting SSE connections leaving."""
         super().__init__(address, _Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.watcher.close()
 
     def handle_error(self, request: t.Any, client_address: t.Any) -> None:
         if isinstance(sys.exc_info()[1], OSError):
@@ -414,13 +407,13 @@ class _Handler(BaseHTTPRequestHandler):
         job = Job(record, iter_steps(plan), delay_s=delay_ms / 1000, gap_at=faults.gap_at, gap_s=faults.gap_s)
         self._server.store.add(record)
         if background:
-            job.start()
+            job.start(self._server.store.pacer)
             if stream:
                 self._stream(record, 0, faults)
             else:
                 self._send_json(200, snapshot)
         elif stream:
-            job.start()
+            job.start(self._server.store.pacer)
             self._stream(record, 0, faults, job=job)
         else:
             # A plain JSON reply is generated at once; only an injected gap makes it wait, and then a
@@ -616,17 +609,28 @@ class _Handler(BaseHTTPRequestHandler):
     def _pump(
         self, record: ResponseRecord, index: int, faults: Faults, writer: SseWriter, strip: bool
     ) -> CloseReason:
-        written = 0
-
-        def cut() -> CloseReason:
-            if faults.cut_mode == "clean":
-                writer.finish()
-            return "cut"
-
         if faults.cut_after == 0:
-            return cut()
+            return self._cut(faults, writer)
+        watcher = self._server.watcher
+        watch = watcher.watch(self.connection, record.wake)
+        try:
+            return self._follow(record, index, faults, writer, strip, watch)
+        finally:
+            watcher.unwatch(watch)
+
+    @staticmethod
+    def _cut(faults: Faults, writer: SseWriter) -> CloseReason:
+        if faults.cut_mode == "clean":
+            writer.finish()
+        return "cut"
+
+    def _follow(
+        self, record: ResponseRecord, index: int, faults: Faults, writer: SseWriter, strip: bool, watch: Watch
+    ) -> CloseReason:
+        """Write events as they are logged until the end, a cut, or the client leaving."""
+        written = 0
         while True:
-            events, finished = record.wait_from(index, 0.1)
+            events, finished = record.wait_from(index, interrupted=lambda: watch.gone)
             for event in events:
                 if faults.comments and written:
                     writer.comment()
@@ -637,15 +641,15 @@ class _Handler(BaseHTTPRequestHandler):
                 written += 1
                 index += 1
                 if faults.cut_after is not None and written >= faults.cut_after:
-                    return cut()
+                    return self._cut(faults, writer)
                 if (
                     faults.cut_every is not None
                     and written >= faults.cut_every
                     and event.type not in TERMINAL_EVENTS
                 ):
-                    return cut()
+                    return self._cut(faults, writer)
             if finished:
                 writer.finish()
                 return "complete" if record.end_reason == "complete" else "cancelled"
-            if self._client_gone():
+            if watch.gone:
                 return "client_gone"

@@ -3,12 +3,16 @@
 Every response is a :class:`ResponseRecord` whose event log (``events[i].seq == i``) grows under a
 :class:`threading.Condition`; SSE writers follow the log, replaying stored events and then waiting for
 live ones. A :class:`Job` feeds the log from :func:`~wsgi_proxy.simulator.events.iter_steps`, pacing
-the events, in its own thread (streams and background responses) or inline (plain JSON requests).
+the events, driven by the store's :class:`Pacer` (streams and background responses) or inline (plain
+JSON requests).
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
+import logging
 import threading
 import time
 import typing as t
@@ -16,7 +20,9 @@ import typing as t
 from .config import CancelMode, Faults
 from .events import JsonDict, Step, cancelled_snapshot, dumps, failed_event
 
-__all__ = ["CancelRefused", "Job", "ResponseRecord", "SseEvent", "Store"]
+__all__ = ["CancelRefused", "Job", "Pacer", "ResponseRecord", "SseEvent", "Store"]
+
+logger = logging.getLogger(__name__)
 
 EndReason = t.Literal["complete", "cancelled", "stopped"]
 
@@ -98,16 +104,24 @@ class ResponseRecord:
         if reason == "complete" and self.stored:
             self.visible = True
 
-    def wait_from(self, index: int, timeout: float) -> tuple[list[SseEvent], bool]:
-        """Return the events from ``index`` on, waiting up to ``timeout`` when there are none yet.
+    def wait_from(
+        self, index: int, timeout: float | None = None, interrupted: t.Callable[[], bool] | None = None
+    ) -> tuple[list[SseEvent], bool]:
+        """Return the events from ``index`` on, waiting up to ``timeout`` (forever: ``None``) when there
+        are none yet, unless ``interrupted()`` is true. Waiters also return early after :meth:`wake`.
 
         The second value tells whether the log is finished, in which case the list holds every
         remaining event.
         """
         with self.cond:
-            if index >= len(self.events) and not self.finished:
+            if index >= len(self.events) and not self.finished and not (interrupted and interrupted()):
                 self.cond.wait(timeout)
             return self.events[index:], self.finished
+
+    def wake(self) -> None:
+        """Make every :meth:`wait_from` return now (to look at its ``interrupted``)."""
+        with self.cond:
+            self.cond.notify_all()
 
     def current(self) -> JsonDict:
         with self.cond:
@@ -153,6 +167,10 @@ class ResponseRecord:
 class Job:
     """Generates one response's events into its record.
 
+    A started job is driven by a :class:`Pacer`, which logs each event when it is due; :meth:`run`
+    generates inline instead. The next event is built when the previous one was logged, then held
+    until its pause is over.
+
     :param delay_s: pause before every event but the first.
     :param gap_at: sequence number before which to stay silent for ``gap_s`` seconds.
     """
@@ -171,55 +189,147 @@ class Job:
         self._delay_s = delay_s
         self._gap_at = gap_at
         self._gap_s = gap_s
+        self._index = 0
+        self._pending: Step | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
         record.job = self
 
-    def start(self) -> Job:
-        self._thread = threading.Thread(target=self.run, name=f"sim-job-{self.record.id[:13]}", daemon=True)
-        self._thread.start()
+    def start(self, pacer: Pacer) -> Job:
+        """Have ``pacer`` generate the events, each one when it is due."""
+        due = self._prepare(time.monotonic(), pace=True)
+        if due is None:
+            self._end()
+        else:
+            pacer.add(self, due)
         return self
 
     def stop(self) -> None:
+        """Stop generating: the record ends at once (``stopped``) unless it already has."""
         self._stop.set()
+        self._end()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Wait until the job is over."""
+        self._done.wait(timeout)
+
+    def advance(self) -> float | None:
+        """Log the pending event (it is due); return when the next one is due, ``None`` once over."""
+        step = self._pending
+        if step is None or self._stop.is_set() or not self.record.append(step) or step.terminal:
+            self._end()
+            return None
+        due = self._prepare(time.monotonic(), pace=True)
+        if due is None:
+            self._end()
+        return due
 
     def run(self, poll: t.Callable[[], bool] | None = None, pace: bool = True) -> bool:
-        """Generate until the terminal event; return ``False`` if stopped first.
+        """Generate inline until the terminal event; return ``False`` if stopped first.
 
         :param poll: called about every 100 ms while pausing; returning ``True`` stops the job (used to
             give up when the client of an inline request went away).
         :param pace: sleep ``delay_s`` between events. Gaps are always honoured.
         """
         try:
-            for index, step in enumerate(self._steps):
-                if step.payload["sequence_number"] == self._gap_at:
-                    pause = self._gap_s
-                else:
-                    pause = self._delay_s if pace and index else 0.0
-                if (pause > 0 and not self._sleep(pause, poll)) or self._stop.is_set():
+            while (due := self._prepare(time.monotonic(), pace)) is not None:
+                step = t.cast(Step, self._pending)
+                if not self._sleep(due - time.monotonic(), poll) or self._stop.is_set():
                     break
                 if not self.record.append(step) or step.terminal:
                     break
         finally:
-            self.record.finish("stopped")
-            if self.record.background:
-                # Nobody follows the log of a background response created without stream.
-                self.record.discard_log()
+            self._end()
         return self.record.end_reason == "complete"
+
+    def _prepare(self, now: float, pace: bool) -> float | None:
+        """Build the next event; return when it is due, or ``None`` when there is none."""
+        self._pending = step = next(self._steps, None)
+        if step is None:
+            return None
+        index, self._index = self._index, self._index + 1
+        if step.payload["sequence_number"] == self._gap_at:
+            return now + self._gap_s
+        return now + (self._delay_s if pace and index else 0.0)
+
+    def _end(self) -> None:
+        self.record.finish("stopped")
+        if self.record.background:
+            # Nobody follows the log of a background response created without stream.
+            self.record.discard_log()
+        self._done.set()
 
     def _sleep(self, seconds: float, poll: t.Callable[[], bool] | None) -> bool:
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            if self._stop.wait(min(remaining, 0.1)):
+            if self._stop.wait(remaining if poll is None else min(remaining, 0.1)):
                 return False
             if poll is not None and poll():
                 self._stop.set()
                 return False
         return True
+
+
+class Pacer:
+    """Generates the events of every started :class:`Job` from one thread, each when it is due.
+
+    One thread sleeping until the earliest due event, rather than a thread per job, keeps a thousand
+    concurrent streams cheap. Jobs due at the same time take turns, one event each. The thread starts
+    with the first job and exits after :attr:`idle_s` seconds without any, or at once on :meth:`clear`.
+    """
+
+    idle_s = 1.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[tuple[float, int, Job]] = []
+        self._order = itertools.count()
+        self._running = False
+        self._cleared = False
+
+    def add(self, job: Job, due: float) -> None:
+        """Have ``job.advance()`` called at ``due`` (a :func:`time.monotonic` time)."""
+        with self._cond:
+            heapq.heappush(self._queue, (due, next(self._order), job))
+            if not self._running:
+                self._running = True
+                self._cleared = False
+                threading.Thread(target=self._run, name="sim-pacer", daemon=True).start()
+            elif self._queue[0][2] is job:
+                self._cond.notify()
+
+    def clear(self) -> None:
+        """Forget every job (after they were stopped)."""
+        with self._cond:
+            self._queue.clear()
+            self._cleared = self._running
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            try:
+                due = job.advance()
+            except Exception:
+                logger.exception("simulator job for %s failed", job.record.id)
+                job.stop()
+                continue
+            if due is not None:
+                self.add(job, due)
+
+    def _next(self) -> Job | None:
+        """Wait for the next due job; ``None`` (and the thread ends) after idling."""
+        with self._cond:
+            while True:
+                if self._queue:
+                    due, _, job = self._queue[0]
+                    wait = due - time.monotonic()
+                    if wait <= 0:
+                        heapq.heappop(self._queue)
+                        return job
+                    self._cond.wait(wait)
+                elif self._cleared or (not self._cond.wait(self.idle_s) and not self._queue):
+                    self._running = False
+                    return None
 
 
 class Store:
@@ -234,6 +344,8 @@ class Store:
         self._records: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
         self._max_responses = max_responses
         self._max_bytes = max_bytes
+        self.pacer = Pacer()
+        """Generates the events of the started jobs."""
 
     def add(self, record: ResponseRecord) -> None:
         with self._lock:
@@ -268,3 +380,4 @@ class Store:
             if record.job is not None:
                 record.job.stop()
             record.finish("stopped")
+        self.pacer.clear()
