@@ -36,6 +36,7 @@ def start_bed(
     extra: t.Sequence[str] = (),
     delay_ms: float = 20.0,
     log_level: str = "warning",
+    env: t.Mapping[str, str] | None = None,
 ) -> Bed:
     """Start the simulator (``wsgi-proxy simulate``) and one gunicorn worker of the proxy in front of it."""
     sim_port, proxy_port = free_port(), free_port()
@@ -59,6 +60,7 @@ def start_bed(
                 "WSGI_PROXY_THREADS": str(threads),
                 "WSGI_PROXY_ACCESS_LOG": "/dev/null",
                 "WSGI_PROXY_LOG_LEVEL": log_level,
+                **(env or {}),
             },
             cwd=tmp,
             log_path=tmp / "proxy.log",
