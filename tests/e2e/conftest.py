@@ -73,6 +73,23 @@ def start_proxy(
     return Proxy(base_url=root + prefix, root_url=root, server=server)
 
 
+def start_background(client: OpenAI, k: int, **metadata: str) -> tuple[str, list[int]]:
+    """Create a background stream, read events 0..k, then drop the connection."""
+    stream = client.responses.create(
+        model="gpt-4o-mini", input="resume me", background=True, stream=True, metadata=metadata or None
+    )
+    numbers: list[int] = []
+    response_id = ""
+    for event in stream:
+        numbers.append(event.sequence_number)
+        if event.type == "response.created":
+            response_id = event.response.id
+        if event.sequence_number == k:
+            break
+    stream.close()
+    return response_id, numbers
+
+
 @pytest.fixture(scope="module")
 def simulator() -> t.Iterator[Simulator]:
     sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=5, words=12)).start()

@@ -17,7 +17,7 @@ from openai import OpenAI
 
 from wsgi_proxy.simulator import Simulator
 
-from .conftest import CLIENT_KEY, Proxy, start_proxy
+from .conftest import CLIENT_KEY, Proxy, start_background, start_proxy
 from .sse import raw_request, read_all, recv_until
 from .tcpgate import TcpGate
 
@@ -49,61 +49,45 @@ def proxy(gate: TcpGate, tmp_path_factory: pytest.TempPathFactory) -> t.Iterator
     running.server.stop()
 
 
-def _collect(stream: t.Iterable[t.Any]) -> list[t.Any]:
+def _background(client: OpenAI, **metadata: str) -> list[t.Any]:
+    """Every event of a background streamed create, read to its end through the proxy."""
+    stream = client.responses.create(
+        model="gpt-4o-mini", input="resilience", background=True, stream=True, metadata=metadata or None
+    )
     return list(stream)
 
 
-def _assert_whole(events: list[t.Any]) -> None:
+def _assert_whole(events: list[t.Any], first: int = 0) -> None:
     numbers = [e.sequence_number for e in events]
-    assert numbers == list(range(len(numbers))), numbers
+    assert numbers == list(range(first, first + len(numbers))), numbers
     assert events[-1].type == "response.completed"
-    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-    assert deltas == events[-1].response.output_text
+    if first == 0:  # the text is whole only when every delta was seen here
+        deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert deltas == events[-1].response.output_text
 
 
 def test_background_stream_cut_once_is_resumed_transparently(client: OpenAI, proxy: Proxy) -> None:
-    events = _collect(
-        client.responses.create(
-            model="gpt-4o-mini",
-            input="cut once",
-            background=True,
-            stream=True,
-            metadata={"sim_cut_after": "5"},
-        )
-    )
+    events = _background(client, sim_cut_after="5")
     _assert_whole(events)
     assert "resumed upstream stream POST /responses after sequence_number 4" in proxy.log()
 
 
 def test_background_stream_cut_every_k_survives_a_dozen_resumes(client: OpenAI, proxy: Proxy) -> None:
     before = proxy.log().count("resumed upstream stream")
-    events = _collect(
-        client.responses.create(
-            model="gpt-4o-mini",
-            input="cut often",
-            background=True,
-            stream=True,
-            metadata={"sim_cut_every": "3", "sim_words": "36"},
-        )
-    )
+    events = _background(client, sim_cut_every="3", sim_words="36")
     _assert_whole(events)
     assert proxy.log().count("resumed upstream stream") - before >= 12
 
 
 def test_retrieve_stream_cut_every_k_is_resumed(client: OpenAI) -> None:
-    stream = client.responses.create(model="gpt-4o-mini", input="x", background=True, stream=True)
-    head = []
-    for event in stream:
-        head.append(event)
-        if event.sequence_number == 2:
-            break
-    stream.close()
-    rest = _collect(
+    response_id, head = start_background(client, 2)
+    rest = list(
         client.responses.retrieve(
-            head[0].response.id, stream=True, starting_after=2, extra_query={"sim_cut_every": "4"}
+            response_id, stream=True, starting_after=2, extra_query={"sim_cut_every": "4"}
         )
     )
-    _assert_whole(head + rest)
+    assert head == [0, 1, 2]
+    _assert_whole(rest, first=3)
 
 
 def test_non_background_stream_cut_still_raises(client: OpenAI, proxy: Proxy) -> None:
@@ -111,7 +95,7 @@ def test_non_background_stream_cut_still_raises(client: OpenAI, proxy: Proxy) ->
         model="gpt-4o-mini", input="not resumable", stream=True, metadata={"sim_cut_after": "5"}
     )
     with pytest.raises(openai.APIConnectionError):
-        _collect(stream)
+        list(stream)
     assert "Traceback" not in proxy.log()  # an abort is a connection reset, not a crash
 
 
@@ -134,15 +118,7 @@ def test_silence_longer_than_keepalive_interval_gets_comments_at_event_boundarie
 
 
 def test_sdk_is_untroubled_by_keepalive_comments(client: OpenAI) -> None:
-    events = _collect(
-        client.responses.create(
-            model="gpt-4o-mini",
-            input="think",
-            background=True,
-            stream=True,
-            metadata={"sim_gap_at": "3", "sim_gap_s": "1.2"},
-        )
-    )
+    events = _background(client, sim_gap_at="3", sim_gap_s="1.2")
     _assert_whole(events)
 
 

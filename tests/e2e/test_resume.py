@@ -13,7 +13,7 @@ from openai import OpenAI
 
 from wsgi_proxy.simulator import Simulator
 
-from .conftest import CLIENT_KEY, Proxy
+from .conftest import CLIENT_KEY, Proxy, start_background
 from .sse import events_of, raw_request, read_all, recv_until, timed_events
 
 pytestmark = pytest.mark.e2e
@@ -21,26 +21,9 @@ pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 
-def _start_background(client: OpenAI, k: int, **metadata: str) -> tuple[str, list[int]]:
-    """Create a background stream, read events 0..k, then drop the connection."""
-    stream = client.responses.create(
-        model="gpt-4o-mini", input="resume me", background=True, stream=True, metadata=metadata or None
-    )
-    numbers: list[int] = []
-    response_id = ""
-    for event in stream:
-        numbers.append(event.sequence_number)
-        if event.type == "response.created":
-            response_id = event.response.id
-        if event.sequence_number == k:
-            break
-    stream.close()
-    return response_id, numbers
-
-
 def test_seed_scenario_sdk_resume_is_gap_and_duplicate_free(client: OpenAI) -> None:
     k = 6
-    response_id, first = _start_background(client, k, sim_delay_ms="30")
+    response_id, first = start_background(client, k, sim_delay_ms="30")
     assert first == list(range(k + 1))
     rest = list(client.responses.retrieve(response_id, stream=True, starting_after=k))
     numbers = first + [e.sequence_number for e in rest]
@@ -76,7 +59,7 @@ def recv_events(response: requests.Response, count: int) -> list[dict[str, objec
 
 
 def test_resume_after_completion_replays_the_rest(client: OpenAI) -> None:
-    response_id, _ = _start_background(client, 2)
+    response_id, _ = start_background(client, 2)
     deadline = time.monotonic() + 10
     while client.responses.retrieve(response_id).status != "completed" and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -86,7 +69,7 @@ def test_resume_after_completion_replays_the_rest(client: OpenAI) -> None:
 
 
 def test_resume_past_the_end_is_an_empty_stream(client: OpenAI) -> None:
-    response_id, _ = _start_background(client, 1)
+    response_id, _ = start_background(client, 1)
     final = list(client.responses.retrieve(response_id, stream=True))[-1]
     assert (
         list(client.responses.retrieve(response_id, stream=True, starting_after=final.sequence_number)) == []
@@ -94,7 +77,7 @@ def test_resume_past_the_end_is_an_empty_stream(client: OpenAI) -> None:
 
 
 def test_stream_helper_replays_from_zero(client: OpenAI, simulator: Simulator) -> None:
-    response_id, _ = _start_background(client, 3, sim_delay_ms="20")
+    response_id, _ = start_background(client, 3, sim_delay_ms="20")
     simulator.clear_requests()
     with client.responses.stream(response_id=response_id, starting_after=3) as stream:
         seen = [e.sequence_number for e in stream]
