@@ -616,3 +616,13 @@ def test_relay_empty_retrieve_past_the_end_is_a_clean_end() -> None:
     relay, _ = _relay(FakeBody([]), resumer=resumer, response_id="resp_abc")
     assert list(relay) == [b""]
     assert resumer.asked == []
+
+
+def test_relay_event_too_large_after_a_clean_resume_is_not_taken_for_the_end() -> None:
+    # The first body ends cleanly but early; the resumed one brings an event over the limit. That
+    # is a failure to report, not a finished response, even though the upstream says it is over.
+    big = b"data: " + b"x" * 2048
+    resumer = FakeResumer([FakeBody([big]), Resume.GIVE_UP], ended=True)
+    relay, _ = _relay(FakeBody([CREATED_WITH_ID, DELTA]), resumer=resumer, max_event_bytes=1024)
+    with pytest.raises(StreamAborted, match="refused"):
+        list(relay)

@@ -324,6 +324,7 @@ class StreamRelay:
 
     def _pump(self) -> t.Generator[bytes, None, str | None]:
         """Relay the current body to its end; return why it failed, or None for a clean end."""
+        self._clean_eof = False
         while True:
             try:
                 if self._keepalive and not self._splitter.pending and not self._body.wait(self._keepalive):
@@ -335,7 +336,6 @@ class StreamRelay:
                     return self._failure_at_eof()
                 events = self._splitter.feed(chunk)
             except UpstreamStreamInterrupted as exc:
-                self._clean_eof = False
                 return exc.reason
             except EventTooLarge as exc:
                 return str(exc)

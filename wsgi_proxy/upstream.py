@@ -114,7 +114,7 @@ class UpstreamStream:
     """The body of one streaming upstream response, read with ``raw.read1``.
 
     ``read1`` returns whatever one receive brings, so events are relayed as they arrive on
-    chunked, Content-Length and close-delimited bodies alike (``iter_content``/``iter_lines``
+    chunked, Content-Length and close-delimited bodies alike (requests' content and line iterators
     wait to fill a buffer on the latter two).
     """
 
