@@ -123,6 +123,7 @@ class UpstreamStream:
         self._raw: urllib3.response.BaseHTTPResponse = response.raw
         self.framed = bool(getattr(self._raw, "chunked", False)) or "content-length" in response.headers
         self._closed = False
+        self._poller: select.poll | None = None
 
     def read(self) -> bytes:
         with translate_stream_errors():
@@ -141,15 +142,17 @@ class UpstreamStream:
             fp = self._raw._fp  # type: ignore[attr-defined]  # http.client.HTTPResponse
             reader = fp.fp  # its BufferedReader over the socket
             sock: socket.socket = reader.raw._sock  # the SocketIO's socket, also when urllib3 let go of it
-            if len(self._raw._decoded_buffer) or (  # type: ignore[attr-defined]
-                isinstance(sock, ssl.SSLSocket) and sock.pending()
-            ):
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(sock, select.POLLIN | select.POLLPRI)
+            # Bytes waiting in the kernel mean the read will progress: one syscall on a busy stream.
+            if self._poller.poll(0) or len(self._raw._decoded_buffer):  # type: ignore[attr-defined]
+                return True
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 return True
             if _complete_in_buffer(_peek_without_blocking(reader, sock), fp.chunked, fp.chunk_left):
                 return True
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI)
-            return bool(poller.poll(timeout * 1000))
+            return bool(self._poller.poll(timeout * 1000))
         except (AttributeError, TypeError, ValueError, OSError):
             return True
 
