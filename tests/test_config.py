@@ -209,3 +209,22 @@ def test_secrets_never_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = ProxySettings.load()
     for text in (repr(settings), str(settings), repr(settings.model_dump())):
         assert "CANARY" not in text
+
+
+def test_api_version_without_azure_kind_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_VERSION", "2025-04-01-preview")
+    with pytest.raises(ConfigError, match="WSGI_PROXY_UPSTREAM_KIND=azure"):
+        ProxySettings.load()
+
+
+@pytest.mark.parametrize("bad", ["2025 04", "v1?x=1", "a" * 65])
+def test_malformed_api_version_names_the_variable(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_KIND", "azure")
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_VERSION", bad)
+    with pytest.raises(ConfigError, match="WSGI_PROXY_UPSTREAM_API_VERSION"):
+        ProxySettings.load()
+
+
+def test_upstream_headers_from_json_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_HEADERS", '{"X-Vendor": "abc"}')
+    assert ProxySettings.load().upstream_headers == {"X-Vendor": "abc"}

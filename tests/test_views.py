@@ -11,6 +11,7 @@ import typing as t
 import pytest
 import requests
 import responses
+import urllib3
 from flask import Flask
 from werkzeug.test import TestResponse
 
@@ -196,7 +197,7 @@ def test_upstream_error_status_and_body_relayed(
         content_type="application/json",
         headers={"x-request-id": "req_9", "retry-after": "3", "Set-Cookie": "track=1", "Server": "upstream"},
     )
-    resp = make_app().test_client().get("/v1/responses/resp_1")
+    resp = make_app(retry_attempts=0).test_client().get("/v1/responses/resp_1")
     assert resp.status_code == status
     assert resp.data == body
     assert resp.headers["Content-Type"] == "application/json"
@@ -244,7 +245,7 @@ def test_transport_failure_before_answer_is_envelope(
     make_app: MakeApp, mocked: responses.RequestsMock, exc: Exception, status: int, code: str
 ) -> None:
     mocked.add(responses.POST, f"{UPSTREAM}/responses", body=exc)
-    resp = make_app().test_client().post("/v1/responses", data=b'{"model":"m"}')
+    resp = make_app(retry_attempts=0).test_client().post("/v1/responses", data=b'{"model":"m"}')
     error = assert_error(resp, status, code=code)
     assert "upstream.test" in error["message"]
 
@@ -596,3 +597,98 @@ def test_extension_one_instance_serves_two_apps(mocked: responses.RequestsMock) 
     assert first.test_client().get("/v1/models").status_code == 200
     assert second.test_client().get("/v1/models").status_code == 200
     assert first.extensions["wsgi_proxy"] is not second.extensions["wsgi_proxy"]
+
+
+# --- upstream kinds --------------------------------------------------------------------------------
+
+
+def test_azure_upstream_gets_api_key_header_and_never_a_bearer(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", json={"id": "resp_1"})
+    app = make_app(upstream_kind="azure", **GATEWAY)
+    resp = app.test_client().post(
+        "/v1/responses", data=b'{"model":"m"}', headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+    )
+    assert resp.status_code == 200
+    sent = mocked.calls[0].request.headers
+    assert sent["api-key"] == UPSTREAM_KEY
+    assert "Authorization" not in sent
+
+
+def test_azure_legacy_api_version_is_merged_into_every_query(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", json={"id": "resp_1"})
+    mocked.add(responses.DELETE, f"{UPSTREAM}/responses/resp_1", json={"deleted": True})
+    app = make_app(upstream_kind="azure", upstream_api_version="2025-04-01-preview", **GATEWAY)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    client.get("/v1/responses/resp_1?api-version=1999-01-01&include%5B%5D=a&starting_after=3", headers=auth)
+    client.delete("/v1/responses/resp_1", headers=auth)
+    urls = [call.request.url for call in mocked.calls]
+    assert urls == [
+        f"{UPSTREAM}/responses/resp_1?api-version=2025-04-01-preview&include%5B%5D=a&starting_after=3",
+        f"{UPSTREAM}/responses/resp_1?api-version=2025-04-01-preview",
+    ]
+
+
+def test_upstream_headers_setting_is_sent_and_client_headers_win(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/models", json={"data": []})
+    app = make_app(upstream_headers={"X-Vendor": "v1", "OpenAI-Beta": "operator"}, **GATEWAY)
+    app.test_client().get(
+        "/v1/models", headers={"Authorization": f"Bearer {CLIENT_KEY}", "OpenAI-Beta": "client"}
+    )
+    sent = mocked.calls[0].request.headers
+    assert (sent["X-Vendor"], sent["OpenAI-Beta"]) == ("v1", "client")
+
+
+# --- retries -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_idempotent_call_is_retried_and_reports_attempts(
+    make_app: MakeApp, mocked: responses.RequestsMock, status: int
+) -> None:
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", status=status, headers={"retry-after-ms": "10"})
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", json={"id": "resp_1"})
+    resp = make_app().test_client().get("/v1/responses/resp_1")
+    assert resp.status_code == 200
+    assert resp.headers["X-Upstream-Attempts"] == "2"
+    assert len(mocked.calls) == 2
+
+
+def test_create_answered_500_is_not_sent_again(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", status=503, json={"error": {"message": "busy"}})
+    resp = make_app().test_client().post("/v1/responses", data=b'{"model":"m"}')
+    assert resp.status_code == 503
+    assert resp.headers["X-Upstream-Attempts"] == "1"
+    assert len(mocked.calls) == 1
+
+
+def test_create_dropped_after_sending_is_not_sent_again(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    # The connection broke after the request went out: it may have been received, so no retry.
+    mocked.add(
+        responses.POST, f"{UPSTREAM}/responses", body=requests.ConnectionError("Connection reset by peer")
+    )
+    resp = make_app().test_client().post("/v1/responses", data=b'{"model":"m"}')
+    assert_error(resp, 502, code="upstream_unavailable")
+    assert len(mocked.calls) == 1
+
+
+def test_create_is_retried_when_no_connection_could_be_made(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]
+    never_sent = requests.ConnectionError(
+        urllib3.exceptions.MaxRetryError(None, "/responses", reason=refused)
+    )  # type: ignore[arg-type]
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", body=never_sent)
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", json={"id": "resp_1"})
+    resp = make_app(retry_max_wait=0.01).test_client().post("/v1/responses", data=b'{"model":"m"}')
+    assert resp.status_code == 200
+    assert resp.headers["X-Upstream-Attempts"] == "2"

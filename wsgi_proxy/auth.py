@@ -30,7 +30,11 @@ class Credentials:
         self._require_client_key = bool(self._client_digests)
         gateway: dict[str, str] = {}
         if settings.upstream_api_key is not None:
-            gateway["Authorization"] = "Bearer " + settings.upstream_api_key.get_secret_value()
+            key = settings.upstream_api_key.get_secret_value()
+            if settings.upstream_kind == "azure":
+                gateway["api-key"] = key
+            else:
+                gateway["Authorization"] = "Bearer " + key
             if settings.upstream_organization:
                 gateway["OpenAI-Organization"] = settings.upstream_organization
             if settings.upstream_project:

@@ -8,6 +8,7 @@ Every setting can also be given as a keyword argument or, for an embedded proxy,
 from __future__ import annotations
 
 import json
+import re
 import typing as t
 from pathlib import Path
 
@@ -32,6 +33,17 @@ class ProxySettings(BaseSettings):
 
     upstream_url: str = "https://api.openai.com/v1"
     """Base URL of the upstream Responses API, up to and including its version segment."""
+
+    upstream_kind: t.Literal["openai", "azure", "openai-compatible"] = "openai"
+    """``openai`` and ``openai-compatible`` authenticate with ``Authorization: Bearer``; ``azure``
+    with the ``api-key`` header."""
+
+    upstream_api_version: str | None = None
+    """Azure's legacy API (``.../openai`` with ``?api-version=``): merged into every upstream query,
+    stream resume included. Leave unset for Azure's v1 API (``.../openai/v1``)."""
+
+    upstream_headers: dict[str, str] = {}
+    """Extra headers sent upstream with every request, as a JSON object (vendor-specific needs)."""
 
     upstream_api_key: SecretStr | None = Field(
         default=None,
@@ -124,8 +136,20 @@ class ProxySettings(BaseSettings):
             return None
         return value
 
+    @field_validator("upstream_api_version")
+    @classmethod
+    def _check_api_version(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+            raise ValueError("it must look like 2025-04-01-preview (letters, digits, '.', '_', '-')")
+        return value
+
     @model_validator(mode="after")
     def _check_auth_mode(self) -> ProxySettings:
+        if self.upstream_api_version is not None and self.upstream_kind != "azure":
+            raise ValueError(
+                "WSGI_PROXY_UPSTREAM_API_VERSION is only for Azure's legacy API: set"
+                " WSGI_PROXY_UPSTREAM_KIND=azure too, or unset the API version."
+            )
         if self.upstream_api_key is None and self.api_keys:
             raise ValueError(
                 "WSGI_PROXY_API_KEYS is set but no upstream key is, so there is nothing to authenticate"

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import typing as t
-from urllib.parse import unquote_plus, urlencode
+from urllib.parse import urlencode
 
 from .errors import UpstreamError
+from .query import replace_param
 from .retries import backoff
 from .streaming import Resume, UpstreamBody
 from .upstream import MAX_ERROR_BODY, UpstreamClient, UpstreamStream
@@ -36,13 +37,7 @@ def resume_query(query: bytes, after: int | None) -> bytes:
     """
     if after is None:
         return query
-    kept = [
-        p
-        for p in query.split(b"&")
-        if p and unquote_plus(p.split(b"=", 1)[0].decode("latin-1")) != "starting_after"
-    ]
-    kept.append(b"starting_after=%d" % after)
-    return b"&".join(kept)
+    return replace_param(query, "starting_after", b"%d" % after)
 
 
 def create_resume_query(fields: CreateFields) -> bytes:

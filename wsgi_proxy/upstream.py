@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import typing as t
+from urllib.parse import quote
 
 import requests
 import urllib3
@@ -25,6 +26,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .query import replace_param
 
 __all__ = ["UpstreamClient", "UpstreamStream", "translate_errors", "translate_stream_errors"]
 
@@ -211,6 +213,9 @@ class UpstreamClient:
 
     def __init__(self, settings: ProxySettings) -> None:
         self.base_url = settings.upstream_url
+        version = settings.upstream_api_version
+        self._api_version = quote(version, safe="").encode("ascii") if version is not None else None
+        self._extra_headers = dict(settings.upstream_headers)
         self.timeout = (settings.connect_timeout, settings.read_timeout)
         self._pool_size = settings.pool_size
         self._verify: bool | str = str(settings.upstream_ca_bundle) if settings.upstream_ca_bundle else True
@@ -251,11 +256,14 @@ class UpstreamClient:
     ) -> requests.Response:
         """Send one request; ``path`` is below the base URL and ``query`` goes as the client sent it."""
         url = self.base_url + path
+        if self._api_version is not None:
+            # Azure's legacy API wants the version on every call; the operator's choice wins.
+            query = replace_param(query, "api-version", self._api_version, first=True)
         if query:
             url += "?" + query.decode("latin-1")
         session = self.session
         with translate_errors(self.base_url):
-            request = requests.Request(method, url, headers=dict(headers), data=body)
+            request = requests.Request(method, url, headers=self._extra_headers | dict(headers), data=body)
             prepared = session.prepare_request(request)
             prepared.url = url  # exactly as received: requests would otherwise re-quote the query
             return session.send(prepared, stream=stream, timeout=self.timeout, allow_redirects=False)
