@@ -15,7 +15,10 @@ __all__ = ["main"]
 def _simulate(args: argparse.Namespace) -> int:
     from .simulator import SimulatorConfig, serve
 
-    serve(args.host, args.port, SimulatorConfig(api_key=args.api_key, delay_ms=args.delay_ms))
+    config = SimulatorConfig(
+        api_key=args.api_key, delay_ms=args.delay_ms, flavor=args.flavor, api_version=args.api_version
+    )
+    serve(args.host, args.port, config)
     return 0
 
 
@@ -45,6 +48,15 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     simulate.add_argument("--port", type=int, default=8001, help="port to bind (8001; 0 picks a free one)")
     simulate.add_argument("--api-key", default=None, help="require this key from clients (none)")
     simulate.add_argument("--delay-ms", type=float, default=20.0, help="time between generated events (20)")
+    simulate.add_argument(
+        "--flavor",
+        choices=["openai", "azure-v1", "azure-legacy"],
+        default="openai",
+        help="the wire to speak: OpenAI (/v1), Azure v1 (/openai/v1) or Azure legacy (/openai?api-version=)",
+    )
+    simulate.add_argument(
+        "--api-version", default="2025-04-01-preview", help="the api-version azure-legacy requires"
+    )
     simulate.set_defaults(run=_simulate)
 
     args = parser.parse_args(argv)

@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "FAULT_OPTIONS",
+    "FLAVOR_PREFIXES",
     "FaultError",
     "Faults",
+    "Flavor",
     "SimulatorConfig",
     "parse_faults",
 ]
@@ -52,6 +54,10 @@ Transfer = t.Literal["chunked", "close"]
 ErrorShape = t.Literal["flat", "nested"]
 CancelMode = t.Literal["fail", "continue"]
 CutMode = t.Literal["abort", "clean"]
+Flavor = t.Literal["openai", "azure-v1", "azure-legacy"]
+
+FLAVOR_PREFIXES: dict[Flavor, str] = {"openai": "/v1", "azure-v1": "/openai/v1", "azure-legacy": "/openai"}
+"""The path prefix each flavor serves the API under (what a client's ``base_url`` ends with)."""
 
 
 class FaultError(ValueError):
@@ -126,8 +132,9 @@ class Faults:
 class SimulatorConfig:
     """Settings of one :class:`~wsgi_proxy.simulator.Simulator`.
 
-    :param api_key: when set, ``/v1`` requests must send ``Authorization: Bearer <key>`` or
-        ``api-key: <key>``; otherwise they get OpenAI's 401.
+    :param api_key: when set, API requests must carry the key; otherwise they get a 401. ``openai`` and
+        ``azure-v1`` accept ``Authorization: Bearer <key>`` or ``api-key: <key>``; ``azure-legacy``
+        only ``api-key: <key>``. The 401 is OpenAI's in ``openai`` and Azure's in the Azure flavors.
     :param delay_ms: pause between generated events of streamed and background responses.
     :param words: number of ``response.output_text.delta`` events per response.
     :param faults: fault options applied when a request gives none.
@@ -135,6 +142,13 @@ class SimulatorConfig:
         with OpenAI's "no longer be streamed" 400.
     :param max_responses: stored responses kept; the oldest finished ones are forgotten beyond this.
     :param max_stored_bytes: the same, for the bytes of event data the stored responses hold.
+    :param flavor: which upstream to look like. ``openai`` serves the API under ``/v1``. ``azure-v1``
+        serves it under ``/openai/v1`` (an ``api-version`` query parameter, when present, must be
+        ``preview``, ``v1`` or :attr:`api_version`). ``azure-legacy`` serves it under ``/openai``, like
+        the ``AzureOpenAI`` client expects, and every request must carry ``api-version=<api_version>``
+        exactly once (missing: Azure's 404; another value: Azure's 400). Paths of the other flavors
+        get a 404; ``/health`` and ``/_sim/*`` are the same in every flavor.
+    :param api_version: the ``api-version`` the Azure flavors accept.
     """
 
     api_key: str | None = None
@@ -144,6 +158,13 @@ class SimulatorConfig:
     replay_window_s: float | None = None
     max_responses: int = 1000
     max_stored_bytes: int = 256 * 1024 * 1024
+    flavor: Flavor = "openai"
+    api_version: str = "2025-04-01-preview"
+
+    def __post_init__(self) -> None:
+        if self.flavor not in FLAVOR_PREFIXES:
+            choices = ", ".join(repr(f) for f in FLAVOR_PREFIXES)
+            raise ValueError(f"Unknown simulator flavor {self.flavor!r}; expected one of {choices}.")
 
 
 def _int(name: str, raw: str, minimum: int, maximum: int | None = None) -> int:

@@ -1,7 +1,8 @@
 """OpenAI-shaped HTTP errors: :class:`ApiError` and constructors for the cases the simulator answers.
 
 Every failure before the first body byte is an :class:`ApiError`, sent as
-``{"error": {"message", "type", "param", "code"}}`` with its status and headers.
+``{"error": {"message", "type", "param", "code"}}`` with its status and headers. The Azure gateway's
+own refusals (key, ``api-version``, unknown path) use Azure's ``{"error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from .config import FaultError, Faults
 
 __all__ = [
     "ApiError",
+    "azure_access_denied",
+    "azure_api_version_unsupported",
+    "azure_resource_not_found",
     "bad_json",
     "fault_error",
     "incorrect_api_key",
@@ -48,6 +52,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: t.Mapping[str, str] | None = None,
+        body: dict[str, t.Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -56,9 +61,37 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.body = body
+        """A complete body to send instead of OpenAI's envelope (Azure's shapes)."""
 
     def envelope(self) -> dict[str, t.Any]:
+        if self.body is not None:
+            return self.body
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _azure(status: int, code: str, message: str) -> ApiError:
+    return ApiError(status, message, code=code, body={"error": {"code": code, "message": message}})
+
+
+def azure_access_denied() -> ApiError:
+    """Azure's 401 for a missing or wrong key."""
+    return _azure(
+        401,
+        "401",
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid"
+        " key for an active subscription and use a correct regional API endpoint for your resource.",
+    )
+
+
+def azure_resource_not_found() -> ApiError:
+    """Azure's 404 for an unknown path, or a legacy request without ``api-version``."""
+    return _azure(404, "404", "Resource not found")
+
+
+def azure_api_version_unsupported() -> ApiError:
+    """Azure's 400 for an ``api-version`` it does not serve."""
+    return _azure(400, "BadRequest", "API version not supported")
 
 
 def missing_api_key() -> ApiError:

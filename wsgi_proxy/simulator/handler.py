@@ -1,4 +1,4 @@
-"""The HTTP layer: routing, validation, the ``/v1`` endpoints and SSE framing on the socket.
+"""The HTTP layer: routing, validation, the API endpoints and SSE framing on the socket.
 
 Built on :mod:`http.server` rather than WSGI because the point is exact control of the bytes:
 chunked or close-delimited bodies, split writes, and chunked bodies aborted without the last chunk.
@@ -17,11 +17,12 @@ import sys
 import time
 import typing as t
 import urllib.parse
+import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import errors
-from .config import FaultError, Faults, SimulatorConfig, parse_faults
+from .config import FLAVOR_PREFIXES, FaultError, Faults, SimulatorConfig, parse_faults
 from .errors import ApiError
 from .events import (
     JsonDict,
@@ -49,17 +50,21 @@ MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-5", "gpt-5-mini", "o4-mini")
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
 
-# Path pattern -> {method: handler method}; the first pattern that matches decides between 405 and 404.
+# Path pattern (below the flavor's prefix, see FLAVOR_PREFIXES) -> {method: handler method}; the first
+# pattern that matches decides between 405 and 404.
 _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
-    (re.compile(r"/v1/responses"), {"POST": "_create"}),
-    (re.compile(r"/v1/responses/input_tokens"), {"POST": "_input_tokens"}),
-    (re.compile(r"/v1/responses/compact"), {"POST": "_compact"}),
-    (re.compile(r"/v1/responses/(?P<id>[^/]+)"), {"GET": "_retrieve", "DELETE": "_delete"}),
-    (re.compile(r"/v1/responses/(?P<id>[^/]+)/cancel"), {"POST": "_cancel"}),
-    (re.compile(r"/v1/responses/(?P<id>[^/]+)/input_items"), {"GET": "_input_items"}),
-    (re.compile(r"/v1/models"), {"GET": "_models"}),
-    (re.compile(r"/v1/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
+    (re.compile(r"/responses"), {"POST": "_create"}),
+    (re.compile(r"/responses/input_tokens"), {"POST": "_input_tokens"}),
+    (re.compile(r"/responses/compact"), {"POST": "_compact"}),
+    (re.compile(r"/responses/(?P<id>[^/]+)"), {"GET": "_retrieve", "DELETE": "_delete"}),
+    (re.compile(r"/responses/(?P<id>[^/]+)/cancel"), {"POST": "_cancel"}),
+    (re.compile(r"/responses/(?P<id>[^/]+)/input_items"), {"GET": "_input_items"}),
+    (re.compile(r"/models"), {"GET": "_models"}),
+    (re.compile(r"/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
 ]
+
+# What azure-v1 accepts in an optional api-version, besides SimulatorConfig.api_version.
+_AZURE_V1_API_VERSIONS = frozenset({"preview", "v1"})
 
 
 def _read_chunked(rfile: t.BinaryIO) -> bytes:
@@ -228,23 +233,64 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _route(self, path: str, query: str, body: bytes) -> None:
-        self._check_auth()
+        config = self._server.config
+        prefix = FLAVOR_PREFIXES[config.flavor]
+        sub = path[len(prefix) :] if path.startswith(prefix + "/") else None
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if config.flavor == "openai":
+            self._check_auth()
+        else:
+            # Azure's gateway refuses unknown paths and api-versions before it looks at the key.
+            if sub is None or not any(pattern.fullmatch(sub) for pattern, _ in _ROUTES):
+                raise errors.azure_resource_not_found()
+            self._check_api_version([v for k, v in pairs if k == "api-version"])
+            self._check_azure_auth(bearer=config.flavor == "azure-v1")
+        if sub is None:
+            raise ApiError(404, f"Invalid URL ({self.command} {path})")
         for pattern, methods in _ROUTES:
-            match = pattern.fullmatch(path)
+            match = pattern.fullmatch(sub)
             if match is None:
                 continue
             name = methods.get(self.command)
             if name is None:
                 raise ApiError(405, f"Invalid method for URL ({self.command} {path})")
             params = {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
-            call = _Call(params, urllib.parse.parse_qsl(query, keep_blank_values=True), body)
-            faults = self._faults(call.sim_args, self._server.config.faults)
+            call = _Call(params, pairs, body)
+            faults = self._faults(call.sim_args, config.faults)
             if faults.status is not None:
                 raise errors.injected_error(faults)
             self._gzip = faults.gzip
             getattr(self, name)(call)
             return
         raise ApiError(404, f"Invalid URL ({self.command} {path})")
+
+    def _check_api_version(self, versions: list[str]) -> None:
+        """``azure-legacy`` needs exactly one ``api-version=<api_version>``; ``azure-v1`` takes none or one
+        of ``preview``, ``v1`` and ``api_version``."""
+        config = self._server.config
+        if config.flavor == "azure-legacy":
+            if not versions:
+                raise errors.azure_resource_not_found()
+            accepted = {config.api_version}
+        else:
+            if not versions:
+                return
+            accepted = {config.api_version, *_AZURE_V1_API_VERSIONS}
+        if len(versions) > 1 or versions[0] not in accepted:
+            raise errors.azure_api_version_unsupported()
+
+    def _check_azure_auth(self, *, bearer: bool) -> None:
+        """The key in ``api-key``, or (``bearer``) also in ``Authorization: Bearer``."""
+        expected = self._server.config.api_key
+        if expected is None:
+            return
+        candidates = [self.headers.get("api-key", "").strip()]
+        if bearer:
+            scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() == "bearer":
+                candidates.append(token.strip())
+        if not any(c and hmac.compare_digest(c.encode(), expected.encode()) for c in candidates):
+            raise errors.azure_access_denied()
 
     @staticmethod
     def _faults(mapping: t.Mapping[str, str], defaults: Faults) -> Faults:
@@ -277,6 +323,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("x-ratelimit-limit-requests", "10000")
         self.send_header("x-ratelimit-remaining-requests", "9999")
         self.send_header("x-ratelimit-reset-requests", "6ms")
+        if self._server.config.flavor != "openai":
+            self.send_header("apim-request-id", str(uuid.UUID(self._request_id[4:])))
 
     def _send_json(self, status: int, payload: object, headers: t.Mapping[str, str] | None = None) -> None:
         body = json.dumps(payload, indent=2, ensure_ascii=False).encode()
@@ -313,7 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_error(ApiError(404, f"Invalid URL ({self.command} {path})"))
 
-    # -- /v1 endpoints ----------------------------------------------------------------------------
+    # -- API endpoints ----------------------------------------------------------------------------
 
     def _json_body(self, call: _Call) -> JsonDict:
         try:

@@ -15,7 +15,7 @@ CloseReason = t.Literal["complete", "client_gone", "cut", "cancelled"]
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One ``/v1`` request as the simulator received it.
+    """One API request (not ``/health`` or ``/_sim/*``) as the simulator received it.
 
     ``path`` and ``query`` are the raw request target split at ``?``, undecoded (latin-1, as received).
     ``headers`` has lower-cased names (the last one wins); ``raw_headers`` keeps every pair as sent.

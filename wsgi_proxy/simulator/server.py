@@ -7,7 +7,7 @@ import socket
 import threading
 import typing as t
 
-from .config import SimulatorConfig
+from .config import FLAVOR_PREFIXES, SimulatorConfig
 from .handler import SimulatorServer
 from .recording import RecordedRequest, Recorder, StreamClosure
 from .store import Store
@@ -82,18 +82,21 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT``, without ``/v1``."""
+        """``http://HOST:PORT``, without the API prefix (where ``/health`` and ``/_sim/*`` live)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
-        """The ``base_url`` for an OpenAI client: ``http://HOST:PORT/v1``."""
-        return self.url + "/v1"
+        """The base a client configures: ``http://HOST:PORT/v1`` (``openai``), ``…/openai/v1``
+        (``azure-v1``, for ``OpenAI(base_url=…)``) or ``…/openai`` (``azure-legacy``; ``AzureOpenAI``
+        wants :attr:`url` as ``azure_endpoint`` and adds ``/openai`` itself)."""
+        return self.url + FLAVOR_PREFIXES[self.config.flavor]
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """A snapshot of the ``/v1`` requests received so far, oldest first."""
+        """A snapshot of the API requests received so far (any path but ``/health`` and ``/_sim/*``),
+        oldest first."""
         return self._recorder.requests
 
     def clear_requests(self) -> None:
@@ -118,7 +121,8 @@ class Simulator:
 def serve(host: str = "127.0.0.1", port: int = 8000, config: SimulatorConfig | None = None) -> None:
     """Run a simulator in the foreground until SIGINT or SIGTERM (for ``wsgi-proxy simulate``).
 
-    Prints ``simulator listening on http://HOST:PORT/v1`` once it accepts connections.
+    Prints ``simulator listening on <base_url>`` once it accepts connections (``http://HOST:PORT/v1``, or
+    the Azure flavor's base, see :attr:`Simulator.base_url`).
     """
     sim = Simulator(host, port, config).start()
     print(f"simulator listening on {sim.base_url}", flush=True)
