@@ -1,0 +1,259 @@
+"""The shared store: one Redis server for every gateway worker on every host.
+
+Layout, under a key prefix (``wsgi_proxy:`` by default)::
+
+    {prefix}response:{response_id}   string: the ResponseRecord as JSON, with a PX expiry
+    {prefix}rate:{key}:{window}      integer: INCR per request, expiring after its window ends
+    {prefix}slots:{key}              sorted set: lease -> expiry time, changed only by Lua scripts
+
+Responses and rate windows expire by Redis's own key expiry, so :meth:`RedisStore.purge_expired`
+only has expired slot leases to remove (the scripts also drop them as they go).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import time
+import typing as t
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .base import (
+    RateDecision,
+    ResponseRecord,
+    Store,
+    StoreError,
+    check_positive,
+    fixed_window,
+    rate_decision,
+    redact_url,
+)
+
+__all__ = ["RedisStore"]
+
+#: Take a slot: drop expired leases, refuse if the lease is new and the set is full, else (re)add it.
+#: Times stay strings end to end: Lua would print a number as %.14g and round a unix time to 0.1 ms.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if not redis.call('ZSCORE', KEYS[1], ARGV[3]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+return 1
+"""
+
+#: Extend a lease that is still live; an expired or unknown one stays gone.
+_REFRESH = """
+local expires_at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expires_at or tonumber(expires_at) <= tonumber(ARGV[2]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+"""
+
+# A rate window's key outlives the window a little, so a host whose clock runs behind still finds it.
+_RATE_GRACE_MS = 1000
+
+
+class RedisStore(Store):
+    """A :class:`Store` on a Redis server (``redis://`` or ``rediss://`` for TLS).
+
+    Constructing it does not connect: the first call does, and :meth:`ping` tells whether Redis
+    answers, so a gateway can start while Redis is briefly away and report itself not ready.
+
+    :param url: a redis-py URL, e.g. ``redis://:password@host:6379/0``.
+    :param prefix: put before every key, so that several gateways (or tests) can share a database.
+    :param max_connections: the size of the connection pool; keep it at or above gunicorn's
+        ``threads``, since a thread waits (up to ``socket_timeout``) for a free connection.
+    :param socket_timeout: seconds to wait for one answer from Redis.
+    :param connect_timeout: seconds to wait for a connection to Redis.
+    :param health_check_interval: seconds a pooled connection may sit idle before it is checked
+        with a PING prior to reuse.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "wsgi_proxy:",
+        max_connections: int = 1000,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        health_check_interval: int = 30,
+    ) -> None:
+        self.url = redact_url(url)
+        self.prefix = prefix
+        self._closed = False
+        self._secrets = _secrets_of(url)
+        try:
+            # redis-py ignores a database that is not a number; a typo must not silently mean db 0.
+            database = urlsplit(url).path.strip("/")
+            if database and not database.isdigit():
+                raise ValueError("the database after the host must be a number, such as /0")
+            self._pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=socket_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                health_check_interval=health_check_interval,
+                # One quick retry, and only when the connection itself failed (a pooled connection
+                # that a Redis restart closed); a timeout may mean the command ran, so it is final.
+                retry=Retry(
+                    ExponentialBackoff(cap=0.2, base=0.02), 1, supported_errors=(redis.ConnectionError,)
+                ),
+            )
+        except ValueError as exc:
+            raise StoreError(
+                f"The Redis store URL {self.url} is invalid: {self._redact(str(exc))}. Use the form"
+                " redis://[[user]:password@]host[:port][/db], or rediss:// for TLS."
+            ) from None
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._refresh = self._client.register_script(_REFRESH)
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the password, should a driver message ever echo it.
+
+        :meta private:
+        """
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @contextlib.contextmanager
+    def _translate(self, action: str) -> t.Iterator[None]:
+        """Turn redis-py's errors into a :class:`StoreError` sentence; the one boundary for them.
+
+        :meta private:
+        """
+        if self._closed:
+            raise StoreError(f"The Redis store at {self.url} was closed; open a new store to use it.")
+        try:
+            yield
+        except redis.RedisError as exc:
+            detail = self._redact(str(exc)).rstrip(".") or type(exc).__name__
+            raise StoreError(
+                f"The Redis store at {self.url} could not {action}: {detail}. Check that Redis is running,"
+                " that this host can reach it, and that the URL's password and database are right."
+            ) from exc
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}{kind}:{name}"
+
+    def put_response(self, record: ResponseRecord, ttl_s: float) -> None:
+        check_positive("ttl_s", ttl_s)
+        value = json.dumps(dataclasses.asdict(record), separators=(",", ":"))
+        with self._translate("store a response"):
+            self._client.set(self._key("response", record.response_id), value, px=_ms(ttl_s))
+
+    def get_response(self, response_id: str) -> ResponseRecord | None:
+        with self._translate("look up a response"):
+            value = self._client.get(self._key("response", response_id))
+        if value is None:
+            return None
+        try:
+            return ResponseRecord(**json.loads(value))
+        except (ValueError, TypeError):
+            raise StoreError(
+                f"The Redis store at {self.url} holds an unreadable record for {response_id!r}; delete"
+                f" the key {self._key('response', response_id)!r} or check what else writes under the"
+                f" prefix {self.prefix!r}."
+            ) from None
+
+    def delete_response(self, response_id: str) -> None:
+        with self._translate("delete a response"):
+            self._client.delete(self._key("response", response_id))
+
+    def hit_rate(
+        self, key: str, limit: int, window_s: float = 60.0, now: float | None = None
+    ) -> RateDecision:
+        check_positive("window_s", window_s)
+        now = time.time() if now is None else now
+        index, window_end = fixed_window(now, window_s)
+        name = self._key("rate", f"{key}:{index}")
+        with self._translate("count a request"):
+            # MULTI/EXEC: the counter never exists without its expiry, whatever happens in between.
+            pipe = self._client.pipeline(transaction=True)
+            pipe.incr(name)
+            pipe.pexpire(name, _ms(window_end - now) + _RATE_GRACE_MS)
+            hits, _ = pipe.execute()
+        return rate_decision(int(hits), limit, now, window_s)
+
+    def acquire_slot(self, key: str, limit: int, lease: str, ttl_s: float, now: float | None = None) -> bool:
+        check_positive("ttl_s", ttl_s)
+        now = time.time() if now is None else now
+        with self._translate("take a stream slot"):
+            taken = self._acquire(
+                keys=[self._key("slots", key)], args=[repr(now), limit, lease, repr(now + ttl_s), _ms(ttl_s)]
+            )
+        return bool(taken)
+
+    def refresh_slot(self, key: str, lease: str, ttl_s: float, now: float | None = None) -> None:
+        check_positive("ttl_s", ttl_s)
+        now = time.time() if now is None else now
+        with self._translate("refresh a stream slot"):
+            self._refresh(
+                keys=[self._key("slots", key)], args=[lease, repr(now), repr(now + ttl_s), _ms(ttl_s)]
+            )
+
+    def release_slot(self, key: str, lease: str) -> None:
+        with self._translate("release a stream slot"):
+            self._client.zrem(self._key("slots", key), lease)
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        removed = 0
+        pattern = _glob_escape(self.prefix) + "slots:*"
+        with self._translate("purge expired entries"):
+            for name in self._client.scan_iter(match=pattern, count=500):
+                removed += int(self._client.zremrangebyscore(name, "-inf", repr(now)))
+        return removed
+
+    def ping(self) -> bool:
+        try:
+            with self._translate("answer a ping"):
+                return bool(self._client.ping())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.disconnect()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
+
+
+def _secrets_of(url: str) -> set[str]:
+    """The password in ``url``, as written and percent-decoded (redis-py decodes it)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return set()
+    return {password, unquote(password)} - {""} if password else set()
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds, rounded up and at least 1 (Redis rejects a zero or negative expiry)."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)

@@ -1,0 +1,364 @@
+"""The embedded store: one SQLite file shared by the gateway workers of one host.
+
+Concurrency model: every thread gets its own connection (created on first use, and again in a
+forked child, which must never touch its parent's connections). The file is in WAL mode, so reads
+never wait for writes. Writes are serialised twice: by a lock inside each process, so the threads
+of one worker queue cheaply instead of spinning in SQLite's busy handler, and by ``BEGIN
+IMMEDIATE`` plus ``busy_timeout`` across processes. Every read-modify-write (rate windows, slot
+leases) runs inside one such transaction, which makes it atomic for all workers on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+import typing as t
+import weakref
+from pathlib import Path
+
+from .base import (
+    RateDecision,
+    ResponseRecord,
+    Store,
+    StoreError,
+    check_positive,
+    fixed_window,
+    rate_decision,
+)
+
+__all__ = ["SQLiteStore"]
+
+log = logging.getLogger("wsgi_proxy.store")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    response_id TEXT PRIMARY KEY,
+    upstream TEXT NOT NULL,
+    team TEXT,
+    key_name TEXT,
+    created_at REAL NOT NULL,
+    background INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_expires_at ON responses (expires_at);
+
+CREATE TABLE IF NOT EXISTS rate_windows (
+    key TEXT NOT NULL,
+    window_index INTEGER NOT NULL,
+    hits INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, window_index)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rate_windows_expires_at ON rate_windows (expires_at);
+
+CREATE TABLE IF NOT EXISTS slot_leases (
+    key TEXT NOT NULL,
+    lease TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, lease)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS slot_leases_expires_at ON slot_leases (expires_at);
+"""
+
+_TABLES = ("responses", "rate_windows", "slot_leases")
+
+
+class SQLiteStore(Store):
+    """A :class:`Store` in one SQLite file; opening it creates the file and its tables if needed.
+
+    :param path: the database file. Its directory must exist and be writable (SQLite puts the
+        ``-wal`` and ``-shm`` files next to it). Use a local disk: WAL does not work over NFS.
+    :param busy_timeout: seconds a write waits for another process's transaction to finish.
+    :param purge_every: expired rows are purged after this many writes by one process...
+    :param purge_interval: ...or when this many seconds passed since the last purge, whichever
+        comes first.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 5.0,
+        purge_every: int = 1000,
+        purge_interval: float = 60.0,
+    ) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self.purge_every = purge_every
+        self.purge_interval = purge_interval
+        self._closed = False
+        self._orphans: list[sqlite3.Connection] = []
+        self._reset(os.getpid())
+        # A forked child starts clean even if another thread held a lock at the moment of the fork.
+        ref = weakref.ref(self)
+
+        def after_fork_in_child() -> None:
+            store = ref()
+            if store is not None:
+                store._reset(os.getpid())
+
+        os.register_at_fork(after_in_child=after_fork_in_child)
+        with self._translate("be opened"):
+            conn = self._connection()
+            self._set_wal(conn)
+            with self._write_lock:
+                conn.executescript(_SCHEMA)
+
+    def _reset(self, pid: int) -> None:
+        """Start this process's connection bookkeeping afresh (at open, and in a forked child).
+
+        :meta private:
+        """
+        # The parent's connections stay referenced but unused: closing them in the child could
+        # release locks the parent still relies on.
+        self._orphans.extend(conn for conn, _ in getattr(self, "_conns", ()))
+        self._pid = pid
+        self._local = threading.local()
+        self._conns: list[tuple[sqlite3.Connection, threading.Thread]] = []
+        self._conns_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._writes = 0
+        self._last_purge = time.monotonic()
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use.
+
+        :meta private:
+        """
+        if self._closed:
+            raise StoreError(f"The SQLite store at {self.path} was closed; open a new store to use it.")
+        if os.getpid() != self._pid:  # forked without os.fork(), so the at-fork hook did not run
+            self._reset(os.getpid())
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._make_connection()
+            self._local.conn = conn
+        return conn
+
+    def _make_connection(self) -> sqlite3.Connection:
+        """:meta private:"""
+        # ``timeout`` is SQLite's busy_timeout. check_same_thread is off only so that close() may
+        # close every thread's connection; each is otherwise used by the thread that opened it.
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            # With WAL, NORMAL loses at most the last commits on power loss and never corrupts.
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        with self._conns_lock:
+            # Close the connections of threads that have ended, so a churn of threads cannot leak.
+            alive = []
+            for other, thread in self._conns:
+                if thread.is_alive():
+                    alive.append((other, thread))
+                else:
+                    other.close()
+            alive.append((conn, threading.current_thread()))
+            self._conns = alive
+        return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the file in WAL mode (persistent), waiting out workers that open it at the same time.
+
+        :meta private:
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                mode = None
+            if str(mode).lower() == "wal":
+                return
+            if mode is not None and time.monotonic() > deadline:
+                raise StoreError(
+                    f"The SQLite store at {self.path} cannot use WAL mode (it stayed in {mode!r} mode);"
+                    " put the file on a local file system that supports shared memory."
+                )
+            time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def _translate(self, action: str) -> t.Iterator[None]:
+        """Turn SQLite's errors into a :class:`StoreError` sentence; the one boundary for them.
+
+        :meta private:
+        """
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"The SQLite store at {self.path} could not {action}: {exc}. Check that the directory"
+                " exists and is writable by the gateway, that the disk is not full, and that no other"
+                " program holds the file locked."
+            ) from exc
+
+    @contextlib.contextmanager
+    def _write(self, action: str) -> t.Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction, committed on success and rolled back on error.
+
+        :meta private:
+        """
+        purge = False
+        with self._translate(action):
+            if not self._write_lock.acquire(timeout=2 * self.busy_timeout):
+                raise StoreError(
+                    f"The SQLite store at {self.path} could not {action}: other threads kept it busy for"
+                    f" {2 * self.busy_timeout:.0f} s. Lower the write load or move the store to Redis."
+                )
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                self._writes += 1
+                if (
+                    self._writes >= self.purge_every
+                    or time.monotonic() - self._last_purge >= self.purge_interval
+                ):
+                    self._writes = 0
+                    self._last_purge = time.monotonic()
+                    purge = True
+            finally:
+                self._write_lock.release()
+        if purge:
+            self._purge_quietly()
+
+    def _purge_quietly(self) -> None:
+        """An opportunistic purge: its failure must not fail the write that triggered it.
+
+        :meta private:
+        """
+        try:
+            removed = self.purge_expired()
+        except StoreError as exc:
+            log.warning("purging expired entries failed: %s", exc)
+        else:
+            log.debug("purged %d expired entries from %s", removed, self.path)
+
+    def put_response(self, record: ResponseRecord, ttl_s: float) -> None:
+        check_positive("ttl_s", ttl_s)
+        with self._write("store a response") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO responses"
+                " (response_id, upstream, team, key_name, created_at, background, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.response_id,
+                    record.upstream,
+                    record.team,
+                    record.key_name,
+                    record.created_at,
+                    int(record.background),
+                    time.time() + ttl_s,
+                ),
+            )
+
+    def get_response(self, response_id: str) -> ResponseRecord | None:
+        with self._translate("look up a response"):
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT upstream, team, key_name, created_at, background FROM responses"
+                    " WHERE response_id = ? AND expires_at > ?",
+                    (response_id, time.time()),
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        upstream, team, key_name, created_at, background = row
+        return ResponseRecord(response_id, upstream, team, key_name, created_at, bool(background))
+
+    def delete_response(self, response_id: str) -> None:
+        with self._write("delete a response") as conn:
+            conn.execute("DELETE FROM responses WHERE response_id = ?", (response_id,))
+
+    def hit_rate(
+        self, key: str, limit: int, window_s: float = 60.0, now: float | None = None
+    ) -> RateDecision:
+        check_positive("window_s", window_s)
+        now = time.time() if now is None else now
+        index, window_end = fixed_window(now, window_s)
+        with self._write("count a request") as conn:
+            conn.execute(
+                "INSERT INTO rate_windows (key, window_index, hits, expires_at) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (key, window_index) DO UPDATE SET hits = hits + 1",
+                (key, index, window_end),
+            )
+            (hits,) = conn.execute(
+                "SELECT hits FROM rate_windows WHERE key = ? AND window_index = ?", (key, index)
+            ).fetchone()
+        return rate_decision(hits, limit, now, window_s)
+
+    def acquire_slot(self, key: str, limit: int, lease: str, ttl_s: float, now: float | None = None) -> bool:
+        check_positive("ttl_s", ttl_s)
+        now = time.time() if now is None else now
+        with self._write("take a stream slot") as conn:
+            conn.execute("DELETE FROM slot_leases WHERE key = ? AND expires_at <= ?", (key, now))
+            held = conn.execute(
+                "SELECT 1 FROM slot_leases WHERE key = ? AND lease = ?", (key, lease)
+            ).fetchone()
+            if held is None:
+                (taken,) = conn.execute("SELECT COUNT(*) FROM slot_leases WHERE key = ?", (key,)).fetchone()
+                if taken >= limit:
+                    return False
+            conn.execute(
+                "INSERT OR REPLACE INTO slot_leases (key, lease, expires_at) VALUES (?, ?, ?)",
+                (key, lease, now + ttl_s),
+            )
+        return True
+
+    def refresh_slot(self, key: str, lease: str, ttl_s: float, now: float | None = None) -> None:
+        check_positive("ttl_s", ttl_s)
+        now = time.time() if now is None else now
+        with self._write("refresh a stream slot") as conn:
+            conn.execute(
+                "UPDATE slot_leases SET expires_at = ? WHERE key = ? AND lease = ? AND expires_at > ?",
+                (now + ttl_s, key, lease, now),
+            )
+
+    def release_slot(self, key: str, lease: str) -> None:
+        with self._write("release a stream slot") as conn:
+            conn.execute("DELETE FROM slot_leases WHERE key = ? AND lease = ?", (key, lease))
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        removed = 0
+        with self._write("purge expired entries") as conn:
+            for table in _TABLES:
+                removed += conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,)).rowcount
+        return removed
+
+    def ping(self) -> bool:
+        try:
+            self._connection().execute("SELECT 1").fetchone()
+        except Exception:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn, _ in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
