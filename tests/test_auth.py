@@ -6,18 +6,27 @@ import pytest
 from pydantic import SecretStr
 from werkzeug.datastructures import Headers
 
-from wsgi_proxy.auth import Credentials
+from wsgi_proxy.auth import ANONYMOUS, Keyring
 from wsgi_proxy.config import ProxySettings
 from wsgi_proxy.errors import AuthenticationFailed
+from wsgi_proxy.upstream import UpstreamClient, UpstreamSpec
 
 UPSTREAM_KEY = "sk-UPSTREAM-auth-1"
 CLIENT_KEYS = ("sk-client-one", "sk-client-two", "sk-client-three")
 
 
-def _gateway(**extra: str) -> Credentials:
+def _settings(**extra: str) -> ProxySettings:
     # Keys as an operator writes them: one comma-separated string.
     settings = {"upstream_api_key": UPSTREAM_KEY, "api_keys": ",".join(CLIENT_KEYS), **extra}
-    return Credentials(ProxySettings.model_validate(settings))
+    return ProxySettings.model_validate(settings)
+
+
+def _keyring() -> Keyring:
+    return Keyring.from_settings(_settings())
+
+
+def _upstream(settings: ProxySettings) -> UpstreamClient:
+    return UpstreamClient(UpstreamSpec.from_settings(settings))
 
 
 @pytest.mark.parametrize(
@@ -41,7 +50,7 @@ def _gateway(**extra: str) -> Credentials:
 )
 def test_authenticate_missing_or_wrong_key_fails(authorization: str | None) -> None:
     with pytest.raises(AuthenticationFailed) as info:
-        _gateway().authenticate(authorization)
+        _keyring().identify(authorization)
     assert info.value.status == 401
     assert info.value.code == "invalid_api_key"
     assert "sk-client" not in info.value.message
@@ -53,30 +62,35 @@ def test_authenticate_missing_or_wrong_key_fails(authorization: str | None) -> N
     ["Bearer sk-client-one", "Bearer sk-client-two", "bearer sk-client-three", "BEARER sk-client-two "],
 )
 def test_authenticate_right_key_among_several_passes(authorization: str) -> None:
-    _gateway().authenticate(authorization)
+    identity = _keyring().identify(authorization)
+    assert identity.team == "default"
+    assert identity.key_name == f"key-{1 + [k in authorization for k in CLIENT_KEYS].index(True)}"
 
 
 @pytest.mark.parametrize("authorization", [None, "", "Basic abc", "Bearer anything"])
 def test_authenticate_without_client_keys_accepts_anyone(authorization: str | None) -> None:
-    Credentials(ProxySettings()).authenticate(authorization)
-    Credentials(ProxySettings(upstream_api_key=SecretStr(UPSTREAM_KEY), allow_anonymous=True)).authenticate(
-        authorization
-    )
+    assert Keyring.from_settings(ProxySettings()).identify(authorization) is ANONYMOUS
+    anonymous = ProxySettings(upstream_api_key=SecretStr(UPSTREAM_KEY), allow_anonymous=True)
+    assert Keyring.from_settings(anonymous).identify(authorization) is ANONYMOUS
 
 
-def test_credentials_keep_client_keys_only_as_digests() -> None:
-    credentials = _gateway()
-    assert not any(key in repr(vars(credentials)) for key in CLIENT_KEYS)
+def test_keyring_keeps_client_keys_only_as_digests() -> None:
+    keyring = _keyring()
+    assert not any(key in repr(vars(keyring)) for key in CLIENT_KEYS)
+
+
+def test_upstream_spec_repr_hides_the_key() -> None:
+    assert UPSTREAM_KEY not in repr(UpstreamSpec.from_settings(_settings()))
 
 
 def test_upstream_headers_gateway_sends_own_bearer() -> None:
     client = Headers({"Authorization": "Bearer sk-client-one", "api-key": "azure-client"})
-    assert _gateway().upstream_headers(client) == {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+    assert _upstream(_settings()).credentials(client) == {"Authorization": f"Bearer {UPSTREAM_KEY}"}
 
 
 def test_upstream_headers_gateway_sends_organization_and_project() -> None:
-    credentials = _gateway(upstream_organization="org-gw", upstream_project="proj_gw")
-    assert credentials.upstream_headers(Headers({"OpenAI-Organization": "org-client"})) == {
+    upstream = _upstream(_settings(upstream_organization="org-gw", upstream_project="proj_gw"))
+    assert upstream.credentials(Headers({"OpenAI-Organization": "org-client"})) == {
         "Authorization": f"Bearer {UPSTREAM_KEY}",
         "OpenAI-Organization": "org-gw",
         "OpenAI-Project": "proj_gw",
@@ -84,9 +98,9 @@ def test_upstream_headers_gateway_sends_organization_and_project() -> None:
 
 
 def test_upstream_headers_gateway_returns_a_copy() -> None:
-    credentials = _gateway()
-    credentials.upstream_headers(Headers())["Authorization"] = "tampered"
-    assert credentials.upstream_headers(Headers())["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    upstream = _upstream(_settings())
+    upstream.credentials(Headers())["Authorization"] = "tampered"
+    assert upstream.credentials(Headers())["Authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
 @pytest.mark.parametrize(
@@ -105,6 +119,6 @@ def test_upstream_headers_gateway_returns_a_copy() -> None:
 def test_upstream_headers_pass_through_forwards_client_credentials(
     client: dict[str, str], expected: dict[str, str]
 ) -> None:
-    credentials = Credentials(ProxySettings(upstream_organization="org-ignored"))
-    assert credentials.pass_through
-    assert credentials.upstream_headers(Headers(client)) == expected
+    upstream = _upstream(ProxySettings(upstream_organization="org-ignored"))
+    assert upstream.pass_through
+    assert upstream.credentials(Headers(client)) == expected

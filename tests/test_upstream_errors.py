@@ -18,7 +18,7 @@ from wsgi_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from wsgi_proxy.upstream import UpstreamClient, translate_errors, translate_stream_errors
+from wsgi_proxy.upstream import UpstreamClient, UpstreamSpec, translate_errors, translate_stream_errors
 
 TARGET = "http://upstream.test/v1"
 _NO_POOL: t.Any = None
@@ -139,7 +139,9 @@ def test_translate_stream_errors_passes_other_exceptions_through() -> None:
 
 
 def test_upstream_client_session_ignores_environment_and_never_retries() -> None:
-    client = UpstreamClient(ProxySettings(upstream_url=TARGET, connect_timeout=1.5, read_timeout=30))
+    client = UpstreamClient(
+        UpstreamSpec.from_settings(ProxySettings(upstream_url=TARGET, connect_timeout=1.5, read_timeout=30))
+    )
     session = client.session
     assert session is client.session  # one per process
     assert session.trust_env is False

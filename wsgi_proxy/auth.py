@@ -1,15 +1,20 @@
-"""Client authentication and the credentials the proxy presents upstream."""
+"""Client authentication: which key (and so which team and limits) a request comes with."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import typing as t
+from dataclasses import dataclass
 
 from .config import ProxySettings
 from .errors import AuthenticationFailed
 
-__all__ = ["Credentials"]
+if t.TYPE_CHECKING:  # pragma: no cover
+    from .configfile import FileConfig
+
+__all__ = ["ANONYMOUS", "Identity", "Keyring"]
 
 
 def _digest(value: str) -> bytes:
@@ -17,34 +22,84 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
 
 
-class Credentials:
-    """Checks client keys and builds the upstream's authentication headers for one proxy.
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: the key's name and team, the models it may use, and the limits that apply.
 
-    :param settings: the proxy's settings; keys are read once and kept only as digests
-        (the upstream key is kept as given, since it has to be sent).
+    ``models`` holds one tuple of ``fnmatch`` patterns per level (team, key); a model must match
+    every level. ``rpm`` and ``max_streams`` are ``(counter name, limit)`` pairs, all enforced.
     """
 
-    def __init__(self, settings: ProxySettings) -> None:
-        self.pass_through = settings.pass_through
-        self._client_digests = tuple(_digest(k.get_secret_value()) for k in settings.api_keys)
-        self._require_client_key = bool(self._client_digests)
-        gateway: dict[str, str] = {}
-        if settings.upstream_api_key is not None:
-            key = settings.upstream_api_key.get_secret_value()
-            if settings.upstream_kind == "azure":
-                gateway["api-key"] = key
-            else:
-                gateway["Authorization"] = "Bearer " + key
-            if settings.upstream_organization:
-                gateway["OpenAI-Organization"] = settings.upstream_organization
-            if settings.upstream_project:
-                gateway["OpenAI-Project"] = settings.upstream_project
-        self._gateway_headers = gateway
+    key_name: str | None
+    team: str | None
+    models: tuple[tuple[str, ...], ...] = ()
+    rpm: tuple[tuple[str, int], ...] = ()
+    max_streams: tuple[tuple[str, int], ...] = ()
 
-    def authenticate(self, authorization: str | None) -> None:
-        """Accept the request's ``Authorization`` header or raise :class:`AuthenticationFailed`."""
-        if not self._require_client_key:
-            return
+    def may_use(self, model: str) -> bool:
+        return all(any(fnmatch.fnmatchcase(model, p) for p in patterns) for patterns in self.models)
+
+
+#: The caller when no client keys are configured (pass-through or deliberate anonymous use).
+ANONYMOUS = Identity(key_name=None, team=None)
+
+
+class Keyring:
+    """The configured client keys, kept only as SHA-256 digests, and the identity of each."""
+
+    def __init__(self, entries: t.Sequence[tuple[bytes, Identity]]) -> None:
+        self._entries = tuple(entries)
+
+    @property
+    def required(self) -> bool:
+        return bool(self._entries)
+
+    @classmethod
+    def from_settings(cls, settings: ProxySettings) -> Keyring:
+        """The ``WSGI_PROXY_API_KEYS`` keys: one team, no limits."""
+        return cls(
+            [
+                (_digest(key.get_secret_value()), Identity(key_name=f"key-{n}", team="default"))
+                for n, key in enumerate(settings.api_keys, start=1)
+            ]
+        )
+
+    @classmethod
+    def from_file(cls, config: FileConfig, environ: t.Mapping[str, str]) -> Keyring:
+        """The file's ``[[keys]]``, with their team's and their own model lists and limits."""
+        entries = []
+        for key in config.keys:
+            team = config.teams[key.team]
+            digest = (
+                bytes.fromhex(key.sha256)
+                if key.sha256
+                else _digest(environ[t.cast(str, key.key_env)].strip())
+            )
+            identity = Identity(
+                key_name=key.name,
+                team=key.team,
+                models=tuple(m for m in (team.models, key.models) if m is not None),
+                rpm=tuple(
+                    (counter, limit)
+                    for counter, limit in ((f"team:{key.team}", team.rpm), (f"key:{key.name}", key.rpm))
+                    if limit is not None
+                ),
+                max_streams=tuple(
+                    (counter, limit)
+                    for counter, limit in (
+                        (f"team:{key.team}", team.max_streams),
+                        (f"key:{key.name}", key.max_streams),
+                    )
+                    if limit is not None
+                ),
+            )
+            entries.append((digest, identity))
+        return cls(entries)
+
+    def identify(self, authorization: str | None) -> Identity:
+        """The identity of the request's ``Authorization: Bearer`` key, or :class:`AuthenticationFailed`."""
+        if not self._entries:
+            return ANONYMOUS
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthenticationFailed(
@@ -52,22 +107,13 @@ class Credentials:
                 " (the OpenAI SDK does this with api_key=...)."
             )
         given = _digest(key.strip())
-        matched = False
-        for digest in self._client_digests:  # no early exit: every key is compared
-            matched |= hmac.compare_digest(given, digest)
-        if not matched:
+        found = None
+        for digest, identity in self._entries:  # no early exit: every key is compared
+            if hmac.compare_digest(given, digest):
+                found = identity
+        if found is None:
             raise AuthenticationFailed(
-                "Incorrect API key provided. Use one of the keys configured in the proxy's"
-                " WSGI_PROXY_API_KEYS; ask the proxy's operator for one."
+                "Incorrect API key provided. Use one of the keys configured in the proxy; ask the"
+                " proxy's operator for one."
             )
-
-    def upstream_headers(self, client_headers: t.Any) -> dict[str, str]:
-        """Headers that authenticate a request upstream: the gateway's, or the client's own."""
-        if not self.pass_through:
-            return dict(self._gateway_headers)
-        own = {}
-        for name in ("Authorization", "api-key"):
-            value = client_headers.get(name)
-            if value is not None:
-                own[name] = value
-        return own
+        return found

@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import typing as t
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import requests
@@ -28,7 +29,7 @@ from .errors import (
 )
 from .query import replace_param
 
-__all__ = ["UpstreamClient", "UpstreamStream", "translate_errors", "translate_stream_errors"]
+__all__ = ["UpstreamClient", "UpstreamSpec", "UpstreamStream", "translate_errors", "translate_stream_errors"]
 
 log = logging.getLogger("wsgi_proxy.upstream")
 
@@ -196,9 +197,55 @@ def _complete_in_buffer(ahead: bytes, chunked: bool, chunk_left: int | None) -> 
     return b"\n" in ahead
 
 
+def _gateway_headers(spec: UpstreamSpec) -> dict[str, str]:
+    if spec.api_key is None:
+        return {}
+    headers = (
+        {"api-key": spec.api_key} if spec.kind == "azure" else {"Authorization": "Bearer " + spec.api_key}
+    )
+    if spec.organization:
+        headers["OpenAI-Organization"] = spec.organization
+    if spec.project:
+        headers["OpenAI-Project"] = spec.project
+    return headers
+
+
 class _RefuseCookies(http.cookiejar.DefaultCookiePolicy):
     def set_ok(self, cookie: http.cookiejar.Cookie, request: t.Any) -> bool:
         return False
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One upstream: where it is, how to authenticate to it, and how long to wait for it."""
+
+    name: str
+    url: str
+    kind: str = "openai"
+    api_key: str | None = field(default=None, repr=False)
+    api_version: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    headers: t.Mapping[str, str] = field(default_factory=dict)
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+
+    @classmethod
+    def from_settings(cls, settings: ProxySettings, name: str = "default") -> UpstreamSpec:
+        """The single upstream of the ``WSGI_PROXY_UPSTREAM_*`` variables."""
+        key = settings.upstream_api_key
+        return cls(
+            name=name,
+            url=settings.upstream_url,
+            kind=settings.upstream_kind,
+            api_key=key.get_secret_value() if key is not None else None,
+            api_version=settings.upstream_api_version,
+            organization=settings.upstream_organization,
+            project=settings.upstream_project,
+            headers=dict(settings.upstream_headers),
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+        )
 
 
 class UpstreamClient:
@@ -208,20 +255,36 @@ class UpstreamClient:
     (``trust_env=False``: no proxy variables, no ``.netrc``, no CA override behind the operator's
     back), refuses cookies so nothing leaks between clients, and is never mutated per request.
 
-    :param settings: the proxy's settings (URL, timeouts, pool size, CA bundle).
+    :param spec: the upstream.
+    :param pool_size: connections kept per worker process.
+    :param ca_bundle: a CA bundle for the upstream's certificate (the system store when None).
     """
 
-    def __init__(self, settings: ProxySettings) -> None:
-        self.base_url = settings.upstream_url
-        version = settings.upstream_api_version
+    def __init__(self, spec: UpstreamSpec, *, pool_size: int = 1000, ca_bundle: str | None = None) -> None:
+        self.name = spec.name
+        self.base_url = spec.url
+        version = spec.api_version
         self._api_version = quote(version, safe="").encode("ascii") if version is not None else None
-        self._extra_headers = dict(settings.upstream_headers)
-        self.timeout = (settings.connect_timeout, settings.read_timeout)
-        self._pool_size = settings.pool_size
-        self._verify: bool | str = str(settings.upstream_ca_bundle) if settings.upstream_ca_bundle else True
+        self._extra_headers = dict(spec.headers)
+        self.timeout = (spec.connect_timeout, spec.read_timeout)
+        self.pass_through = spec.api_key is None
+        self._gateway_headers = _gateway_headers(spec)
+        self._pool_size = pool_size
+        self._verify: bool | str = ca_bundle or True
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
         self._pid = 0
+
+    def credentials(self, client_headers: t.Any) -> dict[str, str]:
+        """Headers that authenticate a request here: the gateway's key, or the client's own."""
+        if not self.pass_through:
+            return dict(self._gateway_headers)
+        own = {}
+        for name in ("Authorization", "api-key"):
+            value = client_headers.get(name)
+            if value is not None:
+                own[name] = value
+        return own
 
     def _make_session(self) -> requests.Session:
         session = requests.Session()
