@@ -1,4 +1,4 @@
-"""The ``wsgi-proxy`` command: ``demo`` and ``simulate``.
+"""The ``wsgi-proxy`` command: ``demo``, ``check-config`` and ``simulate``.
 
 The proxy itself is served by gunicorn (``gunicorn -c gunicorn.conf.py``); see the README.
 """
@@ -22,6 +22,27 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .configfile import load_config_file
+
+    try:
+        config = load_config_file(args.path)
+    except ConfigError as exc:
+        print(f"wsgi-proxy: {exc}", file=sys.stderr)
+        return 2
+
+    def count(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    print(
+        f"{args.path} is valid: {count(len(config.upstreams), 'upstream')},"
+        f" {count(len(config.models), 'model route')}, {count(len(config.teams), 'team')},"
+        f" {count(len(config.keys), 'key')}."
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -42,6 +63,10 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--cut-after", type=int, default=8, help="drop the connection after this event (8)")
     demo.set_defaults(run=_demo)
+
+    check = commands.add_parser("check-config", help="validate a WSGI_PROXY_CONFIG file and exit")
+    check.add_argument("path", help="the TOML file")
+    check.set_defaults(run=_check_config)
 
     simulate = commands.add_parser("simulate", help="run the Responses API simulator alone")
     simulate.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")

@@ -31,6 +31,14 @@ class ProxySettings(BaseSettings):
         env_prefix=ENV_PREFIX, frozen=True, extra="forbid", populate_by_name=True
     )
 
+    config: Path | None = None
+    """A TOML file with several upstreams, model routes, teams and keys (see ``configfile.py``).
+    With it, the ``WSGI_PROXY_UPSTREAM_*`` and ``WSGI_PROXY_API_KEYS`` variables must be unset."""
+
+    store_url: str | None = None
+    """Where shared state lives with a config file: ``sqlite:///path.db`` (one host, the default is
+    a file in the temporary directory) or ``redis://host:6379/0`` (several hosts)."""
+
     upstream_url: str = "https://api.openai.com/v1"
     """Base URL of the upstream Responses API, up to and including its version segment."""
 
@@ -145,6 +153,19 @@ class ProxySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_auth_mode(self) -> ProxySettings:
+        if self.config is not None:
+            single = sorted(
+                f
+                for f in self.model_fields_set
+                if f.startswith("upstream_") or f in ("api_keys", "allow_anonymous")
+            )
+            if single:
+                names = ", ".join(ENV_PREFIX + f.upper() for f in single)
+                raise ValueError(
+                    f"WSGI_PROXY_CONFIG is set, so {names} would be ignored: put the upstreams and keys"
+                    " in the file and unset these variables."
+                )
+            return self
         if self.upstream_api_version is not None and self.upstream_kind != "azure":
             raise ValueError(
                 "WSGI_PROXY_UPSTREAM_API_VERSION is only for Azure's legacy API: set"

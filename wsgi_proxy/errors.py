@@ -7,6 +7,9 @@ relayed as they are and never become one. The tree::
     ├── InvalidRequest                400  invalid_request_error   (bad query, path or body; names `param`)
     │   └── RequestTooLarge           413
     ├── AuthenticationFailed          401  invalid_request_error   (missing or unknown client key)
+    ├── ModelNotFound                 404  invalid_request_error   (not routed, or not for this key)
+    ├── ResponseNotFound              404  invalid_request_error   (unknown id, or another team's response)
+    ├── RateLimited                   429  rate_limit_error        (requests per minute, concurrent streams)
     ├── RouteNotFound                 404  invalid_request_error
     ├── MethodNotAllowed              405  invalid_request_error
     └── UpstreamError                 502  upstream_error
@@ -31,6 +34,9 @@ __all__ = [
     "AuthenticationFailed",
     "InvalidRequest",
     "MethodNotAllowed",
+    "ModelNotFound",
+    "RateLimited",
+    "ResponseNotFound",
     "ProxyError",
     "RequestTooLarge",
     "RouteNotFound",
@@ -95,6 +101,47 @@ class AuthenticationFailed(ProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="wsgi-proxy"'}
+
+
+class ModelNotFound(ProxyError):
+    """The model is not routed by this gateway, or the caller's key may not use it."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str | None) -> None:
+        shown = repr(model[:100]) if model else "(none given)"
+        super().__init__(
+            f"The model {shown} does not exist or you do not have access to it. Ask the proxy's operator"
+            " which models your key may use (GET /v1/models lists them).",
+            param="model",
+        )
+
+
+class ResponseNotFound(ProxyError):
+    """No response with this id is visible to the caller (the same answer as for an unknown id)."""
+
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.", param=None)
+
+
+class RateLimited(ProxyError):
+    """A key or team went over its requests per minute or its concurrent streams."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
 
 
 class RouteNotFound(ProxyError):

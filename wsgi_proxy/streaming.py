@@ -247,6 +247,8 @@ class StreamRelay:
     :param response_id: the response's id when known in advance (a retrieve).
     :param keepalive_interval: seconds of silence before a keep-alive comment (0: never).
     :param max_event_bytes: the largest event relayed.
+    :param on_response_id: called with the id of ``response.created`` (to record where it lives).
+    :param on_close: called once when the relay ends, however it ends.
     """
 
     def __init__(
@@ -259,8 +261,12 @@ class StreamRelay:
         response_id: str | None = None,
         keepalive_interval: float = 0.0,
         max_event_bytes: int = 64 * 1024 * 1024,
+        on_response_id: t.Callable[[str], None] | None = None,
+        on_close: t.Callable[[], None] | None = None,
     ) -> None:
         self._body = body
+        self._on_response_id = on_response_id
+        self._on_close = on_close
         self._label = label
         self._control = control
         self._resumer = resumer
@@ -296,6 +302,8 @@ class StreamRelay:
             self._body.close()
         finally:
             self._control.cancel()
+            if self._on_close is not None:
+                self._on_close()
 
     def _observe(self, event: bytes) -> None:
         info = parse_event(event)
@@ -309,6 +317,8 @@ class StreamRelay:
         elif info.type == "response.created" and self.response_id is None:
             self.response_id = _created_id(event)
             self._control.set_resumable(self._resumer is not None and self.response_id is not None)
+            if self.response_id is not None and self._on_response_id is not None:
+                self._on_response_id(self.response_id)
 
     def _failure_at_eof(self) -> str | None:
         if self._splitter.pending:

@@ -25,6 +25,7 @@ __all__ = [
     "parse_json_object",
     "parse_response_path",
     "parse_retrieve_query",
+    "with_model",
 ]
 
 #: Response ids as OpenAI issues them (``resp_`` + hex) and as compatible servers do: a token that
@@ -185,3 +186,13 @@ def parse_create_body(body: bytes) -> CreateFields:
         raise InvalidRequest(
             f"Invalid value for '{field}': {detail}. Expected {expected}.", param=field
         ) from None
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The create body with ``model`` replaced, for a route that knows the model by another name.
+
+    The only place the proxy re-serialises a body: an alias cannot be applied otherwise.
+    """
+    obj = json.loads(body)
+    obj["model"] = model
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

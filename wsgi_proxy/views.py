@@ -6,6 +6,7 @@ the proxy's prefix gets an OpenAI-shaped error instead of the host app's HTML er
 
 from __future__ import annotations
 
+import json
 import logging
 import typing as t
 from dataclasses import dataclass
@@ -19,20 +20,30 @@ from werkzeug.routing import PathConverter
 from .errors import (
     InvalidRequest,
     MethodNotAllowed,
+    ModelNotFound,
     ProxyError,
     RequestTooLarge,
     RouteNotFound,
     UpstreamCredentialsRejected,
+    UpstreamError,
     UpstreamProtocolError,
     error_body,
 )
 from .headers import client_response_headers, upstream_request_headers
 from .resume import StreamResumer, create_resume_query
 from .retries import send_with_retries
+from .routing import Target
 from .state import EXTENSION_KEY, ProxyState
 from .streaming import StreamRelay
-from .upstream import MAX_ERROR_BODY, UpstreamStream
-from .validation import parse_create_body, parse_json_object, parse_response_path, parse_retrieve_query
+from .tenancy import Tenant
+from .upstream import MAX_ERROR_BODY, UpstreamClient, UpstreamStream
+from .validation import (
+    RESPONSE_ID,
+    parse_create_body,
+    parse_response_path,
+    parse_retrieve_query,
+    with_model,
+)
 from .watchdog import NoWatch
 
 __all__ = ["make_blueprint"]
@@ -58,10 +69,12 @@ def _require(*allowed: str) -> None:
         )
 
 
-def _authenticated() -> ProxyState:
+def _tenant() -> Tenant:
+    """Who is calling (401 otherwise), with this request counted against their rate limits."""
     state = _state()
-    state.credentials.authenticate(request.headers.get("Authorization"))
-    return state
+    tenant = Tenant(state, state.keyring.identify(request.headers.get("Authorization")))
+    tenant.charge_request()
+    return tenant
 
 
 def _read_body(state: ProxyState) -> bytes:
@@ -86,8 +99,50 @@ class _Resume:
     response_id: str | None = None
 
 
-def _forward(
+@dataclass(frozen=True)
+class _Sent:
+    """An upstream answer and what it took to get it."""
+
+    client: UpstreamClient
+    answer: requests.Response
+    headers: dict[str, str]
+    attempts: int
+
+
+def _send(
     state: ProxyState,
+    client: UpstreamClient,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None,
+    stream: bool,
+    idempotent: bool,
+) -> _Sent:
+    headers = upstream_request_headers(
+        request.headers.items(),
+        credentials=client.credentials(request.headers),
+        pass_through=client.pass_through,
+        stream=stream,
+    )
+    answer, attempts = send_with_retries(
+        client,
+        method,
+        path,
+        query=request.query_string,
+        headers=headers,
+        body=body,
+        stream=stream,
+        idempotent=idempotent,
+        attempts=state.settings.retry_attempts,
+        max_wait=state.settings.retry_max_wait,
+    )
+    return _Sent(client, answer, headers, attempts)
+
+
+def _forward(
+    tenant: Tenant,
+    client: UpstreamClient,
     method: str,
     path: str,
     *,
@@ -96,98 +151,82 @@ def _forward(
     idempotent: bool,
     resume: _Resume | None = None,
 ) -> Response:
+    release = tenant.open_stream() if stream else None
+    try:
+        sent = _send(tenant.state, client, method, path, body=body, stream=stream, idempotent=idempotent)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
+    return _relay(tenant, sent, label=f"{method} {path}", stream=stream, resume=resume, release=release)
+
+
+def _relay(
+    tenant: Tenant,
+    sent: _Sent,
+    *,
+    label: str,
+    stream: bool,
+    resume: _Resume | None = None,
+    release: t.Callable[[], None] | None = None,
+    on_response_id: t.Callable[[str], None] | None = None,
+) -> Response:
+    """Relay an upstream answer: JSON as it is, an event stream through a :class:`StreamRelay`.
+
+    ``release`` frees the stream's concurrency slots: at once when the answer is not a stream,
+    otherwise when the relay ends.
+    """
+    state = tenant.state
+    extra = [(ATTEMPTS_HEADER, str(sent.attempts))]
+    upstream = sent.answer
+    content_type = upstream.headers.get("Content-Type", "")
+    if (
+        not stream
+        or not 200 <= upstream.status_code < 300
+        or not content_type.startswith("text/event-stream")
+    ):
+        if release is not None:
+            release()
+        if stream:
+            content = sent.client.read_body(upstream, limit=MAX_ERROR_BODY)
+            if 200 <= upstream.status_code < 300:
+                raise UpstreamProtocolError(
+                    f"The upstream answered a streaming request with {content_type or 'no content type'!r}"
+                    " instead of an event stream, so there are no events to relay. Check that the upstream"
+                    " supports streaming for this request."
+                )
+        else:
+            content = upstream.content
+        if on_response_id is not None and 200 <= upstream.status_code < 300:
+            response_id = _id_of(content)
+            if response_id is not None:
+                on_response_id(response_id)
+        return _relay_answer(sent.client, upstream, content, extra)
     settings = state.settings
-    headers = upstream_request_headers(
-        request.headers.items(),
-        credentials=state.credentials.upstream_headers(request.headers),
-        pass_through=state.credentials.pass_through,
-        stream=stream,
-    )
-    upstream, attempts = send_with_retries(
-        state.upstream,
-        method,
-        path,
-        query=request.query_string,
-        headers=headers,
-        body=body,
-        stream=stream,
-        idempotent=idempotent,
-        attempts=settings.retry_attempts,
-        max_wait=settings.retry_max_wait,
-    )
-    extra = [(ATTEMPTS_HEADER, str(attempts))]
-    if not stream:
-        return _relay_answer(state, upstream, upstream.content, extra)
     resumer = None
     if resume is not None and settings.resume_attempts:
         resumer = StreamResumer(
-            state.upstream,
-            headers,
+            sent.client,
+            sent.headers,
             resume.query,
             max_attempts=settings.resume_attempts,
             backoff_base=settings.resume_backoff,
             backoff_max=settings.resume_backoff_max,
         )
-    return _relay_stream(
-        state,
-        upstream,
-        extra,
-        label=f"{method} {path}",
-        resumer=resumer,
-        response_id=resume.response_id if resume else None,
-    )
-
-
-def _relay_answer(
-    state: ProxyState, upstream: requests.Response, content: bytes, extra: list[tuple[str, str]]
-) -> Response:
-    """Relay a complete upstream answer (success or error) with its status and safe headers."""
-    if upstream.status_code == 401 and not state.credentials.pass_through:
-        # The body echoes a masked fragment of the gateway's key: it must not reach the client.
-        log.warning(
-            "the upstream rejected the gateway's credentials (HTTP 401); check WSGI_PROXY_UPSTREAM_API_KEY"
-        )
-        raise UpstreamCredentialsRejected(
-            "The upstream rejected this gateway's own credentials. This is not a problem with your"
-            " request: the proxy's operator must check WSGI_PROXY_UPSTREAM_API_KEY."
-        )
-    headers = client_response_headers(upstream.headers.items()) + extra
-    if "Content-Type" not in upstream.headers:
-        headers.append(("Content-Type", "application/json"))
-    return Response(content, status=upstream.status_code, headers=headers)
-
-
-def _relay_stream(
-    state: ProxyState,
-    upstream: requests.Response,
-    extra: list[tuple[str, str]],
-    *,
-    label: str,
-    resumer: StreamResumer | None,
-    response_id: str | None,
-) -> Response:
-    content_type = upstream.headers.get("Content-Type", "")
-    if not 200 <= upstream.status_code < 300 or not content_type.startswith("text/event-stream"):
-        content = state.upstream.read_body(upstream, limit=MAX_ERROR_BODY)
-        if 200 <= upstream.status_code < 300:
-            raise UpstreamProtocolError(
-                f"The upstream answered a streaming request with {content_type or 'no content type'!r}"
-                " instead of an event stream, so there are no events to relay. Check that the upstream"
-                " supports streaming for this request."
-            )
-        return _relay_answer(state, upstream, content, extra)
     body = UpstreamStream(upstream)
     watch = None
-    if state.settings.watch_disconnects:
+    if settings.watch_disconnects:
         watch = state.watchdog.watch(_client_socket(request.environ), body.shutdown)
     relay = StreamRelay(
         body,
         label=label,
         control=watch or NoWatch(),
         resumer=resumer,
-        response_id=response_id,
-        keepalive_interval=state.settings.keepalive_interval,
-        max_event_bytes=state.settings.max_event_bytes,
+        response_id=resume.response_id if resume else None,
+        keepalive_interval=settings.keepalive_interval,
+        max_event_bytes=settings.max_event_bytes,
+        on_response_id=on_response_id,
+        on_close=release,
     )
     headers = [h for h in client_response_headers(upstream.headers.items()) if h[0].lower() != "content-type"]
     headers += _SSE_HEADERS + extra
@@ -195,56 +234,176 @@ def _relay_stream(
     return Response(relay, status=upstream.status_code, headers=headers, direct_passthrough=True)
 
 
+def _id_of(content: bytes) -> str | None:
+    try:
+        value = json.loads(content).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and RESPONSE_ID.fullmatch(value) else None
+
+
+def _relay_answer(
+    client: UpstreamClient, upstream: requests.Response, content: bytes, extra: list[tuple[str, str]]
+) -> Response:
+    """Relay a complete upstream answer (success or error) with its status and safe headers."""
+    if upstream.status_code == 401 and not client.pass_through:
+        # The body echoes a masked fragment of the gateway's key: it must not reach the client.
+        log.warning("upstream %s rejected the gateway's credentials (HTTP 401); check its key", client.name)
+        raise UpstreamCredentialsRejected(
+            "The upstream rejected this gateway's own credentials. This is not a problem with your"
+            " request: the proxy's operator must check the gateway's upstream key."
+        )
+    headers = client_response_headers(upstream.headers.items()) + extra
+    if "Content-Type" not in upstream.headers:
+        headers.append(("Content-Type", "application/json"))
+    return Response(content, status=upstream.status_code, headers=headers)
+
+
 # --- views -------------------------------------------------------------------------------------
+
+#: Answers after which a create is tried on the model's next upstream, if it has one.
+FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def responses_root() -> Response:
     _require("POST")
-    state = _authenticated()
+    tenant = _tenant()
+    state = tenant.state
     body = _read_body(state)
     fields = parse_create_body(body)
+    if state.router.has_table and fields.model is not None and not tenant.identity.may_use(fields.model):
+        raise ModelNotFound(fields.model)
+    targets = state.router.route(fields.model)
+    if fields.previous_response_id is not None:
+        # A continuation goes where the previous response lives, and only if the caller may see it.
+        holder = tenant.locate(fields.previous_response_id).name
+        targets = [next((tg for tg in targets if tg.upstream == holder), Target(holder))]
     stream = fields.stream is True
+    background = fields.background is True
     # A background stream can be resumed; nothing else can (OpenAI's rule).
-    resume = _Resume(create_resume_query(fields)) if stream and fields.background is True else None
-    return _forward(state, "POST", "/responses", body=body, stream=stream, idempotent=False, resume=resume)
+    resume = _Resume(create_resume_query(fields)) if stream and background else None
+    release = tenant.open_stream() if stream else None
+    try:
+        sent, target = _create_with_failover(state, targets, body, stream=stream)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
+
+    def remember(response_id: str) -> None:
+        tenant.remember(response_id, target.upstream, background=background)
+
+    return _relay(
+        tenant,
+        sent,
+        label="POST /responses",
+        stream=stream,
+        resume=resume,
+        release=release,
+        on_response_id=remember,
+    )
+
+
+def _create_with_failover(
+    state: ProxyState, targets: list[Target], body: bytes, *, stream: bool
+) -> tuple[_Sent, Target]:
+    """Send a create to the first target that answers; before any byte, a failure moves to the next."""
+    for number, target in enumerate(targets, start=1):
+        last = number == len(targets)
+        client = state.upstreams[target.upstream]
+        payload = body if target.deployment is None else with_model(body, target.deployment)
+        try:
+            sent = _send(state, client, "POST", "/responses", body=payload, stream=stream, idempotent=False)
+        except UpstreamError as exc:
+            if last:
+                raise
+            log.warning("create failed on upstream %s (%s); trying the next one", client.name, exc.message)
+            continue
+        if last or sent.answer.status_code not in FAILOVER_STATUSES:
+            return sent, target
+        log.warning(
+            "upstream %s answered %d to a create; trying the next one", client.name, sent.answer.status_code
+        )
+        sent.answer.close()
+    raise AssertionError("unreachable: the last target always returns or raises")
 
 
 def responses_json_post(endpoint: str) -> Response:
     """``POST /responses/input_tokens`` and ``POST /responses/compact``: a JSON object in, JSON out."""
     _require("POST")
-    state = _authenticated()
+    tenant = _tenant()
+    state = tenant.state
     body = _read_body(state)
-    parse_json_object(body)
-    return _forward(state, "POST", f"/responses/{endpoint}", body=body, stream=False, idempotent=False)
+    fields = parse_create_body(body)
+    if state.router.has_table and fields.model is not None and not tenant.identity.may_use(fields.model):
+        raise ModelNotFound(fields.model)
+    if fields.previous_response_id is not None:
+        client = tenant.locate(fields.previous_response_id)
+    else:
+        target = state.router.route(fields.model)[0]
+        client = state.upstreams[target.upstream]
+        body = body if target.deployment is None else with_model(body, target.deployment)
+    return _forward(
+        tenant, client, "POST", f"/responses/{endpoint}", body=body, stream=False, idempotent=False
+    )
 
 
 def response_item(subpath: str) -> Response:
-    state = _authenticated()  # before validation: an unauthenticated client learns nothing more
+    tenant = _tenant()  # before validation: an unauthenticated client learns nothing more
     target = parse_response_path(subpath)
     rid = target.response_id
     if target.action == "cancel":
         _require("POST")
+        body = _read_body(tenant.state)
+        client = tenant.locate(rid)
         # Cancelling is idempotent: "subsequent calls simply return the final Response object".
-        body = _read_body(state)
-        return _forward(state, "POST", f"/responses/{rid}/cancel", body=body, stream=False, idempotent=True)
+        return _forward(
+            tenant, client, "POST", f"/responses/{rid}/cancel", body=body, stream=False, idempotent=True
+        )
     if target.action == "input_items":
         _require("GET")
+        client = tenant.locate(rid)
         return _forward(
-            state, "GET", f"/responses/{rid}/input_items", body=None, stream=False, idempotent=True
+            tenant, client, "GET", f"/responses/{rid}/input_items", body=None, stream=False, idempotent=True
         )
     _require("GET", "DELETE")
     if request.method == "DELETE":
-        return _forward(state, "DELETE", f"/responses/{rid}", body=None, stream=False, idempotent=True)
+        client = tenant.locate(rid)
+        answer = _forward(
+            tenant, client, "DELETE", f"/responses/{rid}", body=None, stream=False, idempotent=True
+        )
+        if 200 <= answer.status_code < 300:
+            tenant.forget(rid)
+        return answer
     query = parse_retrieve_query(request.query_string)
+    client = tenant.locate(rid)
     resume = _Resume(request.query_string, rid) if query.stream else None
     return _forward(
-        state, "GET", f"/responses/{rid}", body=None, stream=query.stream, idempotent=True, resume=resume
+        tenant,
+        client,
+        "GET",
+        f"/responses/{rid}",
+        body=None,
+        stream=query.stream,
+        idempotent=True,
+        resume=resume,
     )
 
 
 def models() -> Response:
     _require("GET")
-    return _forward(_authenticated(), "GET", "/models", body=None, stream=False, idempotent=True)
+    tenant = _tenant()
+    state = tenant.state
+    if not state.router.has_table:
+        client = state.upstreams[state.default_upstream]
+        return _forward(tenant, client, "GET", "/models", body=None, stream=False, idempotent=True)
+    # The gateway's own catalogue: the routed model names this key may use.
+    names = [name for name in state.router.public_names() if tenant.identity.may_use(name)]
+    listing = {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "wsgi-proxy"} for name in names],
+    }
+    return Response(json.dumps(listing, separators=(",", ":")), content_type="application/json")
 
 
 def not_found(rest: str = "") -> Response:

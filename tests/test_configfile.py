@@ -1,0 +1,98 @@
+"""The configuration file: each mistake is one sentence naming the key, never a traceback."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from wsgi_proxy.cli import main
+from wsgi_proxy.config import ConfigError, ProxySettings
+from wsgi_proxy.configfile import load_config_file
+
+UPSTREAM = '[[upstreams]]\nname = "main"\nurl = "https://api.openai.com/v1"\napi_key_env = "UP_KEY"\n'
+KEY = '[teams.t]\n[[keys]]\nname = "k"\nteam = "t"\nsha256 = "' + hashlib.sha256(b"x").hexdigest() + '"\n'
+ENV = {"UP_KEY": "sk-upstream-secret-canary"}
+
+
+def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> object:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return load_config_file(path, ENV if env is None else env)
+
+
+def test_a_valid_file_loads(tmp_path: Path) -> None:
+    config = _load(tmp_path, UPSTREAM + KEY)
+    assert config is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[[upstreams]\nname=", "is not valid TOML"),
+        ("", "at upstreams: Field required"),
+        (UPSTREAM.replace('"main"', '"bad name!"') + KEY, "upstreams[0] (name 'bad name!').name"),
+        (UPSTREAM.replace("https://api.openai.com/v1", "ftp://x") + KEY, "upstreams[0] (name 'main').url"),
+        (UPSTREAM + 'kind = "gemini"\n' + KEY, "upstreams[0] (name 'main').kind"),
+        (UPSTREAM + 'api_version = "2025-04-01"\n' + KEY, "api_version is only for kind"),
+        (
+            UPSTREAM + "colour = 1\n" + KEY,
+            "upstreams[0] (name 'main').colour: Extra inputs are not permitted",
+        ),
+        (UPSTREAM + UPSTREAM + KEY, "upstream names must be unique"),
+        (UPSTREAM + KEY + '[[models]]\nname = "m"\nupstream = "nowhere"\n', "unknown upstream 'nowhere'"),
+        (UPSTREAM + KEY + '[[models]]\nname = "m"\n', "give either upstream"),
+        (
+            UPSTREAM + KEY + '[[models]]\nname = "m"\nroutes = [{ upstream = "main", weight = 0 }]\n',
+            "models[0] (name 'm').routes[0].weight",
+        ),
+        (UPSTREAM + KEY.replace('team = "t"', 'team = "other"'), "unknown team 'other'"),
+        (UPSTREAM + KEY.replace('sha256 = "', 'sha256 = "zz'), "keys[0] (name 'k').sha256"),
+        (UPSTREAM + KEY + 'key_env = "K"\n', "not both"),
+        (UPSTREAM, "defines no [[keys]]"),
+        (UPSTREAM + KEY + "[teams.t2]\nrpm = 0\n", "teams.t2.rpm"),
+    ],
+)
+def test_each_mistake_is_one_sentence_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    message = str(info.value)
+    assert expected in message
+    assert message.endswith("start again.") or message.endswith("change the file.")
+    assert "Traceback" not in message and "pydantic" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_unset_secret_variable_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="UP_KEY at upstreams\\[0\\] \\(name 'main'\\).api_key_env"):
+        _load(tmp_path, UPSTREAM + KEY, env={})
+
+
+def test_secret_values_never_appear_in_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, UPSTREAM + KEY + "[teams.t2]\nrpm = -1\n")
+    assert ENV["UP_KEY"] not in str(info.value)
+
+
+def test_config_file_with_single_upstream_variables_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WSGI_PROXY_CONFIG", str(tmp_path / "gateway.toml"))
+    monkeypatch.setenv("WSGI_PROXY_API_KEYS", "a,b")
+    with pytest.raises(ConfigError, match="WSGI_PROXY_API_KEYS would be ignored"):
+        ProxySettings.load()
+
+
+def test_check_config_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(UPSTREAM + KEY)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(UPSTREAM)
+    monkeypatch.setenv("UP_KEY", "sk-x")
+    assert main(["check-config", str(good)]) == 0
+    assert "is valid: 1 upstream, 0 model routes, 1 team, 1 key" in capsys.readouterr().out
+    assert main(["check-config", str(bad)]) == 2
+    assert "defines no [[keys]]" in capsys.readouterr().err

@@ -1,0 +1,265 @@
+"""Several upstreams and teams from a config file: routing, failover, ownership, limits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing as t
+from pathlib import Path
+
+import pytest
+import requests
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+
+from wsgi_proxy import ProxySettings, create_app
+
+ALPHA = "http://alpha.test/v1"
+BETA = "http://beta.test/openai/v1"
+KEYS = {"RED": "sk-red-key-1", "RED2": "sk-red-limited-2", "BLUE": "sk-blue-key-3"}
+
+CONFIG = f"""
+[[upstreams]]
+name = "alpha"
+url = "{ALPHA}"
+api_key_env = "ALPHA_KEY"
+
+[[upstreams]]
+name = "beta"
+kind = "azure"
+url = "{BETA}"
+api_key_env = "BETA_KEY"
+
+[[models]]
+name = "gpt-a"
+upstream = "alpha"
+
+[[models]]
+name = "gpt-b"
+routes = [{{ upstream = "beta", deployment = "b-deploy" }}]
+
+[[models]]
+name = "gpt-fail"
+routes = [{{ upstream = "alpha", weight = 1000000 }}, {{ upstream = "beta", weight = 0.000001 }}]
+
+[[models]]
+name = "o-*"
+upstream = "beta"
+
+[teams.red]
+rpm = 1000
+
+[teams.blue]
+models = ["gpt-a"]
+max_streams = 1
+
+[[keys]]
+name = "red-1"
+team = "red"
+key_env = "RED_KEY"
+
+[[keys]]
+name = "red-limited"
+team = "red"
+key_env = "RED2_KEY"
+rpm = 2
+
+[[keys]]
+name = "blue-1"
+team = "blue"
+sha256 = "{hashlib.sha256(KEYS["BLUE"].encode()).hexdigest()}"
+"""
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Flask:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONFIG)
+    monkeypatch.setenv("ALPHA_KEY", "sk-alpha-upstream")
+    monkeypatch.setenv("BETA_KEY", "beta-azure-upstream")
+    monkeypatch.setenv("RED_KEY", KEYS["RED"])
+    monkeypatch.setenv("RED2_KEY", KEYS["RED2"])
+    flask_app = create_app(ProxySettings(config=path, store_url=f"sqlite:///{tmp_path / 'state.db'}"))
+    flask_app.testing = True
+    return flask_app
+
+
+@pytest.fixture
+def mocked() -> t.Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def _as(app: Flask, who: str) -> tuple[FlaskClient, dict[str, str]]:
+    return app.test_client(), {"Authorization": f"Bearer {KEYS[who]}"}
+
+
+def _create(app: Flask, who: str, body: dict[str, t.Any]) -> t.Any:
+    client, auth = _as(app, who)
+    return client.post("/v1/responses", data=json.dumps(body), headers=auth)
+
+
+def _response(rid: str) -> dict[str, t.Any]:
+    return {"id": rid, "object": "response", "status": "completed"}
+
+
+def test_models_route_to_their_upstream_with_its_credentials(
+    app: Flask, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.POST, f"{ALPHA}/responses", json=_response("resp_a1"))
+    mocked.add(responses.POST, f"{BETA}/responses", json=_response("resp_b1"))
+    assert _create(app, "RED", {"model": "gpt-a", "input": "x"}).status_code == 200
+    assert _create(app, "RED", {"model": "gpt-b", "input": "x"}).status_code == 200
+    alpha, beta = (call.request for call in mocked.calls)
+    assert alpha.headers["Authorization"] == "Bearer sk-alpha-upstream"
+    assert beta.headers["api-key"] == "beta-azure-upstream" and "Authorization" not in beta.headers
+    assert json.loads(t.cast(bytes, beta.body))["model"] == "b-deploy"  # the alias's deployment name
+
+
+def test_pattern_routes_and_unknown_model(app: Flask, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.POST, f"{BETA}/responses", json=_response("resp_o1"))
+    assert _create(app, "RED", {"model": "o-mini", "input": "x"}).status_code == 200
+    missing = _create(app, "RED", {"model": "gpt-nope", "input": "x"})
+    assert missing.status_code == 404
+    assert missing.json["error"]["param"] == "model"
+    assert missing.json["error"]["code"] == "model_not_found"
+    assert len(mocked.calls) == 1
+
+
+def test_model_not_allowed_for_the_team_is_404_and_never_sent(
+    app: Flask, mocked: responses.RequestsMock
+) -> None:
+    answer = _create(app, "BLUE", {"model": "gpt-b", "input": "x"})
+    assert answer.status_code == 404
+    assert answer.json["error"]["param"] == "model"
+    assert len(mocked.calls) == 0
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [{"status": 503, "json": {"error": {"message": "busy"}}}, {"body": requests.ConnectionError("refused")}],
+    ids=["503", "connection"],
+)
+def test_create_fails_over_to_the_next_route_before_the_first_byte(
+    app: Flask, mocked: responses.RequestsMock, failure: dict[str, t.Any]
+) -> None:
+    mocked.add(responses.POST, f"{ALPHA}/responses", **failure)
+    mocked.add(responses.POST, f"{BETA}/responses", json=_response("resp_fo"))
+    answer = _create(app, "RED", {"model": "gpt-fail", "input": "x"})
+    assert answer.status_code == 200
+    assert [c.request.url for c in mocked.calls][-1] == f"{BETA}/responses"
+    # The failover holder is remembered: lifecycle calls go to beta.
+    mocked.add(responses.GET, f"{BETA}/responses/resp_fo", json=_response("resp_fo"))
+    client, auth = _as(app, "RED")
+    assert client.get("/v1/responses/resp_fo", headers=auth).status_code == 200
+
+
+LIFECYCLE = [
+    ("GET", "/v1/responses/{id}", responses.GET, "/responses/{id}"),
+    ("GET", "/v1/responses/{id}?stream=true&starting_after=2", responses.GET, "/responses/{id}"),
+    ("POST", "/v1/responses/{id}/cancel", responses.POST, "/responses/{id}/cancel"),
+    ("DELETE", "/v1/responses/{id}", responses.DELETE, "/responses/{id}"),
+    ("GET", "/v1/responses/{id}/input_items", responses.GET, "/responses/{id}/input_items"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "mock_method", "upstream_path"), LIFECYCLE)
+def test_lifecycle_calls_reach_the_holder_and_other_teams_get_404(
+    app: Flask, mocked: responses.RequestsMock, method: str, path: str, mock_method: str, upstream_path: str
+) -> None:
+    mocked.add(responses.POST, f"{BETA}/responses", json=_response("resp_red1"))
+    assert _create(app, "RED", {"model": "gpt-b", "input": "mine"}).status_code == 200
+    if "stream=true" in path:
+        mocked.add(
+            mock_method,
+            BETA + upstream_path.format(id="resp_red1"),
+            body=b"",
+            content_type="text/event-stream",
+        )
+    else:
+        mocked.add(mock_method, BETA + upstream_path.format(id="resp_red1"), json=_response("resp_red1"))
+    calls = len(mocked.calls)
+    client, blue = _as(app, "BLUE")
+    stranger = client.open(path.format(id="resp_red1"), method=method, headers=blue)
+    unknown = client.open(path.format(id="resp_unknown9"), method=method, headers=blue)
+    assert stranger.status_code == unknown.status_code == 404
+    assert stranger.json["error"]["message"] == "Response with id 'resp_red1' not found."
+    assert len(mocked.calls) == calls  # neither reached any upstream
+    _, red = _as(app, "RED")
+    mine = client.open(path.format(id="resp_red1"), method=method, headers=red)
+    assert mine.status_code == 200
+    assert mocked.calls[-1].request.url.startswith(BETA + upstream_path.format(id="resp_red1"))
+
+
+def test_previous_response_id_of_another_team_is_404(app: Flask, mocked: responses.RequestsMock) -> None:
+    mocked.add(responses.POST, f"{ALPHA}/responses", json=_response("resp_red2"))
+    assert _create(app, "RED", {"model": "gpt-a", "input": "x"}).status_code == 200
+    answer = _create(app, "BLUE", {"model": "gpt-a", "input": "y", "previous_response_id": "resp_red2"})
+    assert answer.status_code == 404
+    assert len(mocked.calls) == 1
+    # Its owner's continuation goes to the holder.
+    assert (
+        _create(app, "RED", {"model": "gpt-a", "input": "y", "previous_response_id": "resp_red2"}).status_code
+        == 200
+    )
+    assert mocked.calls[-1].request.url == f"{ALPHA}/responses"
+
+
+def test_streamed_create_records_the_id_from_response_created(
+    app: Flask, mocked: responses.RequestsMock
+) -> None:
+    sse = (
+        b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+        b'"response":{"id":"resp_s1","status":"in_progress"}}\n\n'
+        b'event: response.completed\ndata: {"type":"response.completed","sequence_number":1,'
+        b'"response":{"id":"resp_s1","status":"completed"}}\n\n'
+    )
+    mocked.add(responses.POST, f"{BETA}/responses", body=sse, content_type="text/event-stream")
+    streamed = _create(app, "RED", {"model": "gpt-b", "input": "x", "stream": True})
+    assert streamed.data == sse
+    client, blue = _as(app, "BLUE")
+    assert client.get("/v1/responses/resp_s1", headers=blue).status_code == 404
+    mocked.add(responses.GET, f"{BETA}/responses/resp_s1", json=_response("resp_s1"))
+    _, red = _as(app, "RED")
+    assert client.get("/v1/responses/resp_s1", headers=red).status_code == 200
+
+
+def test_requests_per_minute_limit_gives_429_with_retry_after(
+    app: Flask, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.POST, f"{ALPHA}/responses", json=_response("resp_l"))
+    codes = [_create(app, "RED2", {"model": "gpt-a", "input": "x"}).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    limited = _create(app, "RED2", {"model": "gpt-a", "input": "x"})
+    assert limited.json["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert len(mocked.calls) == 2
+
+
+def test_concurrent_stream_limit_gives_429_until_a_stream_ends(
+    app: Flask, mocked: responses.RequestsMock
+) -> None:
+    sse = b'data: {"type":"response.completed","sequence_number":0}\n\n'
+    mocked.add(responses.POST, f"{ALPHA}/responses", body=sse, content_type="text/event-stream")
+    client, blue = _as(app, "BLUE")
+    body = json.dumps({"model": "gpt-a", "input": "x", "stream": True})
+    first = client.post("/v1/responses", data=body, headers=blue, buffered=False)
+    assert first.status_code == 200  # open: its body is not read yet
+    second = client.post("/v1/responses", data=body, headers=blue)
+    assert second.status_code == 429
+    first.close()
+    third = client.post("/v1/responses", data=body, headers=blue)
+    assert third.status_code == 200
+
+
+def test_models_lists_what_the_key_may_use(app: Flask, mocked: responses.RequestsMock) -> None:
+    client, red = _as(app, "RED")
+    _, blue = _as(app, "BLUE")
+    assert [m["id"] for m in client.get("/v1/models", headers=red).json["data"]] == [
+        "gpt-a",
+        "gpt-b",
+        "gpt-fail",
+    ]
+    assert [m["id"] for m in client.get("/v1/models", headers=blue).json["data"]] == ["gpt-a"]
+    assert len(mocked.calls) == 0
