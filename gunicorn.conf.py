@@ -10,9 +10,12 @@ import os
 import sys
 
 from wsgi_proxy.config import ConfigError, ProxySettings
+from wsgi_proxy.configfile import load_config_file
 
 try:
-    ProxySettings.load()
+    _settings = ProxySettings.load()
+    if _settings.config is not None:
+        load_config_file(_settings.config)
 except ConfigError as exc:
     sys.stderr.write(f"wsgi-proxy: {exc}\n")
     sys.exit(2)

@@ -41,7 +41,7 @@ class Proxy:
 
 def start_proxy(
     tmp_dir: Path,
-    upstream_url: str,
+    upstream_url: str | None,
     *,
     env: t.Mapping[str, str] | None = None,
     app: str | None = None,
@@ -51,10 +51,11 @@ def start_proxy(
 ) -> Proxy:
     """Start ``gunicorn -c gunicorn.conf.py`` on a free loopback port in front of ``upstream_url``."""
     port = free_port()
-    settings = {
-        "WSGI_PROXY_UPSTREAM_URL": upstream_url,
-        "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "WSGI_PROXY_API_KEYS": f"sk-other-client-key,{CLIENT_KEY}",
+    settings = {"WSGI_PROXY_UPSTREAM_URL": upstream_url} if upstream_url is not None else {}
+    if upstream_url is not None:  # the single-upstream shorthand; None: a WSGI_PROXY_CONFIG file in env
+        settings["WSGI_PROXY_UPSTREAM_API_KEY"] = UPSTREAM_KEY
+        settings["WSGI_PROXY_API_KEYS"] = f"sk-other-client-key,{CLIENT_KEY}"
+    settings |= {
         "WSGI_PROXY_WORKERS": "2",
         "WSGI_PROXY_THREADS": "40",
         "WSGI_PROXY_GRACEFUL_TIMEOUT": "2",
