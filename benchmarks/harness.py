@@ -48,27 +48,45 @@ def start_bed(
         log_path=tmp / "simulator.log",
     ).start()
     direct = f"http://127.0.0.1:{sim_port}/v1"
+    single = {"WSGI_PROXY_UPSTREAM_URL": direct, "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY}
     try:
-        proxy = ServerProcess(
-            gunicorn_argv(f"127.0.0.1:{proxy_port}", config=REPO / "gunicorn.conf.py", extra=extra),
-            ready_url=f"http://127.0.0.1:{proxy_port}/healthz",
-            env={
-                "WSGI_PROXY_UPSTREAM_URL": direct,
-                "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-                "WSGI_PROXY_API_KEYS": CLIENT_KEY,
-                "WSGI_PROXY_WORKERS": "1",
-                "WSGI_PROXY_THREADS": str(threads),
-                "WSGI_PROXY_ACCESS_LOG": "/dev/null",
-                "WSGI_PROXY_LOG_LEVEL": log_level,
-                **(env or {}),
-            },
-            cwd=tmp,
-            log_path=tmp / "proxy.log",
-        ).start()
+        proxy = start_proxy(
+            tmp,
+            proxy_port,
+            {**single, "WSGI_PROXY_API_KEYS": CLIENT_KEY, **(env or {})},
+            threads=threads,
+            extra=extra,
+            log_level=log_level,
+        )
     except BaseException:
         simulator.stop()
         raise
     return Bed(simulator, proxy, direct, f"http://127.0.0.1:{proxy_port}/v1", proxy_port)
+
+
+def start_proxy(
+    tmp: Path,
+    port: int,
+    env: t.Mapping[str, str],
+    *,
+    threads: int = 64,
+    extra: t.Sequence[str] = (),
+    log_level: str = "warning",
+) -> ServerProcess:
+    """One gunicorn worker of the proxy on ``port``, configured by ``env``."""
+    return ServerProcess(
+        gunicorn_argv(f"127.0.0.1:{port}", config=REPO / "gunicorn.conf.py", extra=extra),
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+        env={
+            "WSGI_PROXY_WORKERS": "1",
+            "WSGI_PROXY_THREADS": str(threads),
+            "WSGI_PROXY_ACCESS_LOG": "/dev/null",
+            "WSGI_PROXY_LOG_LEVEL": log_level,
+            **env,
+        },
+        cwd=tmp,
+        log_path=tmp / f"proxy-{port}.log",
+    ).start()
 
 
 def worker_pid(master: int) -> int:

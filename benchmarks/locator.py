@@ -1,0 +1,183 @@
+"""The cost of multi-tenancy per request: the locator, ownership check and rate counter.
+
+    python benchmarks/locator.py           # writes benchmarks/results/locator-<date>.json
+    python benchmarks/locator.py --quick   # a few seconds, for CI (nothing written)
+
+Three proxies in front of one simulator, in one run: the single-upstream shorthand (no store), a
+config-file gateway with its store in SQLite, and the same with Redis (when redis-server is
+installed). Each create records where the response lives and counts the key's rate; each retrieve
+looks it up and checks its owner. Reported: p50/p99 of create and retrieve through each, and the
+added cost against the shorthand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+from pathlib import Path
+
+import requests
+from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, start_bed, start_proxy
+
+from wsgi_proxy.launch import free_port
+
+CONFIG = """
+store_url = "{store}"
+[[upstreams]]
+name = "main"
+url = "{direct}"
+api_key_env = "BENCH_UPSTREAM_KEY"
+[teams.bench]
+rpm = 1000000
+[[keys]]
+name = "bench"
+team = "bench"
+key_env = "BENCH_CLIENT_KEY"
+"""
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def _measure(base: str, calls: int) -> dict[str, float]:
+    session = requests.Session()
+    session.trust_env = False
+    session.headers["Authorization"] = f"Bearer {CLIENT_KEY}"
+    body = {"model": "gpt-4o-mini", "input": "hi", "metadata": {"sim_words": "2"}}
+    create: list[float] = []
+    retrieve: list[float] = []
+    for i in range(calls + 20):
+        start = time.perf_counter()
+        answer = session.post(base + "/responses", json=body, timeout=10)
+        middle = time.perf_counter()
+        assert answer.status_code == 200, answer.text
+        assert session.get(f"{base}/responses/{answer.json()['id']}", timeout=10).status_code == 200
+        end = time.perf_counter()
+        if i >= 20:
+            create.append((middle - start) * 1000)
+            retrieve.append((end - middle) * 1000)
+    return {
+        "create_p50_ms": _pct(create, 0.5),
+        "create_p99_ms": _pct(create, 0.99),
+        "retrieve_p50_ms": _pct(retrieve, 0.5),
+        "retrieve_p99_ms": _pct(retrieve, 0.99),
+    }
+
+
+def _store_costs(url: str, calls: int) -> dict[str, float]:
+    """Microseconds per store operation a request adds, timed in this process."""
+    from wsgi_proxy.store import ResponseRecord, open_store
+
+    store = open_store(url)
+    timings = {}
+    try:
+        for name, operation in (
+            (
+                "put_response_us",
+                lambda i: store.put_response(
+                    ResponseRecord(f"resp_{i}", "main", "bench", "bench", time.time(), False), 3600
+                ),
+            ),
+            ("get_response_us", lambda i: store.get_response(f"resp_{i}")),
+            ("hit_rate_us", lambda i: store.hit_rate("rpm:bench", 10**9)),
+        ):
+            start = time.perf_counter()
+            for i in range(calls):
+                operation(i)
+            timings[name] = round((time.perf_counter() - start) / calls * 1e6, 1)
+    finally:
+        store.close()
+    return timings
+
+
+def run(calls: int) -> dict[str, t.Any]:
+    results: dict[str, t.Any] = {}
+    with tempfile.TemporaryDirectory(prefix="wsgi-proxy-locator-") as scratch:
+        tmp = Path(scratch)
+        bed = start_bed(tmp, threads=64, delay_ms=0)
+        servers = []
+        redis_process = None
+        try:
+            stores = {"sqlite": f"sqlite:///{tmp / 'state.db'}"}
+            if shutil.which("redis-server"):
+                redis_port = free_port()
+                redis_process = subprocess.Popen(
+                    ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(0.5)
+                stores["redis"] = f"redis://127.0.0.1:{redis_port}/0"
+            gateways = {"shorthand (no store)": bed.proxied}
+            for name, url in stores.items():
+                path = tmp / f"{name}.toml"
+                path.write_text(CONFIG.format(store=url, direct=bed.direct))
+                port = free_port()
+                env = {
+                    "WSGI_PROXY_CONFIG": str(path),
+                    "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
+                    "BENCH_CLIENT_KEY": CLIENT_KEY,
+                }
+                servers.append(start_proxy(tmp, port, env))
+                gateways[f"config file, {name} store"] = f"http://127.0.0.1:{port}/v1"
+            for name, url in stores.items():
+                results[f"store operations, {name}"] = _store_costs(url, calls * 2)
+            for _ in range(2):  # interleave rounds so that machine noise hits every proxy alike
+                for name, base in gateways.items():
+                    measured = _measure(base, calls // 2)
+                    previous = results.get(name)
+                    results[name] = (
+                        measured
+                        if previous is None
+                        else {k: round((previous[k] + v) / 2, 3) for k, v in measured.items()}
+                    )
+        finally:
+            for server in servers:
+                server.stop()
+            if redis_process is not None:
+                redis_process.terminate()
+                redis_process.wait(10)
+            bed.stop()
+    base = results["shorthand (no store)"]
+    for measured in (m for name, m in results.items() if not name.startswith("store operations")):
+        measured["added_create_p50_ms"] = round(measured["create_p50_ms"] - base["create_p50_ms"], 3)
+        measured["added_retrieve_p50_ms"] = round(measured["retrieve_p50_ms"] - base["retrieve_p50_ms"], 3)
+    return {"calls": calls, "date": time.strftime("%Y-%m-%d"), "results": results}
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run that writes nothing (CI)")
+    args = parser.parse_args(argv)
+    result = run(60 if args.quick else 1000)
+    print("| proxy | create p50 / p99 | retrieve p50 / p99 | added per create / retrieve (p50) |")
+    print("|---|---|---|---|")
+    for name, m in result["results"].items():
+        if name.startswith("store operations"):
+            print(
+                f"| {name} | " + ", ".join(f"{k.removesuffix('_us')} {v} µs" for k, v in m.items()) + " | | |"
+            )
+            continue
+        print(
+            f"| {name} | {m['create_p50_ms']} / {m['create_p99_ms']} ms | {m['retrieve_p50_ms']} /"
+            f" {m['retrieve_p99_ms']} ms | +{m['added_create_p50_ms']} / +{m['added_retrieve_p50_ms']} ms |"
+        )
+    if not args.quick:
+        out = REPO / "benchmarks" / "results" / f"locator-{result['date']}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
