@@ -24,6 +24,22 @@ class ConfigError(RuntimeError):
     """The configuration is invalid; the message is one sentence naming the setting to fix."""
 
 
+def check_base_url(value: str) -> str:
+    """An upstream base URL, normalised (no trailing slash), or ValueError."""
+    value = value.strip().rstrip("/")
+    scheme, sep, rest = value.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "?# "):
+        raise ValueError("it must be an http:// or https:// URL without query or fragment")
+    return value
+
+
+def check_api_version(value: str | None) -> str | None:
+    """An Azure api-version such as ``2025-04-01-preview``, or ValueError."""
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise ValueError("it must look like 2025-04-01-preview (letters, digits, '.', '_', '-')")
+    return value
+
+
 class ProxySettings(BaseSettings):
     """All settings of one proxy, frozen after validation."""
 
@@ -116,14 +132,8 @@ class ProxySettings(BaseSettings):
     retry_max_wait: float = Field(default=8.0, ge=0)
     """The longest wait before a retry; a longer ``Retry-After`` is relayed to the client instead."""
 
-    @field_validator("upstream_url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        scheme, sep, rest = value.partition("://")
-        if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "?# "):
-            raise ValueError("it must be an http:// or https:// URL without query or fragment")
-        return value
+    _check_url = field_validator("upstream_url")(check_base_url)
+    _check_api_version = field_validator("upstream_api_version")(check_api_version)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -142,13 +152,6 @@ class ProxySettings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
             return None
-        return value
-
-    @field_validator("upstream_api_version")
-    @classmethod
-    def _check_api_version(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
-            raise ValueError("it must look like 2025-04-01-preview (letters, digits, '.', '_', '-')")
         return value
 
     @model_validator(mode="after")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import ConfigError
+from .config import ConfigError, check_api_version, check_base_url
 
 __all__ = ["FileConfig", "KeyEntry", "ModelEntry", "Route", "TeamEntry", "UpstreamEntry", "load_config_file"]
 
@@ -85,14 +85,8 @@ class UpstreamEntry(_Strict):
     _check_name = field_validator("name")(_name)
     _check_env = field_validator("api_key_env")(_env_name)
 
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        scheme, sep, rest = value.partition("://")
-        if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "?# "):
-            raise ValueError("it must be an http:// or https:// URL without query or fragment")
-        return value
+    _check_url = field_validator("url")(check_base_url)
+    _check_api_version = field_validator("api_version")(check_api_version)
 
     @model_validator(mode="after")
     def _version_is_azure(self) -> UpstreamEntry:

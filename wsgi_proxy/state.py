@@ -59,18 +59,7 @@ class ProxyState:
         config = load_config_file(settings.config, environ)
         upstreams = {}
         for entry in config.upstreams:
-            spec = UpstreamSpec(
-                name=entry.name,
-                url=entry.url,
-                kind=entry.kind,
-                api_key=environ[entry.api_key_env].strip() if entry.api_key_env else None,
-                api_version=entry.api_version,
-                organization=entry.organization,
-                project=entry.project,
-                headers=dict(entry.headers),
-                connect_timeout=entry.connect_timeout,
-                read_timeout=entry.read_timeout,
-            )
+            spec = UpstreamSpec.from_entry(entry, environ)
             upstreams[entry.name] = UpstreamClient(spec, pool_size=settings.pool_size, ca_bundle=ca)
         url = settings.store_url or config.store_url or _default_store_url()
         try:

@@ -20,6 +20,9 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from .config import ProxySettings
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from .configfile import UpstreamEntry
 from .errors import (
     UpstreamError,
     UpstreamProtocolError,
@@ -245,6 +248,22 @@ class UpstreamSpec:
             headers=dict(settings.upstream_headers),
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+        )
+
+    @classmethod
+    def from_entry(cls, entry: UpstreamEntry, environ: t.Mapping[str, str]) -> UpstreamSpec:
+        """An upstream of the configuration file, its key read from the variable it names."""
+        return cls(
+            name=entry.name,
+            url=entry.url,
+            kind=entry.kind,
+            api_key=environ[entry.api_key_env].strip() if entry.api_key_env else None,
+            api_version=entry.api_version,
+            organization=entry.organization,
+            project=entry.project,
+            headers=dict(entry.headers),
+            connect_timeout=entry.connect_timeout,
+            read_timeout=entry.read_timeout,
         )
 
 

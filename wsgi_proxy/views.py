@@ -6,6 +6,7 @@ the proxy's prefix gets an OpenAI-shaped error instead of the host app's HTML er
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import typing as t
@@ -152,13 +153,20 @@ def _forward(
     resume: _Resume | None = None,
 ) -> Response:
     release = tenant.open_stream() if stream else None
-    try:
+    with _released_on_error(release):
         sent = _send(tenant.state, client, method, path, body=body, stream=stream, idempotent=idempotent)
+    return _relay(tenant, sent, label=f"{method} {path}", stream=stream, resume=resume, release=release)
+
+
+@contextlib.contextmanager
+def _released_on_error(release: t.Callable[[], None] | None) -> t.Iterator[None]:
+    """Free a stream's slots if getting its answer fails; otherwise the relay frees them."""
+    try:
+        yield
     except BaseException:
         if release is not None:
             release()
         raise
-    return _relay(tenant, sent, label=f"{method} {path}", stream=stream, resume=resume, release=release)
 
 
 def _relay(
@@ -283,12 +291,8 @@ def responses_root() -> Response:
     # A background stream can be resumed; nothing else can (OpenAI's rule).
     resume = _Resume(create_resume_query(fields)) if stream and background else None
     release = tenant.open_stream() if stream else None
-    try:
+    with _released_on_error(release):
         sent, target = _create_with_failover(state, targets, body, stream=stream)
-    except BaseException:
-        if release is not None:
-            release()
-        raise
 
     def remember(response_id: str) -> None:
         tenant.remember(response_id, target.upstream, background=background)
