@@ -51,6 +51,10 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
         (UPSTREAM + KEY.replace('sha256 = "', 'sha256 = "zz'), "keys[0] (name 'k').sha256"),
         (UPSTREAM + KEY + 'key_env = "K"\n', "not both"),
         (UPSTREAM, "defines no [[keys]]"),
+        (
+            UPSTREAM + '[[upstreams]]\nname = "open"\nurl = "http://x/v1"\n' + KEY,
+            "upstream 'open' has no api_key_env, but the file defines [[keys]]",
+        ),
         (UPSTREAM + KEY + "[teams.t2]\nrpm = 0\n", "teams.t2.rpm"),
     ],
 )

@@ -189,6 +189,14 @@ class FileConfig(_Strict):
         for key in self.keys:
             if key.team not in self.teams:
                 raise ValueError(f"key {key.name!r} is in unknown team {key.team!r}; add [teams.{key.team}]")
+        keyless = [u.name for u in self.upstreams if u.api_key_env is None]
+        if self.keys and keyless:
+            # Without a key of its own the gateway would pass the client's Authorization on, and
+            # with [[keys]] that is the client's proxy key: it must never leave the gateway.
+            raise ValueError(
+                f"upstream {keyless[0]!r} has no api_key_env, but the file defines [[keys]], so the"
+                " gateway authenticates clients itself and must hold every upstream's key: add api_key_env"
+            )
         if not self.keys and not self.allow_anonymous:
             raise ValueError(
                 "the file defines no [[keys]], so anyone who can reach the proxy could spend on its upstream"

@@ -41,6 +41,7 @@ api_key_env = "AZURE_UPSTREAM_KEY"
 [[upstreams]]
 name = "down"
 url = "http://127.0.0.1:{free_port()}/v1"
+api_key_env = "MAIN_UPSTREAM_KEY"
 
 [[models]]
 name = "gpt-4o-mini"
