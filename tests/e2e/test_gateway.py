@@ -220,3 +220,18 @@ def test_bad_config_file_stops_gunicorn_with_one_sentence(tmp_path: Path) -> Non
     log = str(caught.value)
     assert "upstreams[0] (name 'x').url" in log
     assert "Traceback" not in log
+
+
+def test_client_keys_never_reach_an_upstream_and_no_secret_is_logged(
+    gateways: list[Proxy], upstreams: tuple[Simulator, Simulator]
+) -> None:
+    main, azure = upstreams
+    with _client(gateways[0], "RED_KEY") as client:
+        client.responses.create(model="gpt-azure", input="canary")
+        list(client.responses.create(model="gpt-4o-mini", input="canary", stream=True))
+    seen = repr([(r.headers, r.body) for r in main.requests + azure.requests])
+    for secret in KEYS.values():
+        assert secret not in seen
+    logs = gateways[0].log() + gateways[1].log()
+    for secret in [*KEYS.values(), *SECRETS.values()]:
+        assert secret not in logs
