@@ -45,9 +45,9 @@ timeout = 30
 # end without a clean terminator, so clients see an error and can resume with starting_after.
 graceful_timeout = int(os.environ.get("WSGI_PROXY_GRACEFUL_TIMEOUT", "30"))
 
-# Access log to stdout (no credentials are in it: gunicorn logs no Authorization header);
-# errors and the proxy's own warnings to stderr.
-accesslog = os.environ.get("WSGI_PROXY_ACCESS_LOG", "-")
+# The proxy writes one JSON line per request to stdout itself (streams when they end); gunicorn's
+# own access log is off unless asked for. Errors and the proxy's warnings go to stderr.
+accesslog = os.environ.get("WSGI_PROXY_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("WSGI_PROXY_LOG_LEVEL", "info")
 

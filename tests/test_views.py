@@ -201,7 +201,7 @@ def test_upstream_error_status_and_body_relayed(
     assert resp.status_code == status
     assert resp.data == body
     assert resp.headers["Content-Type"] == "application/json"
-    assert resp.headers["x-request-id"] == "req_9"
+    assert resp.headers["X-Upstream-Request-ID"] == "req_9"  # X-Request-ID is the gateway's own
     assert resp.headers["retry-after"] == "3"
     assert "Set-Cookie" not in resp.headers
     assert resp.headers.get("Server") != "upstream"
@@ -483,7 +483,7 @@ def test_stream_create_relays_bytes_with_sse_headers(
     assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert resp.headers["Cache-Control"] == "no-cache"
     assert resp.headers["X-Accel-Buffering"] == "no"
-    assert resp.headers["x-request-id"] == "req_s"
+    assert resp.headers["X-Upstream-Request-ID"] == "req_s"
     for name in ("Content-Length", "Content-Encoding", "Transfer-Encoding", "Set-Cookie"):
         assert name not in resp.headers
     assert resp.data == SSE

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import logging
+import sys
+import typing as t
 
 from flask import Flask, Response
 
 from .config import ProxySettings
 from .extension import ResponsesProxy
+from .observe import ACCESS_LOGGER
+from .state import EXTENSION_KEY, ProxyState
 
 __all__ = ["create_app"]
+
+
+class _StdoutLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each record's message alone on a line to whatever ``sys.stdout`` is at the time."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def _log_requests_as_json_lines() -> None:
+    # One JSON object per line on stdout, nothing around it, so log shippers can parse it as it is.
+    access = logging.getLogger(ACCESS_LOGGER)
+    if access.level == logging.NOTSET:
+        access.setLevel(logging.INFO)
+    if not any(isinstance(h, _StdoutLines) for h in access.handlers):
+        access.addHandler(_StdoutLines())
+        access.propagate = False
 
 
 def _use_gunicorn_logging() -> None:
@@ -28,19 +54,32 @@ def _use_gunicorn_logging() -> None:
 def create_app(settings: ProxySettings | None = None, *, url_prefix: str = "/v1") -> Flask:
     """Build the standalone proxy app: the API under ``url_prefix`` plus health probes.
 
-    ``GET /`` and ``GET /healthz`` answer ``{"status": "ok"}`` without touching the upstream, so
-    a load balancer can probe every second.
+    ``GET /``, ``/healthz`` and ``/livez`` (liveness) answer ``{"status": "ok"}`` without touching
+    anything; ``GET /readyz`` (readiness) also checks that the state store answers. Both are cheap
+    enough for a load balancer to probe every second.
 
     :param settings: explicit settings; by default they are read from ``WSGI_PROXY_*`` variables.
     :param url_prefix: where the API is served.
     """
     app = Flask("wsgi_proxy")
     _use_gunicorn_logging()
+    _log_requests_as_json_lines()
     ResponsesProxy(app, url_prefix=url_prefix, settings=settings or ProxySettings.load())
+
+    state = t.cast(ProxyState, app.extensions[EXTENSION_KEY])
 
     def health() -> Response:
         return Response(b'{"status":"ok"}', content_type="application/json")
 
+    def ready() -> Response:
+        # The configuration was loaded when the app was built; what can fail later is the store.
+        if state.store is not None and not state.store.ping():
+            body = b'{"status":"unavailable","store":"unreachable"}'
+            return Response(body, status=503, content_type="application/json")
+        return Response(b'{"status":"ready"}', content_type="application/json")
+
     app.add_url_rule("/", "health", health)
     app.add_url_rule("/healthz", "healthz", health)
+    app.add_url_rule("/livez", "livez", health)
+    app.add_url_rule("/readyz", "readyz", ready)
     return app

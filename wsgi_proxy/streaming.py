@@ -11,10 +11,12 @@ import enum
 import json
 import logging
 import re
+import time
 import typing as t
 from dataclasses import dataclass
 
 from .errors import StreamAborted, UpstreamStreamInterrupted
+from .observe import usage_of
 
 __all__ = [
     "Control",
@@ -277,7 +279,12 @@ class StreamRelay:
         self._clean_eof = False
         self.response_id = response_id
         self.events = 0
+        self.bytes = 0
+        self.first_event_at: float | None = None
+        self.usage: dict[str, int] | None = None
         self.resumes = 0
+        #: Why the stream ended early (client gone, aborted after an upstream failure), or None.
+        self.failure: str | None = None
         self.last_sequence: int | None = None
         self.terminal: str | None = None
         control.set_resumable(resumer is not None and response_id is not None)
@@ -312,8 +319,12 @@ class StreamRelay:
         if info.type is None:
             return
         self.events += 1
+        if self.first_event_at is None:
+            self.first_event_at = time.monotonic()
         if info.type in TERMINAL_TYPES:
             self.terminal = info.type
+            if info.type == "response.completed":
+                self.usage = _completed_usage(event)
         elif info.type == "response.created" and self.response_id is None:
             self.response_id = _created_id(event)
             self._control.set_resumable(self._resumer is not None and self.response_id is not None)
@@ -328,6 +339,7 @@ class StreamRelay:
         return None
 
     def _write(self, data: bytes) -> t.Generator[bytes, None, None]:
+        self.bytes += len(data)
         self._control.writing(True)
         yield data
         self._control.writing(False)
@@ -391,6 +403,7 @@ class StreamRelay:
         while True:
             reason = self._control.stop_reason()
             if reason in ("client_gone", "send_timeout"):
+                self.failure = reason
                 return None
             if reason == "shutdown":
                 return f"{failure}; the worker is shutting down"
@@ -416,6 +429,7 @@ class StreamRelay:
                 return attempt, outcome
 
     def _abort(self, failure: str) -> t.NoReturn:
+        self.failure = "aborted: " + failure
         log.warning(
             "upstream stream %s broke after %d events (last sequence_number %s): %s;"
             " aborting the client connection so the client can resume",
@@ -425,6 +439,15 @@ class StreamRelay:
             failure,
         )
         raise StreamAborted(f"upstream stream {self._label} broke: {failure}")
+
+
+def _completed_usage(event: bytes) -> dict[str, int] | None:
+    """The token usage carried by a ``response.completed`` event (parsed once per stream)."""
+    try:
+        response = json.loads(_data_of(event) or b"").get("response")
+    except (ValueError, AttributeError):
+        return None
+    return usage_of(response) if isinstance(response, dict) else None
 
 
 def _created_id(event: bytes) -> str | None:

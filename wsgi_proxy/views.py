@@ -13,7 +13,7 @@ import typing as t
 from dataclasses import dataclass
 
 import requests
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
@@ -31,6 +31,7 @@ from .errors import (
     error_body,
 )
 from .headers import client_response_headers, upstream_request_headers
+from .observe import Observation, request_id_from, usage_of
 from .resume import StreamResumer, create_resume_query
 from .retries import send_with_retries
 from .routing import Target
@@ -70,10 +71,35 @@ def _require(*allowed: str) -> None:
         )
 
 
+def _obs() -> Observation:
+    return t.cast(Observation, g.wsgi_proxy_observation)
+
+
+def _open_observation() -> None:
+    route = (request.endpoint or "").rpartition(".")[2] or "unknown"
+    g.wsgi_proxy_observation = Observation(
+        request_id_from(request.headers.get("X-Request-ID")), request.method, route
+    )
+
+
+def _close_observation(response: Response) -> Response:
+    obs = _obs()
+    response.headers["X-Request-ID"] = obs.request_id
+    if obs.upstream_request_id:
+        response.headers["X-Upstream-Request-ID"] = obs.upstream_request_id
+    obs.status = response.status_code
+    if not obs.stream:  # a stream's observation closes when its relay ends
+        obs.finish()
+    return response
+
+
 def _tenant() -> Tenant:
     """Who is calling (401 otherwise), with this request counted against their rate limits."""
     state = _state()
-    tenant = Tenant(state, state.keyring.identify(request.headers.get("Authorization")))
+    identity = state.keyring.identify(request.headers.get("Authorization"))
+    obs = _obs()
+    obs.key, obs.team = identity.key_name, identity.team
+    tenant = Tenant(state, identity)
     tenant.charge_request()
     return tenant
 
@@ -120,12 +146,15 @@ def _send(
     stream: bool,
     idempotent: bool,
 ) -> _Sent:
+    obs = _obs()
+    obs.upstream = client.name
     headers = upstream_request_headers(
         request.headers.items(),
         credentials=client.credentials(request.headers),
         pass_through=client.pass_through,
         stream=stream,
     )
+    headers["X-Request-ID"] = obs.request_id
     answer, attempts = send_with_retries(
         client,
         method,
@@ -138,6 +167,8 @@ def _send(
         attempts=state.settings.retry_attempts,
         max_wait=state.settings.retry_max_wait,
     )
+    obs.attempts += attempts
+    obs.upstream_request_id = answer.headers.get("x-request-id")
     return _Sent(client, answer, headers, attempts)
 
 
@@ -206,7 +237,7 @@ def _relay(
         else:
             content = upstream.content
         if on_response_id is not None and 200 <= upstream.status_code < 300:
-            response_id = _id_of(content)
+            response_id, _obs().usage = _summary_of(content)
             if response_id is not None:
                 on_response_id(response_id)
         return _relay_answer(sent.client, upstream, content, extra)
@@ -221,6 +252,18 @@ def _relay(
             backoff_base=settings.resume_backoff,
             backoff_max=settings.resume_backoff_max,
         )
+    obs = _obs()
+    obs.stream = True
+
+    def finished() -> None:
+        if release is not None:
+            release()
+        obs.events, obs.bytes, obs.resumes, obs.usage = relay.events, relay.bytes, relay.resumes, relay.usage
+        obs.error = relay.failure
+        if relay.first_event_at is not None:
+            obs.first_event_s = relay.first_event_at - obs.started
+        obs.finish()
+
     body = UpstreamStream(upstream)
     watch = None
     if settings.watch_disconnects:
@@ -234,7 +277,7 @@ def _relay(
         keepalive_interval=settings.keepalive_interval,
         max_event_bytes=settings.max_event_bytes,
         on_response_id=on_response_id,
-        on_close=release,
+        on_close=finished,
     )
     headers = [h for h in client_response_headers(upstream.headers.items()) if h[0].lower() != "content-type"]
     headers += _SSE_HEADERS + extra
@@ -242,12 +285,17 @@ def _relay(
     return Response(relay, status=upstream.status_code, headers=headers, direct_passthrough=True)
 
 
-def _id_of(content: bytes) -> str | None:
+def _summary_of(content: bytes) -> tuple[str | None, dict[str, int] | None]:
+    """The id and token usage of a created Response object."""
     try:
-        value = json.loads(content).get("id")
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) and RESPONSE_ID.fullmatch(value) else None
+        payload = json.loads(content)
+    except ValueError:
+        return None, None
+    if not isinstance(payload, dict):
+        return None, None
+    value = payload.get("id")
+    response_id = value if isinstance(value, str) and RESPONSE_ID.fullmatch(value) else None
+    return response_id, usage_of(payload)
 
 
 def _relay_answer(
@@ -279,6 +327,7 @@ def responses_root() -> Response:
     state = tenant.state
     body = _read_body(state)
     fields = parse_create_body(body)
+    _obs().model = fields.model
     if state.router.has_table and fields.model is not None and not tenant.identity.may_use(fields.model):
         raise ModelNotFound(fields.model)
     targets = state.router.route(fields.model)
@@ -356,6 +405,9 @@ def response_item(subpath: str) -> Response:
     tenant = _tenant()  # before validation: an unauthenticated client learns nothing more
     target = parse_response_path(subpath)
     rid = target.response_id
+    _obs().route = {"item": "delete" if request.method == "DELETE" else "retrieve"}.get(
+        target.action, target.action
+    )
     if target.action == "cancel":
         _require("POST")
         body = _read_body(tenant.state)
@@ -421,6 +473,7 @@ def not_found(rest: str = "") -> Response:
 
 
 def _proxy_error(exc: ProxyError) -> Response:
+    _obs().error = exc.code or exc.type
     return Response(exc.body(), status=exc.status, headers=exc.headers(), content_type="application/json")
 
 
@@ -472,6 +525,8 @@ def make_blueprint() -> Blueprint:
     bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
     bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=_METHODS)
+    bp.before_request(_open_observation)
+    bp.after_request(_close_observation)
     bp.register_error_handler(ProxyError, _proxy_error)
     bp.register_error_handler(HTTPException, _http_error)
     bp.register_error_handler(Exception, _unexpected)

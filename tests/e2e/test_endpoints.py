@@ -134,3 +134,35 @@ def test_health_probes(proxy: Proxy) -> None:
 
     for path in ("/", "/healthz"):
         assert requests.get(proxy.root_url + path, timeout=5).json() == {"status": "ok"}
+
+
+def test_one_json_line_per_request_under_gunicorn(proxy: Proxy) -> None:
+    import json
+
+    with proxy.client() as sdk:
+        created = sdk.responses.create(
+            model="gpt-4o-mini", input="logged", extra_headers={"X-Request-ID": "e2e-trace-1"}
+        )
+        list(
+            sdk.responses.create(
+                model="gpt-4o-mini",
+                input="logged",
+                stream=True,
+                extra_headers={"X-Request-ID": "e2e-trace-2"},
+            )
+        )
+    lines = [json.loads(line) for line in proxy.log().splitlines() if line.startswith("{")]
+    by_id = {line["request_id"]: line for line in lines}
+    plain, streamed = by_id["e2e-trace-1"], by_id["e2e-trace-2"]
+    assert (plain["route"], plain["status"], plain["model"], plain["upstream"]) == (
+        "create",
+        200,
+        "gpt-4o-mini",
+        "default",
+    )
+    assert plain["usage"] == created.usage.model_dump(
+        include={"input_tokens", "output_tokens", "total_tokens"}
+    )  # type: ignore[union-attr]
+    assert plain["upstream_request_id"].startswith("req_")
+    assert streamed["events"] > 5 and streamed["bytes"] > 0 and streamed["resumes"] == 0
+    assert streamed["usage"]["total_tokens"] > 0 and streamed["ttfe_ms"] is not None

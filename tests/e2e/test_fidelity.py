@@ -94,6 +94,7 @@ def test_upstream_headers_are_allow_listed(proxy: Proxy) -> None:
         headers={"Authorization": f"Bearer {CLIENT_KEY}"},
         timeout=10,
     )
-    assert answer.headers["x-request-id"].startswith("req_")
+    assert answer.headers["X-Upstream-Request-ID"].startswith("req_")
+    assert answer.headers["X-Request-ID"] != answer.headers["X-Upstream-Request-ID"]
     assert "openai-processing-ms" in answer.headers
     assert "Server" not in answer.headers or "gunicorn" in answer.headers["Server"]
