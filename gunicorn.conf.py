@@ -8,6 +8,7 @@ so a mistake stops the server with one sentence instead of a traceback per worke
 
 import os
 import sys
+import tempfile
 
 from wsgi_proxy.config import ConfigError, ProxySettings
 from wsgi_proxy.configfile import load_config_file
@@ -19,6 +20,27 @@ try:
 except ConfigError as exc:
     sys.stderr.write(f"wsgi-proxy: {exc}\n")
     sys.exit(2)
+
+# Prometheus metrics from every worker add up through files in one directory (multiprocess mode).
+# The variable must be set here, in the master, before any worker creates the app; without it a
+# scrape would see one worker only. An operator may choose the directory (it is emptied at start).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wsgi-proxy-metrics-")
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Once per master start (not on reload): clear a previous run's metric files."""
+    from wsgi_proxy.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """A dead worker's open streams stop counting; its totals stay."""
+    from wsgi_proxy.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)
+
 
 # The app: the standalone factory. A host app is served with `gunicorn -c gunicorn.conf.py host:app`.
 wsgi_app = "wsgi_proxy.app:create_app()"

@@ -158,3 +158,21 @@ def test_readiness_follows_the_store(tmp_path: t.Any, monkeypatch: pytest.Monkey
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json == {"status": "unavailable", "store": "unreachable"}
+
+
+def test_metrics_endpoint_is_off_without_a_token_and_protected_with_one(
+    make_app: t.Callable[..., Flask], mocked: responses.RequestsMock
+) -> None:
+    assert make_app(**GATEWAY).test_client().get("/metrics").status_code == 404
+    app = make_app(metrics_token="scrape-secret", **GATEWAY)
+    client = app.test_client()
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_9", json={"id": "resp_9"})
+    client.get("/v1/responses/resp_9", headers=AUTH)
+    client.get("/v1/responses/resp_9", headers={"Authorization": "Bearer nope"})
+    text = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).get_data(as_text=True)
+    assert (
+        'wsgi_proxy_requests_total{method="GET",route="retrieve",status="200",upstream="default"} 1.0' in text
+    )
+    assert 'wsgi_proxy_requests_total{method="GET",route="response",status="401",upstream="none"} 1.0' in text

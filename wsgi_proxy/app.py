@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import sys
 import typing as t
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 from .config import ProxySettings
 from .extension import ResponsesProxy
@@ -78,6 +79,19 @@ def create_app(settings: ProxySettings | None = None, *, url_prefix: str = "/v1"
             return Response(body, status=503, content_type="application/json")
         return Response(b'{"status":"ready"}', content_type="application/json")
 
+    def metrics() -> Response:
+        expected = state.settings.metrics_token
+        if expected is None:
+            body = b'{"error":"Metrics are off: set WSGI_PROXY_METRICS_TOKEN to turn them on."}'
+            return Response(body, status=404, content_type="application/json")
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+            body = b'{"error":"Send Authorization: Bearer <WSGI_PROXY_METRICS_TOKEN> to read the metrics."}'
+            return Response(body, status=401, content_type="application/json")
+        text, content_type = state.metrics.render()
+        return Response(text, content_type=content_type)
+
+    app.add_url_rule("/metrics", "metrics", metrics)
     app.add_url_rule("/", "health", health)
     app.add_url_rule("/healthz", "healthz", health)
     app.add_url_rule("/livez", "livez", health)

@@ -55,6 +55,9 @@ class ProxySettings(BaseSettings):
     """Where shared state lives with a config file: ``sqlite:///path.db`` (one host, the default is
     a file in the temporary directory) or ``redis://host:6379/0`` (several hosts)."""
 
+    metrics_token: SecretStr | None = None
+    """``GET /metrics`` (Prometheus) answers only with ``Authorization: Bearer <token>``; unset: off."""
+
     upstream_url: str = "https://api.openai.com/v1"
     """Base URL of the upstream Responses API, up to and including its version segment."""
 

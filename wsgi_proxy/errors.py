@@ -136,9 +136,10 @@ class RateLimited(ProxyError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(self, message: str, *, retry_after: float, limit: t.Literal["rpm", "streams"]) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.limit = limit
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import typing as t
 import uuid
 from dataclasses import dataclass, field
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from .metrics import Metrics
 
 __all__ = ["ACCESS_LOGGER", "Observation", "request_id_from", "usage_of"]
 
@@ -66,6 +70,7 @@ class Observation:
     usage: dict[str, int] | None = None
     error: str | None = None
     finished: bool = False
+    metrics: Metrics | None = None
 
     def first_event(self) -> None:
         if self.first_event_s is None:
@@ -78,6 +83,7 @@ class Observation:
         self.finished = True
         line = {
             "ts": round(time.time(), 3),
+            "pid": os.getpid(),
             "request_id": self.request_id,
             "upstream_request_id": self.upstream_request_id,
             "method": self.method,
@@ -103,3 +109,18 @@ class Observation:
         if self.error is not None:
             line["error"] = self.error
         log.info(json.dumps(line, separators=(",", ":")))
+        if self.metrics is not None:
+            self._report(self.metrics, time.monotonic() - self.started)
+
+    def _report(self, metrics: Metrics, seconds: float) -> None:
+        metrics.request_finished(
+            route=self.route,
+            method=self.method,
+            status=self.status or 0,
+            upstream=self.upstream,
+            seconds=seconds,
+        )
+        if self.first_event_s is not None:
+            metrics.first_event(route=self.route, upstream=self.upstream, seconds=self.first_event_s)
+        for _ in range(self.resumes):
+            metrics.resumed(upstream=self.upstream)

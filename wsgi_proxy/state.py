@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .auth import Keyring
 from .config import ConfigError, ProxySettings
 from .configfile import load_config_file
+from .metrics import Metrics
 from .routing import Router
 from .store import Store, StoreError, open_store
 from .upstream import UpstreamClient, UpstreamSpec
@@ -35,6 +36,7 @@ class ProxyState:
     keyring: Keyring
     router: Router
     watchdog: DisconnectWatchdog
+    metrics: Metrics = field(default_factory=Metrics)
     store: Store | None = None
     unknown_ids: t.Literal["forward", "reject"] = "forward"
     response_ttl_s: float = 30 * 86400.0

@@ -251,6 +251,7 @@ class StreamRelay:
     :param max_event_bytes: the largest event relayed.
     :param on_response_id: called with the id of ``response.created`` (to record where it lives).
     :param on_close: called once when the relay ends, however it ends.
+    :param on_forward: called with the number of events and bytes of each write (metrics).
     """
 
     def __init__(
@@ -265,7 +266,9 @@ class StreamRelay:
         max_event_bytes: int = 64 * 1024 * 1024,
         on_response_id: t.Callable[[str], None] | None = None,
         on_close: t.Callable[[], None] | None = None,
+        on_forward: t.Callable[[int, int], None] | None = None,
     ) -> None:
+        self._on_forward = on_forward
         self._body = body
         self._on_response_id = on_response_id
         self._on_close = on_close
@@ -364,7 +367,10 @@ class StreamRelay:
             if events:
                 for event in events:
                     self._observe(event)
-                yield from self._write(events[0] if len(events) == 1 else b"".join(events))
+                data = events[0] if len(events) == 1 else b"".join(events)
+                if self._on_forward is not None:
+                    self._on_forward(len(events), len(data))
+                yield from self._write(data)
 
     def _run(self) -> t.Generator[bytes, None, None]:
         try:

@@ -68,6 +68,7 @@ class Tenant:
                     f"Rate limit reached: {limit} requests per minute for {counter.replace(':', ' ')}."
                     f" Try again in {decision.retry_after:.0f} s.",
                     retry_after=decision.retry_after,
+                    limit="rpm",
                 )
 
     def open_stream(self) -> t.Callable[[], None]:
@@ -94,6 +95,7 @@ class Tenant:
                     f"Too many open streams: {limit} at once for {counter.replace(':', ' ')}. Close one,"
                     " or try again when one ends.",
                     retry_after=1.0,
+                    limit="streams",
                 )
             taken.append(counter)
         return release

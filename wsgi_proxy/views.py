@@ -23,6 +23,7 @@ from .errors import (
     MethodNotAllowed,
     ModelNotFound,
     ProxyError,
+    RateLimited,
     RequestTooLarge,
     RouteNotFound,
     UpstreamCredentialsRejected,
@@ -78,7 +79,7 @@ def _obs() -> Observation:
 def _open_observation() -> None:
     route = (request.endpoint or "").rpartition(".")[2] or "unknown"
     g.wsgi_proxy_observation = Observation(
-        request_id_from(request.headers.get("X-Request-ID")), request.method, route
+        request_id_from(request.headers.get("X-Request-ID")), request.method, route, metrics=_state().metrics
     )
 
 
@@ -255,7 +256,13 @@ def _relay(
     obs = _obs()
     obs.stream = True
 
+    metrics = state.metrics
+    metrics.stream_opened()
+
     def finished() -> None:
+        metrics.stream_closed()
+        if relay.failure is not None and relay.failure.startswith("aborted"):
+            metrics.upstream_error(upstream=sent.client.name, kind="stream_aborted")
         if release is not None:
             release()
         obs.events, obs.bytes, obs.resumes, obs.usage = relay.events, relay.bytes, relay.resumes, relay.usage
@@ -278,6 +285,7 @@ def _relay(
         max_event_bytes=settings.max_event_bytes,
         on_response_id=on_response_id,
         on_close=finished,
+        on_forward=lambda events, nbytes: metrics.events_forwarded(events=events, nbytes=nbytes),
     )
     headers = [h for h in client_response_headers(upstream.headers.items()) if h[0].lower() != "content-type"]
     headers += _SSE_HEADERS + extra
@@ -473,7 +481,13 @@ def not_found(rest: str = "") -> Response:
 
 
 def _proxy_error(exc: ProxyError) -> Response:
-    _obs().error = exc.code or exc.type
+    obs = _obs()
+    obs.error = exc.code or exc.type
+    metrics = _state().metrics
+    if isinstance(exc, UpstreamError):
+        metrics.upstream_error(upstream=obs.upstream, kind=exc.code or "upstream_error")
+    elif isinstance(exc, RateLimited):
+        metrics.rate_limited(limit=exc.limit)
     return Response(exc.body(), status=exc.status, headers=exc.headers(), content_type="application/json")
 
 
