@@ -65,7 +65,9 @@ _M = t.TypeVar("_M", bound=MetricWrapperBase)
 # possibly before the variable is set, and its workers inherit that choice through fork(). So each
 # Metrics picks the class itself, from the variable as it is when the Metrics is created, and
 # reinstates it whenever it creates a series. The lock keeps two Metrics from interleaving that.
-_value_class_lock = threading.Lock()
+# Reentrant: a relay abandoned without close() is finished by the garbage collector, which can run
+# while this thread already holds the lock (seen in tests: a deadlock with a plain Lock).
+_value_class_lock = threading.RLock()
 # One file-backed class per directory: two classes would each map this process's files separately
 # and overwrite each other's entries.
 _file_value_classes: dict[str, type[t.Any]] = {}

@@ -162,7 +162,7 @@ class DisconnectWatchdog:
 
     def __init__(self, send_timeout: float = 60.0) -> None:
         self.send_timeout = send_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a relay finished by the garbage collector may unregister
         self._pid = 0
         self._epoll: t.Any = None
         self._watches: dict[int, Watch] = {}
