@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import subprocess
@@ -17,12 +18,22 @@ from pathlib import Path
 import pytest
 
 from wsgi_proxy.launch import free_port
-from wsgi_proxy.store import RateDecision, ResponseRecord, Store, StoreError
+from wsgi_proxy.store import RateDecision, ResponseRecord, Store, StoreError, UsageRow
+from wsgi_proxy.store.base import usage_day
 from wsgi_proxy.store.redis_store import RedisStore
 from wsgi_proxy.store.sqlite import SQLiteStore
 
 #: A window-aligned time an hour ahead: explicit ``now`` values stay clear of purges on the real clock.
 T0 = (math.floor(time.time() / 60) + 60) * 60.0
+
+
+def utc(text: str) -> float:
+    """The unix time of ``text``, an ISO time in UTC."""
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC).timestamp()
+
+
+#: Noon (UTC) of three days in a row, for usage records.
+JAN30, JAN31, FEB01 = utc("2025-01-30T12:00"), utc("2025-01-31T12:00"), utc("2025-02-01T12:00")
 
 
 @dataclass
@@ -242,6 +253,186 @@ class TestSlots:
         assert backend.store.acquire_slot("k", 1, "b", 30, now=T0)
 
 
+def use(store: Store, response_id: str, tokens: tuple[int, int] = (10, 5), **changes: t.Any) -> bool:
+    """Record ``tokens`` (input, output) for ``response_id``, by key ci of team search on gpt-4o, on Jan 31."""
+    values: dict[str, t.Any] = {"key_name": "ci", "team": "search", "model": "gpt-4o", "at": JAN31}
+    input_tokens, output_tokens = tokens
+    return store.record_usage(
+        response_id,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        **(values | changes),
+    )
+
+
+def row(
+    day: str = "2025-01-31", responses: int = 1, tokens: tuple[int, int] = (10, 5), **changes: t.Any
+) -> UsageRow:
+    values: dict[str, t.Any] = {"key_name": "ci", "team": "search", "model": "gpt-4o"}
+    input_tokens, output_tokens = tokens
+    return UsageRow(
+        day=day,
+        responses=responses,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        **(values | changes),
+    )
+
+
+class TestUsage:
+    def test_the_first_record_counts_and_repeats_change_nothing(self, store: Store) -> None:
+        assert use(store, "resp_1")
+        assert not use(store, "resp_1", tokens=(999, 999))
+        assert not use(store, "resp_1", at=FEB01, model="other")
+        assert store.usage_totals() == [row()]
+
+    def test_totals_add_up_per_day_key_team_and_model(self, store: Store) -> None:
+        assert use(store, "resp_1", tokens=(10, 5))
+        assert use(store, "resp_2", tokens=(7, 3))
+        assert use(store, "resp_3", key_name="bob")
+        assert use(store, "resp_4", team="ads")
+        assert use(store, "resp_5", model="gpt-4o-mini")
+        assert use(store, "resp_6", at=JAN30)
+        assert store.usage_totals() == [
+            row("2025-01-30"),
+            row(team="ads"),
+            row(key_name="bob"),
+            row(responses=2, tokens=(17, 8)),
+            row(model="gpt-4o-mini"),
+        ]
+
+    def test_total_tokens_are_taken_as_given(self, store: Store) -> None:
+        # Reasoning tokens are part of the output, and cached ones of the input: the caller's
+        # total is stored as it is, never recomputed.
+        store.record_usage(
+            "resp_1",
+            key_name=None,
+            team=None,
+            model=None,
+            input_tokens=1,
+            output_tokens=2,
+            total_tokens=10,
+            at=JAN31,
+        )
+        assert store.usage_totals()[0].total_tokens == 10
+
+    @pytest.mark.parametrize(
+        ("moment", "day"),
+        [
+            ("2025-01-31T00:00:00", "2025-01-31"),
+            ("2025-01-31T23:59:59.999", "2025-01-31"),
+            ("2025-02-01T00:00:00", "2025-02-01"),
+            ("2024-12-31T23:59:59", "2024-12-31"),
+        ],
+    )
+    def test_the_day_is_the_utc_date_of_at(self, store: Store, moment: str, day: str) -> None:
+        assert use(store, "resp_1", at=utc(moment))
+        assert [r.day for r in store.usage_totals()] == [day]
+
+    def test_at_defaults_to_now(self, store: Store) -> None:
+        before = usage_day(time.time())
+        assert use(store, "resp_1", at=None)
+        after = usage_day(time.time())
+        (recorded,) = store.usage_totals()
+        assert recorded.day in (before, after)
+
+    @pytest.mark.parametrize(
+        ("since", "until", "days"),
+        [
+            (None, None, ["2025-01-30", "2025-01-31", "2025-02-01"]),
+            ("2025-01-31", None, ["2025-01-31", "2025-02-01"]),
+            (None, "2025-01-31", ["2025-01-30", "2025-01-31"]),
+            ("2025-01-31", "2025-01-31", ["2025-01-31"]),
+            ("2025-01-01", "2025-01-30", ["2025-01-30"]),
+            ("2025-02-02", None, []),
+            ("2025-02-01", "2025-01-30", []),
+        ],
+    )
+    def test_date_filters_are_inclusive(
+        self, store: Store, since: str | None, until: str | None, days: list[str]
+    ) -> None:
+        for number, at in enumerate([FEB01, JAN30, JAN31]):
+            assert use(store, f"resp_{number}", at=at)
+        assert [r.day for r in store.usage_totals(since=since, until=until)] == days
+
+    def test_missing_names_round_trip_as_none_and_sort_first(self, store: Store) -> None:
+        assert use(store, "resp_1", key_name=None, team=None, model=None)
+        assert use(store, "resp_2", key_name="", team="", model="")
+        assert use(store, "resp_3", team=None)
+        assert use(store, "resp_4")
+        assert use(store, "resp_5", model=None)
+        assert store.usage_totals() == [
+            row(responses=2, tokens=(20, 10), key_name=None, team=None, model=None),
+            row(team=None),
+            row(model=None),
+            row(),
+        ]
+
+    def test_names_with_separators_stay_apart(self, store: Store) -> None:
+        assert use(store, "resp_1", key_name="a|b", team='"t",', model="m:1")
+        assert use(store, "resp_2", key_name="a", team="b|t", model="m:1")
+        assert store.usage_totals() == [
+            row(key_name="a|b", team='"t",', model="m:1"),
+            row(key_name="a", team="b|t", model="m:1"),
+        ]
+
+    def test_an_id_is_counted_again_once_its_marker_expired(self, store: Store) -> None:
+        assert use(store, "resp_short", ttl_s=0.15)
+        assert use(store, "resp_long", ttl_s=60)
+        time.sleep(0.25)
+        assert use(store, "resp_short")
+        assert not use(store, "resp_long")
+        assert store.usage_totals() == [row(responses=3, tokens=(30, 15))]
+
+    def test_racing_threads_count_a_response_once(self, store: Store) -> None:
+        won: list[bool] = []
+        start = threading.Barrier(20)
+
+        def worker() -> None:
+            start.wait()
+            won.append(use(store, "resp_race"))
+
+        run_threads(worker, 20)
+        assert len(won) == 20 and won.count(True) == 1
+        assert store.usage_totals() == [row()]
+
+    def test_processes_count_each_response_once(self, backend: Backend) -> None:
+        children = [spawn_usage(backend, responses=40) for _ in range(2)]
+        assert sum(finish(child) for child in children) == 40
+        assert backend.store.usage_totals() == [row(responses=40, tokens=(400, 200))]
+
+    def test_other_handle_sees_the_totals_and_the_markers(self, backend: Backend) -> None:
+        assert use(backend.store, "resp_1")
+        with backend.open() as other:
+            assert other.usage_totals() == [row()]
+            assert not use(other, "resp_1")
+
+    @pytest.mark.parametrize(
+        ("changes", "message"),
+        [
+            ({"tokens": (-1, 5)}, "input_tokens must be a whole number of tokens"),
+            ({"tokens": (1.5, 5)}, "input_tokens must be a whole number of tokens"),
+            ({"ttl_s": 0}, "ttl_s must be a positive number"),
+            ({"ttl_s": math.inf}, "ttl_s must be a positive number"),
+        ],
+    )
+    def test_invalid_records_are_refused(self, store: Store, changes: dict[str, t.Any], message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            use(store, "resp_1", **changes)
+        assert store.usage_totals() == []
+        assert use(store, "resp_1"), "a refused record leaves no marker behind"
+
+    @pytest.mark.parametrize(
+        "day", ["2025-1-31", "20250131", "2025-02-30", "2025-01-31T00:00", "yesterday", ""]
+    )
+    @pytest.mark.parametrize("bound", ["since", "until"])
+    def test_days_must_be_real_dates(self, store: Store, bound: str, day: str) -> None:
+        with pytest.raises(ValueError, match=f"{bound} must be a date written YYYY-MM-DD"):
+            store.usage_totals(**{bound: day})
+
+
 class TestMaintenance:
     def test_purge_removes_expired_leases(self, store: Store) -> None:
         store.acquire_slot("k", 5, "a", 10, now=T0)
@@ -259,6 +450,13 @@ class TestMaintenance:
             store.acquire_slot("k", 1, "a", 10, now=T0)
             assert store.purge_expired(now=T0 + 3600) == 3
             assert store.purge_expired(now=T0 + 3600) == 0
+
+    def test_sqlite_purge_forgets_usage_markers_but_keeps_totals(self, tmp_path: Path) -> None:
+        with SQLiteStore(tmp_path / "state.db") as store:
+            assert use(store, "resp_1", ttl_s=5)
+            assert store.purge_expired(now=time.time() + 3600) == 1
+            assert store.usage_totals() == [row()]
+            assert use(store, "resp_1")
 
     def test_sqlite_purges_opportunistically(self, tmp_path: Path) -> None:
         with SQLiteStore(tmp_path / "state.db", purge_every=3) as store:
@@ -300,6 +498,8 @@ class TestErrors:
                 lambda: store.hit_rate("k", 1),
                 lambda: store.acquire_slot("k", 1, "a", 10),
                 lambda: store.purge_expired(),
+                lambda: use(store, "resp_1"),
+                lambda: store.usage_totals(),
             ]
             for call in calls:
                 with pytest.raises(StoreError) as caught:
@@ -348,6 +548,38 @@ def spawn_hits(backend: Backend, key: str, *, hits: int, limit: int) -> subproce
     argv = [backend.kind, backend.target, backend.prefix, key, str(hits), str(limit), repr(T0 + 1)]
     return subprocess.Popen(
         [sys.executable, "-c", _CHILD, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+_USAGE_CHILD = textwrap.dedent(
+    """
+    import sys
+    kind, target, prefix, responses, at = sys.argv[1:]
+    if kind == "sqlite":
+        from wsgi_proxy.store.sqlite import SQLiteStore as Backend
+        store = Backend(target)
+    else:
+        from wsgi_proxy.store.redis_store import RedisStore as Backend
+        store = Backend(target, prefix=prefix)
+    with store:
+        print(
+            sum(
+                store.record_usage(
+                    f"resp_{n}", key_name="ci", team="search", model="gpt-4o",
+                    input_tokens=10, output_tokens=5, total_tokens=15, at=float(at),
+                )
+                for n in range(int(responses))
+            )
+        )
+    """
+)
+
+
+def spawn_usage(backend: Backend, *, responses: int) -> subprocess.Popen[str]:
+    """A separate Python process that records ``resp_0`` onwards and prints how many it counted first."""
+    argv = [backend.kind, backend.target, backend.prefix, str(responses), repr(JAN31)]
+    return subprocess.Popen(
+        [sys.executable, "-c", _USAGE_CHILD, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``wsgi-proxy`` command: ``demo``, ``check-config`` and ``simulate``.
+"""The ``wsgi-proxy`` command: ``demo``, ``check-config``, ``simulate`` and ``usage``.
 
 The proxy itself is served by gunicorn (``gunicorn -c gunicorn.conf.py``); see the README.
 """
@@ -6,6 +6,7 @@ The proxy itself is served by gunicorn (``gunicorn -c gunicorn.conf.py``); see t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing as t
 
@@ -49,6 +50,80 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(serve=args.serve, cut_after=args.cut_after)
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .store import StoreError, open_store
+    from .store.base import check_day
+    from .usage import check_group_by, render_csv, render_json, render_table
+
+    try:
+        group_by = check_group_by([part.strip() for part in args.by.split(",") if part.strip()])
+        check_day("--since", args.since)
+        check_day("--until", args.until)
+        if args.since and args.until and args.since > args.until:
+            raise ValueError(f"--since {args.since} is after --until {args.until}; swap the two dates.")
+        url = _usage_store_url(args.store, args.config, os.environ)
+    except (ValueError, ConfigError) as exc:
+        print(f"wsgi-proxy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # create=False: a mistyped path must be an error, not a report on a new, empty file.
+        with open_store(url, create=False) as store:
+            rows = store.usage_totals(since=args.since, until=args.until)
+    except StoreError as exc:
+        print(f"wsgi-proxy: {exc}", file=sys.stderr)
+        return 1
+    render = {"table": render_table, "csv": render_csv, "json": render_json}[args.format]
+    sys.stdout.write(render(rows, group_by))
+    if not rows:
+        print("wsgi-proxy: The store holds no token usage for those days.", file=sys.stderr)
+    return 0
+
+
+def _usage_store_url(store: str | None, config: str | None, environ: t.Mapping[str, str]) -> str:
+    """The store to report on: ``--store``, else WSGI_PROXY_STORE_URL, else the file's ``store_url``."""
+    import tomllib
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .configfile import load_config_file
+    from .state import _default_store_url
+
+    if store and store.strip():
+        return store
+    if environ.get("WSGI_PROXY_STORE_URL", "").strip():
+        return environ["WSGI_PROXY_STORE_URL"]
+    path = config or environ.get("WSGI_PROXY_CONFIG", "").strip()
+    if not path:
+        raise ConfigError(
+            "No store is named, so there is no usage to report: pass --store URL (such as"
+            " sqlite:///var/lib/wsgi-proxy/state.db or redis://host:6379/0), set WSGI_PROXY_STORE_URL,"
+            " or name the gateway's configuration file with --config or WSGI_PROXY_CONFIG."
+        )
+    try:
+        url = load_config_file(path, environ).store_url
+    except ConfigError as exc:
+        # The report needs store_url alone, and the secrets the file names by environment
+        # variable are rarely exported where reports are run: read just that key.
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            raise exc from None
+        url = raw.get("store_url")
+        if url is not None and not isinstance(url, str):
+            raise ConfigError(
+                f"The configuration file {path!r} sets store_url to {url!r}, which is not a URL;"
+                ' write it as a string such as "redis://host:6379/0", or pass --store.'
+            ) from None
+    if not url or not url.strip():
+        raise ConfigError(
+            f"The configuration file {path!r} sets no store_url, so the gateway keeps its state in"
+            f" {_default_store_url()} on the host it runs on: pass --store with that URL there,"
+            " or set store_url in the file."
+        )
+    return url
+
+
 def main(argv: t.Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="wsgi-proxy", description=__doc__)
@@ -83,6 +158,29 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         "--api-version", default="2025-04-01-preview", help="the api-version azure-legacy requires"
     )
     simulate.set_defaults(run=_simulate)
+
+    usage = commands.add_parser(
+        "usage",
+        help="report the tokens used per day, team, key and model, from the gateway's store",
+        description="Report the tokens used per day, team, key and model, from the gateway's store."
+        " The store is --store, else WSGI_PROXY_STORE_URL, else the store_url of the configuration"
+        " file (--config, else WSGI_PROXY_CONFIG). Days are UTC dates.",
+    )
+    usage.add_argument("--store", metavar="URL", help="the store: sqlite:///path.db or redis://host:6379/0")
+    usage.add_argument("--config", metavar="PATH", help="read store_url from this configuration file")
+    usage.add_argument("--since", metavar="YYYY-MM-DD", help="the first day to report (inclusive)")
+    usage.add_argument("--until", metavar="YYYY-MM-DD", help="the last day to report (inclusive)")
+    usage.add_argument(
+        "--by",
+        default="day,team,key,model",
+        metavar="COLUMNS",
+        help="the columns to group by, in order, from day,team,key,model; the others are added up"
+        " (day,team,key,model)",
+    )
+    usage.add_argument(
+        "--format", choices=["table", "csv", "json"], default="table", help="the output format (table)"
+    )
+    usage.set_defaults(run=_usage)
 
     args = parser.parse_args(argv)
     return int(args.run(args))

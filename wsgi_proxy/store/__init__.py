@@ -1,9 +1,10 @@
-"""Shared state for multi-tenant routing: response locators, rate limits and stream slots."""
+"""Shared state for multi-tenant routing: response locators, rate limits, stream slots and token usage."""
 
 from .base import RateDecision as RateDecision
 from .base import ResponseRecord as ResponseRecord
 from .base import Store as Store
 from .base import StoreError as StoreError
+from .base import UsageRow as UsageRow
 from .factory import open_store as open_store
 
-__all__ = ["RateDecision", "ResponseRecord", "Store", "StoreError", "open_store"]
+__all__ = ["RateDecision", "ResponseRecord", "Store", "StoreError", "UsageRow", "open_store"]

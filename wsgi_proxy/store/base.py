@@ -1,7 +1,8 @@
 """The state store's interface and value types, shared by every backend.
 
 The store holds what several gateway processes (and hosts) must agree on: which upstream holds a
-response, how many requests a key made in the current window, and which streams a key has open.
+response, how many requests a key made in the current window, which streams a key has open, and
+how many tokens each key, team and model used per day.
 Every backend is safe to call from many threads and processes at once, and raises only
 :class:`StoreError`.
 """
@@ -9,21 +10,32 @@ Every backend is safe to call from many threads and processes at once, and raise
 from __future__ import annotations
 
 import abc
+import datetime
 import math
+import re
 import typing as t
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "USAGE_TTL_S",
     "RateDecision",
     "ResponseRecord",
     "Store",
     "StoreError",
+    "UsageRow",
+    "check_day",
     "check_positive",
+    "check_tokens",
     "fixed_window",
     "rate_decision",
     "redact_url",
+    "usage_day",
+    "usage_sort_key",
 ]
+
+#: How long :meth:`Store.record_usage` remembers a response id by default: 30 days.
+USAGE_TTL_S = 30 * 86400.0
 
 
 class StoreError(RuntimeError):
@@ -53,6 +65,26 @@ class RateDecision:
     """Seconds until a request would be allowed again; 0 when this one was."""
     remaining: int
     """Requests still allowed in the current window."""
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """The tokens used on one UTC day by one key, in one team, with one model.
+
+    ``key_name``, ``team`` and ``model`` are None when the response had none (an anonymous or
+    pass-through request, or a response that named no model); an empty name counts as None.
+    """
+
+    day: str
+    """The UTC date, ``YYYY-MM-DD``."""
+    key_name: str | None
+    team: str | None
+    model: str | None
+    responses: int
+    """How many responses were counted."""
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
 
 
 class Store(abc.ABC):
@@ -102,6 +134,36 @@ class Store(abc.ABC):
         """Give back the slot held by ``lease`` (nothing happens if it is not held)."""
 
     @abc.abstractmethod
+    def record_usage(
+        self,
+        response_id: str,
+        *,
+        key_name: str | None,
+        team: str | None,
+        model: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        total_tokens: int,
+        at: float | None = None,
+        ttl_s: float = USAGE_TTL_S,
+    ) -> bool:
+        """Add the usage of ``response_id`` to the totals of its day, key, team and model, once.
+
+        The first call for a response id adds the tokens, and 1 to the ``responses`` count, to the
+        totals of the UTC day of ``at`` (a unix time, default now) and returns True. Later calls for
+        the same id return False and change nothing, from any thread, process or host: a resumed
+        stream replays ``response.completed`` and a background response may be polled as well.
+        The id is remembered for ``ttl_s`` seconds; the totals are kept until deleted.
+        """
+
+    @abc.abstractmethod
+    def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
+        """The usage totals from day ``since`` to day ``until`` (both ``YYYY-MM-DD``, inclusive).
+
+        Rows are sorted by day, team, key and model, with None before any name.
+        """
+
+    @abc.abstractmethod
     def purge_expired(self, now: float | None = None) -> int:
         """Remove entries that expired by ``now`` and return how many were removed."""
 
@@ -124,6 +186,40 @@ def check_positive(name: str, value: float) -> None:
     """Reject a TTL or window that is not a positive finite number (a programming error)."""
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive number of seconds, not {value!r}.")
+
+
+def check_tokens(**counts: int) -> None:
+    """Reject a token count that is not a whole number of at least 0 (a programming error)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a whole number of tokens of at least 0, not {value!r}.")
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def check_day(name: str, value: str | None) -> None:
+    """Reject a day that is not a real date written ``YYYY-MM-DD``."""
+    if value is None:
+        return
+    try:
+        if not (isinstance(value, str) and _DAY.fullmatch(value)):
+            raise ValueError
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be a date written YYYY-MM-DD, such as 2025-01-31, not {value!r}."
+        ) from None
+
+
+def usage_day(at: float) -> str:
+    """The UTC date of the unix time ``at``, as ``YYYY-MM-DD``."""
+    return datetime.datetime.fromtimestamp(at, tz=datetime.UTC).strftime("%Y-%m-%d")
+
+
+def usage_sort_key(row: UsageRow) -> tuple[str, str, str, str]:
+    """Order rows by day, team, key and model; None (stored as "") sorts before any name."""
+    return (row.day, row.team or "", row.key_name or "", row.model or "")
 
 
 def fixed_window(now: float, window_s: float) -> tuple[int, float]:

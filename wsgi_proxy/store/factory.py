@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import unquote
 
@@ -18,25 +19,28 @@ _ACCEPTED = (
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """Open the store named by ``url``; raise :class:`StoreError` for a form that is not accepted.
 
     ``sqlite:///absolute/path.db``, ``sqlite:relative/path.db`` or a bare path open an
     :class:`~wsgi_proxy.store.sqlite.SQLiteStore` (created if missing); ``redis://`` and
     ``rediss://`` URLs open a :class:`~wsgi_proxy.store.redis_store.RedisStore`, which needs the
     ``redis`` extra. A password in ``url`` never appears in an error message.
+
+    :param create: False to refuse an SQLite file that does not exist yet, for tools that only
+        read a gateway's store and would otherwise report on a new, empty file after a typo.
     """
     text = url.strip()
     if not text:
         raise StoreError(f"The store URL is empty; set it to one of {_ACCEPTED}.")
     match = _SCHEME.match(text)
     if match is None:
-        return SQLiteStore(text)
+        return _open_sqlite(text, text, create)
     scheme = match.group(1).lower()
     rest = text[match.end() :]
     text = f"{scheme}:{rest}"  # schemes are case-insensitive, redis-py's parser is not
     if scheme == "sqlite":
-        return SQLiteStore(_sqlite_path(text, rest))
+        return _open_sqlite(text, _sqlite_path(text, rest), create)
     if scheme in ("redis", "rediss") and rest.startswith("//"):
         return _open_redis(text)
     raise StoreError(f"The store URL {redact_url(text)} is not supported; use one of {_ACCEPTED}.")
@@ -65,6 +69,15 @@ def _sqlite_path(url: str, rest: str) -> str:
             " sqlite:///var/lib/wsgi-proxy/state.db."
         )
     return path
+
+
+def _open_sqlite(url: str, path: str, create: bool) -> Store:
+    if not create and not os.path.isfile(path):
+        raise StoreError(
+            f"The store URL {url} names the SQLite file {os.path.abspath(path)}, which does not exist;"
+            " check the path, or name the store the gateway writes to."
+        )
+    return SQLiteStore(path)
 
 
 def _open_redis(url: str) -> Store:

@@ -5,13 +5,21 @@ Layout, under a key prefix (``wsgi_proxy:`` by default)::
     {prefix}response:{response_id}   string: the ResponseRecord as JSON, with a PX expiry
     {prefix}rate:{key}:{window}      integer: INCR per request, expiring after its window ends
     {prefix}slots:{key}              sorted set: lease -> expiry time, changed only by Lua scripts
+    {prefix}usage:seen:{response_id} string: "1" with a PX expiry, once the response's usage is counted
+    {prefix}usage:day:{YYYY-MM-DD}   hash: "{counter}|{dims}" -> total, where counter is responses,
+                                     input_tokens, output_tokens or total_tokens and dims is the JSON
+                                     array [key_name, team, model] (null for None)
+    {prefix}usage:days               sorted set: YYYY-MM-DD -> the date as the number YYYYMMDD
 
-Responses and rate windows expire by Redis's own key expiry, so :meth:`RedisStore.purge_expired`
-only has expired slot leases to remove (the scripts also drop them as they go).
+Responses, rate windows and usage markers expire by Redis's own key expiry, so
+:meth:`RedisStore.purge_expired` only has expired slot leases to remove (the scripts also drop
+them as they go). Usage totals are kept until deleted. The usage keys of one response live in
+different hash slots, so the store needs a single Redis server (with replicas), not a cluster.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -26,14 +34,20 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .base import (
+    USAGE_TTL_S,
     RateDecision,
     ResponseRecord,
     Store,
     StoreError,
+    UsageRow,
+    check_day,
     check_positive,
+    check_tokens,
     fixed_window,
     rate_decision,
     redact_url,
+    usage_day,
+    usage_sort_key,
 )
 
 __all__ = ["RedisStore"]
@@ -64,6 +78,24 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
 end
 return 1
 """
+
+#: Count a response's usage once: the marker and the totals change together or not at all, since
+#: a script runs without interruption and a client that dies mid-call never leaves half of it done.
+#: A caller that retries after a lost reply finds the marker and adds nothing again.
+_RECORD_USAGE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+    return 0
+end
+local dims = ARGV[2]
+redis.call('HINCRBY', KEYS[2], 'responses|' .. dims, 1)
+redis.call('HINCRBY', KEYS[2], 'input_tokens|' .. dims, ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'output_tokens|' .. dims, ARGV[4])
+redis.call('HINCRBY', KEYS[2], 'total_tokens|' .. dims, ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+return 1
+"""
+
+_COUNTERS = ("responses", "input_tokens", "output_tokens", "total_tokens")
 
 # A rate window's key outlives the window a little, so a host whose clock runs behind still finds it.
 _RATE_GRACE_MS = 1000
@@ -125,6 +157,7 @@ class RedisStore(Store):
         self._client = redis.Redis(connection_pool=self._pool)
         self._acquire = self._client.register_script(_ACQUIRE)
         self._refresh = self._client.register_script(_REFRESH)
+        self._record_usage = self._client.register_script(_RECORD_USAGE)
 
     def _redact(self, text: str) -> str:
         """``text`` without the password, should a driver message ever echo it.
@@ -215,6 +248,70 @@ class RedisStore(Store):
         with self._translate("release a stream slot"):
             self._client.zrem(self._key("slots", key), lease)
 
+    def record_usage(
+        self,
+        response_id: str,
+        *,
+        key_name: str | None,
+        team: str | None,
+        model: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        total_tokens: int,
+        at: float | None = None,
+        ttl_s: float = USAGE_TTL_S,
+    ) -> bool:
+        check_positive("ttl_s", ttl_s)
+        check_tokens(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=total_tokens)
+        day = usage_day(time.time() if at is None else at)
+        dims = json.dumps([key_name or None, team or None, model or None], separators=(",", ":"))
+        keys = [
+            self._key("usage", f"seen:{response_id}"),
+            self._key("usage", f"day:{day}"),
+            self._key("usage", "days"),
+        ]
+        args: list[str | int] = [
+            _ms(ttl_s),
+            dims,
+            input_tokens,
+            output_tokens,
+            total_tokens,
+            _day_score(day),
+            day,
+        ]
+        with self._translate("record token usage"):
+            first = self._record_usage(keys=keys, args=args)
+        return bool(first)
+
+    def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
+        check_day("since", since)
+        check_day("until", until)
+        low = _day_score(since) if since else "-inf"
+        high = _day_score(until) if until else "+inf"
+        with self._translate("read the usage totals"):
+            days = [_text(day) for day in self._client.zrangebyscore(self._key("usage", "days"), low, high)]
+            pipe = self._client.pipeline(transaction=False)
+            for day in days:
+                pipe.hgetall(self._key("usage", f"day:{day}"))
+            hashes = pipe.execute()
+        rows = []
+        for day, fields in zip(days, hashes, strict=True):
+            totals: dict[str, dict[str, int]] = collections.defaultdict(dict)
+            for field, value in fields.items():
+                counter, _, dims = _text(field).partition("|")
+                totals[dims][counter] = int(value)
+            for dims, counts in totals.items():
+                try:
+                    key_name, team, model = json.loads(dims)
+                    row = UsageRow(day, key_name, team, model, *(counts.get(name, 0) for name in _COUNTERS))
+                except (ValueError, TypeError):
+                    raise StoreError(
+                        f"The Redis store at {self.url} holds an unreadable usage total {dims!r} for {day};"
+                        f" check what else writes under the prefix {self.prefix!r}."
+                    ) from None
+                rows.append(row)
+        return sorted(rows, key=usage_sort_key)
+
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         removed = 0
@@ -252,6 +349,16 @@ def _secrets_of(url: str) -> set[str]:
 def _ms(seconds: float) -> int:
     """Whole milliseconds, rounded up and at least 1 (Redis rejects a zero or negative expiry)."""
     return max(1, math.ceil(seconds * 1000))
+
+
+def _day_score(day: str) -> int:
+    """``2025-01-31`` as the number 20250131, which orders days in a sorted set."""
+    return int(day.replace("-", ""))
+
+
+def _text(value: object) -> str:
+    """A reply from Redis as text (the client does not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _glob_escape(text: str) -> str:

@@ -5,7 +5,11 @@ forked child, which must never touch its parent's connections). The file is in W
 never wait for writes. Writes are serialised twice: by a lock inside each process, so the threads
 of one worker queue cheaply instead of spinning in SQLite's busy handler, and by ``BEGIN
 IMMEDIATE`` plus ``busy_timeout`` across processes. Every read-modify-write (rate windows, slot
-leases) runs inside one such transaction, which makes it atomic for all workers on the host.
+leases, usage totals) runs inside one such transaction, which makes it atomic for all workers on
+the host.
+
+Usage totals keep "" for a missing key, team or model: NULLs would never conflict in the primary
+key, so every response without a key would get a row of its own instead of adding to one.
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ import weakref
 from pathlib import Path
 
 from .base import (
+    USAGE_TTL_S,
     RateDecision,
     ResponseRecord,
     Store,
     StoreError,
+    UsageRow,
+    check_day,
     check_positive,
+    check_tokens,
     fixed_window,
     rate_decision,
+    usage_day,
 )
 
 __all__ = ["SQLiteStore"]
@@ -62,9 +71,28 @@ CREATE TABLE IF NOT EXISTS slot_leases (
     PRIMARY KEY (key, lease)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS slot_leases_expires_at ON slot_leases (expires_at);
+
+CREATE TABLE IF NOT EXISTS usage_seen (
+    response_id TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_seen_expires_at ON usage_seen (expires_at);
+
+CREATE TABLE IF NOT EXISTS usage_totals (
+    day TEXT NOT NULL,
+    team TEXT NOT NULL,
+    key_name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    responses INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL,
+    PRIMARY KEY (day, team, key_name, model)
+) WITHOUT ROWID;
 """
 
-_TABLES = ("responses", "rate_windows", "slot_leases")
+#: The tables whose rows expire (usage totals are kept until deleted).
+_TABLES = ("responses", "rate_windows", "slot_leases", "usage_seen")
 
 
 class SQLiteStore(Store):
@@ -120,7 +148,9 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._conns: list[tuple[sqlite3.Connection, threading.Thread]] = []
         self._conns_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        # Reentrant for the same reason as the metrics lock: a relay finished by the garbage collector
+        # may release its stream slot while this thread is inside a write.
+        self._write_lock = threading.RLock()
         self._writes = 0
         self._last_purge = time.monotonic()
 
@@ -334,6 +364,63 @@ class SQLiteStore(Store):
     def release_slot(self, key: str, lease: str) -> None:
         with self._write("release a stream slot") as conn:
             conn.execute("DELETE FROM slot_leases WHERE key = ? AND lease = ?", (key, lease))
+
+    def record_usage(
+        self,
+        response_id: str,
+        *,
+        key_name: str | None,
+        team: str | None,
+        model: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        total_tokens: int,
+        at: float | None = None,
+        ttl_s: float = USAGE_TTL_S,
+    ) -> bool:
+        check_positive("ttl_s", ttl_s)
+        check_tokens(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=total_tokens)
+        now = time.time()
+        day = usage_day(now if at is None else at)
+        with self._write("record token usage") as conn:
+            # A marker that expired but was not purged yet counts as absent, as in Redis.
+            first = conn.execute(
+                "INSERT INTO usage_seen (response_id, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (response_id) DO UPDATE SET expires_at = excluded.expires_at"
+                " WHERE usage_seen.expires_at <= ?",
+                (response_id, now + ttl_s, now),
+            ).rowcount
+            if not first:
+                return False
+            conn.execute(
+                "INSERT INTO usage_totals (day, team, key_name, model, responses, input_tokens,"
+                " output_tokens, total_tokens) VALUES (?, ?, ?, ?, 1, ?, ?, ?)"
+                " ON CONFLICT (day, team, key_name, model) DO UPDATE SET responses = responses + 1,"
+                " input_tokens = input_tokens + excluded.input_tokens,"
+                " output_tokens = output_tokens + excluded.output_tokens,"
+                " total_tokens = total_tokens + excluded.total_tokens",
+                (day, team or "", key_name or "", model or "", input_tokens, output_tokens, total_tokens),
+            )
+        return True
+
+    def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
+        check_day("since", since)
+        check_day("until", until)
+        with self._translate("read the usage totals"):
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT day, key_name, team, model, responses, input_tokens, output_tokens,"
+                    " total_tokens FROM usage_totals WHERE day >= ? AND day <= ?"
+                    " ORDER BY day, team, key_name, model",
+                    (since or "", until or "9999-12-31"),
+                )
+                .fetchall()
+            )
+        return [
+            UsageRow(day, key or None, team or None, model or None, *counts)
+            for day, key, team, model, *counts in rows
+        ]
 
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
