@@ -266,3 +266,32 @@ def test_models_lists_what_the_key_may_use(app: Flask, mocked: responses.Request
     ]
     assert [m["id"] for m in client.get("/v1/models", headers=blue).json["data"]] == ["gpt-a"]
     assert len(mocked.calls) == 0
+
+
+def test_usage_is_counted_once_per_response_whichever_path_sees_it(
+    app: Flask, mocked: responses.RequestsMock
+) -> None:
+    from wsgi_proxy.state import EXTENSION_KEY
+
+    usage = {"input_tokens": 4, "output_tokens": 6, "total_tokens": 10}
+    done = {"id": "resp_u1", "object": "response", "status": "completed", "model": "gpt-a", "usage": usage}
+    mocked.add(responses.POST, f"{ALPHA}/responses", json=done)
+    mocked.add(responses.GET, f"{ALPHA}/responses/resp_u1", json=done)
+    assert _create(app, "RED", {"model": "gpt-a", "input": "x"}).status_code == 200
+    client, red = _as(app, "RED")
+    for _ in range(2):  # polled again: the same response, not new usage
+        assert client.get("/v1/responses/resp_u1", headers=red).status_code == 200
+    sse = (
+        b'data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_u2"}}\n\n'
+        b'data: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_u2","model":"gpt-a",'
+        b'"usage":{"input_tokens":1,"output_tokens":2,"total_tokens":3}}}\n\n'
+    )
+    mocked.add(responses.POST, f"{ALPHA}/responses", body=sse, content_type="text/event-stream")
+    mocked.add(responses.GET, f"{ALPHA}/responses/resp_u2", body=sse, content_type="text/event-stream")
+    streamed = _create(app, "RED", {"model": "gpt-a", "input": "y", "stream": True})
+    assert streamed.data == sse
+    replay = client.get("/v1/responses/resp_u2?stream=true", headers=red)  # a resumed replay
+    assert replay.data == sse
+    (row,) = app.extensions[EXTENSION_KEY].store.usage_totals()
+    assert (row.key_name, row.team, row.model) == ("red-1", "red", "gpt-a")
+    assert (row.responses, row.input_tokens, row.output_tokens, row.total_tokens) == (2, 5, 8, 13)

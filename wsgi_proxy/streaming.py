@@ -285,6 +285,7 @@ class StreamRelay:
         self.bytes = 0
         self.first_event_at: float | None = None
         self.usage: dict[str, int] | None = None
+        self.model: str | None = None
         self.resumes = 0
         #: Why the stream ended early (client gone, aborted after an upstream failure), or None.
         self.failure: str | None = None
@@ -327,7 +328,7 @@ class StreamRelay:
         if info.type in TERMINAL_TYPES:
             self.terminal = info.type
             if info.type == "response.completed":
-                self.usage = _completed_usage(event)
+                self.usage, self.model = _completed_usage(event)
         elif info.type == "response.created" and self.response_id is None:
             self.response_id = _created_id(event)
             self._control.set_resumable(self._resumer is not None and self.response_id is not None)
@@ -447,13 +448,16 @@ class StreamRelay:
         raise StreamAborted(f"upstream stream {self._label} broke: {failure}")
 
 
-def _completed_usage(event: bytes) -> dict[str, int] | None:
-    """The token usage carried by a ``response.completed`` event (parsed once per stream)."""
+def _completed_usage(event: bytes) -> tuple[dict[str, int] | None, str | None]:
+    """The token usage and model of a ``response.completed`` event (parsed once per stream)."""
     try:
         response = json.loads(_data_of(event) or b"").get("response")
     except (ValueError, AttributeError):
-        return None
-    return usage_of(response) if isinstance(response, dict) else None
+        return None, None
+    if not isinstance(response, dict):
+        return None, None
+    model = response.get("model")
+    return usage_of(response), model if isinstance(model, str) else None
 
 
 def _created_id(event: bytes) -> str | None:

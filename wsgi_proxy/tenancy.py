@@ -133,6 +133,24 @@ class Tenant:
         except StoreError as exc:
             log.error("could not record response %s in the state store: %s", response_id, exc)
 
+    def record_usage(self, response_id: str, model: str | None, usage: dict[str, int]) -> None:
+        """Count a finished response's tokens once, whichever path saw them first (best effort)."""
+        store = self.state.store
+        if store is None:
+            return
+        try:
+            store.record_usage(
+                response_id,
+                key_name=self.identity.key_name,
+                team=self.identity.team,
+                model=model,
+                input_tokens=usage["input_tokens"],
+                output_tokens=usage["output_tokens"],
+                total_tokens=usage["total_tokens"],
+            )
+        except (StoreError, ValueError) as exc:
+            log.error("could not record the usage of response %s: %s", response_id, exc)
+
     def forget(self, response_id: str) -> None:
         if self.state.store is not None:
             with contextlib.suppress(StoreError):

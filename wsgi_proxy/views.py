@@ -183,11 +183,20 @@ def _forward(
     stream: bool,
     idempotent: bool,
     resume: _Resume | None = None,
+    count_usage: bool = False,
 ) -> Response:
     release = tenant.open_stream() if stream else None
     with _released_on_error(release):
         sent = _send(tenant.state, client, method, path, body=body, stream=stream, idempotent=idempotent)
-    return _relay(tenant, sent, label=f"{method} {path}", stream=stream, resume=resume, release=release)
+    return _relay(
+        tenant,
+        sent,
+        label=f"{method} {path}",
+        stream=stream,
+        resume=resume,
+        release=release,
+        count_usage=count_usage,
+    )
 
 
 @contextlib.contextmanager
@@ -210,6 +219,7 @@ def _relay(
     resume: _Resume | None = None,
     release: t.Callable[[], None] | None = None,
     on_response_id: t.Callable[[str], None] | None = None,
+    count_usage: bool = False,
 ) -> Response:
     """Relay an upstream answer: JSON as it is, an event stream through a :class:`StreamRelay`.
 
@@ -237,10 +247,14 @@ def _relay(
                 )
         else:
             content = upstream.content
-        if on_response_id is not None and 200 <= upstream.status_code < 300:
-            response_id, _obs().usage = _summary_of(content)
-            if response_id is not None:
+        if count_usage and 200 <= upstream.status_code < 300:
+            response_id, usage, model = _summary_of(content)
+            obs = _obs()
+            obs.usage = usage
+            if response_id is not None and on_response_id is not None:
                 on_response_id(response_id)
+            if response_id is not None and usage is not None:
+                tenant.record_usage(response_id, model or obs.model, usage)
         return _relay_answer(sent.client, upstream, content, extra)
     settings = state.settings
     resumer = None
@@ -266,6 +280,8 @@ def _relay(
         if release is not None:
             release()
         obs.events, obs.bytes, obs.resumes, obs.usage = relay.events, relay.bytes, relay.resumes, relay.usage
+        if relay.usage is not None and relay.response_id is not None:
+            tenant.record_usage(relay.response_id, relay.model or obs.model, relay.usage)
         obs.error = relay.failure
         if relay.first_event_at is not None:
             obs.first_event_s = relay.first_event_at - obs.started
@@ -293,17 +309,17 @@ def _relay(
     return Response(relay, status=upstream.status_code, headers=headers, direct_passthrough=True)
 
 
-def _summary_of(content: bytes) -> tuple[str | None, dict[str, int] | None]:
-    """The id and token usage of a created Response object."""
+def _summary_of(content: bytes) -> tuple[str | None, dict[str, int] | None, str | None]:
+    """The id, token usage and model of a Response object."""
     try:
         payload = json.loads(content)
     except ValueError:
-        return None, None
+        return None, None, None
     if not isinstance(payload, dict):
-        return None, None
-    value = payload.get("id")
+        return None, None, None
+    value, model = payload.get("id"), payload.get("model")
     response_id = value if isinstance(value, str) and RESPONSE_ID.fullmatch(value) else None
-    return response_id, usage_of(payload)
+    return response_id, usage_of(payload), model if isinstance(model, str) else None
 
 
 def _relay_answer(
@@ -362,6 +378,7 @@ def responses_root() -> Response:
         resume=resume,
         release=release,
         on_response_id=remember,
+        count_usage=True,
     )
 
 
@@ -451,6 +468,8 @@ def response_item(subpath: str) -> Response:
         stream=query.stream,
         idempotent=True,
         resume=resume,
+        # A background response polled to its end carries its usage: count it (once) here too.
+        count_usage=tenant.state.store is not None,
     )
 
 

@@ -235,3 +235,37 @@ def test_client_keys_never_reach_an_upstream_and_no_secret_is_logged(
     logs = gateways[0].log() + gateways[1].log()
     for secret in [*KEYS.values(), *SECRETS.values()]:
         assert secret not in logs
+
+
+def test_usage_of_a_resumed_and_replayed_stream_is_counted_once(
+    gateways: list[Proxy], config_env: dict[str, str]
+) -> None:
+    from wsgi_proxy.store import open_store
+
+    with _client(gateways[0], "BLUE_KEY") as client:
+        events = list(
+            client.responses.create(
+                model="gpt-4o-mini",
+                input="usage",
+                background=True,
+                stream=True,
+                metadata={"sim_cut_every": "7"},
+            )
+        )
+        final = events[-1].response
+        replayed = list(client.responses.retrieve(final.id, stream=True))  # the client replays it all again
+        client.responses.retrieve(final.id)  # and polls it
+    assert replayed[-1].type == "response.completed"
+    store = open_store(config_env_store(config_env))
+    try:
+        rows = [r for r in store.usage_totals() if r.key_name == "blue"]
+    finally:
+        store.close()
+    assert sum(r.responses for r in rows) == 1
+    assert sum(r.total_tokens for r in rows) == final.usage.total_tokens  # type: ignore[union-attr]
+
+
+def config_env_store(config_env: dict[str, str]) -> str:
+    import tomllib
+
+    return str(tomllib.loads(Path(config_env["WSGI_PROXY_CONFIG"]).read_text())["store_url"])
