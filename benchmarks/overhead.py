@@ -3,6 +3,9 @@
     python benchmarks/overhead.py            # full run, writes benchmarks/results/overhead-<date>.json
     python benchmarks/overhead.py --quick    # a few seconds, for CI (nothing written)
 
+`bench(quick)` returns the same figures plus the raw samples (milliseconds) behind them, which
+`benchmarks/run.py` charts.
+
 The simulator runs as its own process (`wsgi-proxy simulate`) and the proxy under gunicorn with
 the repository's gunicorn.conf.py (1 worker); the client is this process, on loopback. Reported:
 
@@ -19,15 +22,21 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import threading
 import time
 import typing as t
 from pathlib import Path
 
 import requests
-from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, start_bed
+from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed, start_bed
 
 from wsgi_proxy.streaming import EventSplitter, parse_event
+
+# (sequential non-stream calls, live events for the per-event delay, events of the replay)
+QUICK_SIZES = (50, 50, 2000)
+FULL_SIZES = (1000, 300, 50000)
+Sizes = tuple[int, int, int]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -42,19 +51,30 @@ def _session(key: str) -> requests.Session:
     return session
 
 
-def bench_latency(direct: str, proxied: str, calls: int) -> dict[str, float]:
+def latency_samples(targets: t.Mapping[str, tuple[str, str]], calls: int) -> dict[str, list[float]]:
+    """Milliseconds per sequential non-stream create, for each ``name: (key, base URL)`` of ``targets``.
+
+    The targets take turns, in an order that rotates every call, so that machine noise hits each alike.
+    """
     body = json.dumps({"model": "gpt-4o-mini", "input": "hi", "metadata": {"sim_words": "3"}})
-    results: dict[str, list[float]] = {"direct": [], "proxy": []}
-    sessions = {"direct": (_session(UPSTREAM_KEY), direct), "proxy": (_session(CLIENT_KEY), proxied)}
+    results: dict[str, list[float]] = {name: [] for name in targets}
+    sessions = {name: (_session(key), base) for name, (key, base) in targets.items()}
+    names = list(targets)
     for i in range(calls + 20):
-        for name in ("direct", "proxy") if i % 2 else ("proxy", "direct"):  # alternate to share noise
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
             session, base = sessions[name]
             start = time.perf_counter()
-            answer = session.post(base + "/responses", data=body, timeout=10)
+            answer = session.post(base + "/responses", data=body, timeout=30)
             elapsed = time.perf_counter() - start
-            assert answer.status_code == 200, answer.text
+            assert answer.status_code == 200, f"{name}: {answer.status_code} {answer.text[:500]}"
             if i >= 20:  # warm-up excluded
                 results[name].append(elapsed * 1000)
+    return results
+
+
+def bench_latency(direct: str, proxied: str, calls: int) -> dict[str, t.Any]:
+    results = latency_samples({"direct": (UPSTREAM_KEY, direct), "proxy": (CLIENT_KEY, proxied)}, calls)
     d, p = results["direct"], results["proxy"]
     return {
         "direct_p50_ms": _pct(d, 0.5),
@@ -63,6 +83,7 @@ def bench_latency(direct: str, proxied: str, calls: int) -> dict[str, float]:
         "proxy_p99_ms": _pct(p, 0.99),
         "added_p50_ms": _pct(p, 0.5) - _pct(d, 0.5),
         "added_p99_ms": _pct(p, 0.99) - _pct(d, 0.99),
+        "samples": {"direct": d, "proxy": p},
     }
 
 
@@ -97,7 +118,7 @@ def _create_background_stream(direct: str, metadata: dict[str, str]) -> str:
     raise RuntimeError("the simulator sent no response.created event")
 
 
-def bench_event_delay(direct: str, proxied: str, events: int) -> dict[str, float]:
+def bench_event_delay(direct: str, proxied: str, events: int) -> dict[str, t.Any]:
     response_id = _create_background_stream(direct, {"sim_words": str(events), "sim_delay_ms": "10"})
     path = f"/responses/{response_id}?stream=true"
     direct_at: dict[int, float] = {}
@@ -114,7 +135,12 @@ def bench_event_delay(direct: str, proxied: str, events: int) -> dict[str, float
     # Events replayed from the store before both readers were attached are not live: skip the first 5.
     delays = [(proxy_at[s] - direct_at[s]) * 1000 for s in sorted(direct_at) if s in proxy_at and s >= 5]
     assert len(direct_at) == len(proxy_at), (len(direct_at), len(proxy_at))
-    return {"events": len(delays), "added_p50_ms": _pct(delays, 0.5), "added_p99_ms": _pct(delays, 0.99)}
+    return {
+        "events": len(delays),
+        "added_p50_ms": _pct(delays, 0.5),
+        "added_p99_ms": _pct(delays, 0.99),
+        "samples": delays,
+    }
 
 
 def _drain(session: requests.Session, url: str) -> tuple[int, float]:
@@ -156,27 +182,53 @@ def _machine() -> dict[str, t.Any]:
     }
 
 
+def measure(direct: str, proxied: str, sizes: Sizes) -> dict[str, t.Any]:
+    """The three measures on a running simulator (``direct``) and proxy (``proxied``).
+
+    The raw samples, in milliseconds, are moved to ``"samples"``: ``direct`` and ``proxy`` (one per
+    non-stream call) and ``event_delay`` (one per live event).
+    """
+    latency = bench_latency(direct, proxied, sizes[0])
+    event_delay = bench_event_delay(direct, proxied, sizes[1])
+    calls = latency.pop("samples")
+    return {
+        "machine": _machine(),
+        "latency": latency,
+        "event_delay": event_delay,
+        "throughput": bench_throughput(direct, proxied, sizes[2]),
+        "samples": {**calls, "event_delay": event_delay.pop("samples")},
+    }
+
+
+def bench(
+    quick: bool, alongside: t.Callable[[Bed, Path, Sizes], dict[str, t.Any]] | None = None
+) -> dict[str, t.Any]:
+    """Start a simulator and a proxy, measure, stop them; return the results with their samples.
+
+    ``alongside``, when given, is called on the same running simulator and proxy once the measures
+    are done (``benchmarks/run.py`` puts other proxies side by side there); its answer is returned
+    under ``"alongside"``.
+    """
+    sizes = QUICK_SIZES if quick else FULL_SIZES
+    with tempfile.TemporaryDirectory(prefix="wsgi-proxy-bench-") as scratch:
+        bed = start_bed(Path(scratch), threads=64, delay_ms=0)
+        try:
+            results = measure(bed.direct, bed.proxied, sizes)
+            if alongside is not None:
+                results["alongside"] = alongside(bed, Path(scratch), sizes)
+        finally:
+            bed.stop()
+    return results
+
+
 def main(argv: t.Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a short run that writes nothing (CI)")
     args = parser.parse_args(argv)
-    sizes = (50, 50, 2000) if args.quick else (1000, 300, 50000)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="wsgi-proxy-bench-") as scratch:
-        bed = start_bed(Path(scratch), threads=64, delay_ms=0)
-        direct, proxied = bed.direct, bed.proxied
-        try:
-            results = {
-                "machine": _machine(),
-                "latency": bench_latency(direct, proxied, sizes[0]),
-                "event_delay": bench_event_delay(direct, proxied, sizes[1]),
-                "throughput": bench_throughput(direct, proxied, sizes[2]),
-            }
-        finally:
-            bed.stop()
+    results = bench(args.quick)
+    del results["samples"]  # the figures only: the samples are for run.py's chart
     lat, ev, thr = results["latency"], results["event_delay"], results["throughput"]
     print(f"machine: {results['machine']}")
     rows = [

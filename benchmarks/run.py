@@ -1,0 +1,739 @@
+"""Every benchmark in one go on this machine: the numbers the README publishes, and a chart of them.
+
+    python benchmarks/run.py            # full run (several minutes), writes benchmarks/results/latest/
+    python benchmarks/run.py --quick    # about a minute, writes to a fresh temporary directory
+
+Runs, one after the other (nothing else heavy should run meanwhile): overhead.py (latency per
+non-stream call, per-event delay, one stream's events/s), locator.py (the cost of the config-file
+gateway's store), capacity.py (1,000 concurrent streams on one worker, 100 in quick mode: RSS per
+stream), soak.py (streams cut upstream and resumed, clients that leave) and restart.py (SIGHUP
+during open streams), each in the mode its own script runs with (``--quick`` or not).
+
+When LiteLLM is installed (it is not a dependency of this project), its proxy (``litellm --config``)
+is started in front of the same simulator, and the same non-stream calls and one streamed create are
+measured direct, through wsgi-proxy and through LiteLLM, in turns; otherwise the summary says it was
+not measured. Any failure there is written down and skipped.
+
+Written to the output directory:
+
+- ``summary.json``: every result (with the raw latency samples, in milliseconds) and the machine;
+- ``summary.md``: a table per benchmark and the targets, each met or missed;
+- ``latency.png``: the distributions of the non-stream call latency and the per-event delay.
+
+The chart needs matplotlib: ``pip install -e '.[bench]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import typing as t
+from datetime import UTC, datetime
+from pathlib import Path
+
+import capacity
+import locator
+import overhead
+import requests
+import restart
+import soak
+from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed
+
+from wsgi_proxy.launch import ServerProcess, free_port
+from wsgi_proxy.streaming import EventSplitter
+
+LATEST = REPO / "benchmarks" / "results" / "latest"
+PACKAGES = ("flask", "gunicorn", "requests", "urllib3", "pydantic", "prometheus_client", "openai")
+LITELLM_KEY = "sk-bench-litellm"
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: gpt-4o-mini
+    litellm_params:
+      model: openai/gpt-4o-mini
+      api_base: "{direct}"
+      api_key: "{upstream_key}"
+general_settings:
+  master_key: "{master_key}"
+"""
+
+Result = dict[str, t.Any]
+
+
+# ---------------------------------------------------------------------------------------- machine
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _redis_server_version() -> str | None:
+    if not shutil.which("redis-server"):
+        return None
+    try:
+        done = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = [w for w in done.stdout.split() if w.startswith("v=")]
+    return words[0].removeprefix("v=") if words else done.stdout.strip() or None
+
+
+def machine() -> Result:
+    """What the numbers were measured on: CPU, cores, RAM, kernel, Python, package versions, date."""
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                cpu_model = value.strip()
+                break
+    ram_gib: float | None = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
+                break
+    commit = _git("rev-parse", "HEAD")
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "ram_gib": ram_gib,
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in ("wsgi-proxy", *PACKAGES, "matplotlib", "litellm")},
+        "redis_server": _redis_server_version(),
+        "git_commit": commit or None,
+        "git_uncommitted_changes": bool(_git("status", "--porcelain")) if commit else None,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------- LiteLLM
+
+
+def _session(key: str) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update({"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    return session
+
+
+def stream_rates(targets: t.Mapping[str, tuple[str, str]], events: int, rounds: int = 3) -> Result:
+    """Events/s of one streamed create of ``events`` deltas, best of ``rounds``, for each target.
+
+    A streamed create rather than overhead.py's stored replay, since that is what every proxy can
+    relay: the simulator generates the events as fast as it can (``sim_delay_ms=0``) while they are
+    read, so the direct figure is lower than overhead.py's.
+    """
+    body = {
+        "model": "gpt-4o-mini",
+        "input": "bench",
+        "stream": True,
+        "metadata": {"sim_words": str(events), "sim_delay_ms": "0"},
+    }
+    sessions = {name: (_session(key), base) for name, (key, base) in targets.items()}
+    best: dict[str, float] = {}
+    received: dict[str, int] = {}
+    for _ in range(rounds):
+        for name, (session, base) in sessions.items():
+            start = time.perf_counter()
+            count = 0
+            with session.post(base + "/responses", json=body, stream=True, timeout=300) as answer:
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{name}: streamed create answered {answer.status_code}")
+                splitter = EventSplitter()
+                while chunk := answer.raw.read1(65536):
+                    count += len(splitter.feed(chunk))
+            best[name] = max(best.get(name, 0.0), count / (time.perf_counter() - start))
+            received[name] = count
+    return {"deltas_asked": events, "events_received": received, "events_per_s": best}
+
+
+def _litellm_command() -> tuple[list[str] | None, str]:
+    """The ``litellm`` command and its version, or None and the reason it cannot run."""
+    version = _version("litellm")
+    if version is None and importlib.util.find_spec("litellm") is None:
+        return None, "litellm: not installed, not measured"
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    executable = shutil.which("litellm", path=search)
+    if executable is None:
+        return None, f"litellm {version}: importable, but no `litellm` command on PATH; not measured"
+    return [executable], version or "unknown version"
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())[:600]
+
+
+def litellm_side_by_side(bed: Bed, tmp: Path, sizes: overhead.Sizes) -> Result:
+    """LiteLLM's proxy in front of ``bed``'s simulator: the same calls direct, via wsgi-proxy and via it.
+
+    Never raises: whatever goes wrong is returned as ``{"measured": False, "reason": ...}``.
+    """
+    command, version = _litellm_command()
+    if command is None:
+        return {"measured": False, "reason": version}
+    port = free_port()
+    config = tmp / "litellm.yaml"
+    config.write_text(
+        LITELLM_CONFIG.format(direct=bed.direct, upstream_key=UPSTREAM_KEY, master_key=LITELLM_KEY)
+    )
+    server = ServerProcess(
+        [*command, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        ready_url=f"http://127.0.0.1:{port}/health/liveliness",
+        env={"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_PROXY": "127.0.0.1"},
+        cwd=tmp,
+        log_path=tmp / "litellm.log",
+    )
+    try:
+        server.start(timeout=180)
+    except Exception as exc:  # a comparison must never sink the run
+        server.stop()
+        return {
+            "measured": False,
+            "version": version,
+            "reason": f"litellm proxy did not start: {_tail(str(exc))}",
+        }
+    try:
+        targets = {
+            "direct": (UPSTREAM_KEY, bed.direct),
+            "wsgi-proxy": (CLIENT_KEY, bed.proxied),
+            "litellm": (LITELLM_KEY, f"http://127.0.0.1:{port}/v1"),
+        }
+        samples = overhead.latency_samples(targets, sizes[0])
+        rates = stream_rates(targets, sizes[2])
+    except Exception as exc:
+        server.stop()
+        reason = f"measurement failed: {type(exc).__name__}: {exc}"[:600]
+        return {"measured": False, "version": version, "reason": reason, "log_tail": _tail(server.log())}
+    server.stop()
+    latency = {
+        name: {"p50_ms": overhead._pct(values, 0.5), "p99_ms": overhead._pct(values, 0.99)}
+        for name, values in samples.items()
+    }
+    counts = set(rates["events_received"].values())
+    return {
+        "measured": True,
+        "version": version,
+        "calls": sizes[0],
+        "latency": latency,
+        "stream": rates,
+        "note": "" if len(counts) == 1 else "the targets received different numbers of events (see stream)",
+        "samples": samples,
+    }
+
+
+# ------------------------------------------------------------------------------------------ chart
+
+
+def _cdf(values: t.Sequence[float]) -> tuple[list[float], list[float]]:
+    ordered = sorted(values)
+    return ordered, [(i + 1) / len(ordered) for i in range(len(ordered))]
+
+
+def _plot_cdfs(axes: t.Any, series: t.Sequence[tuple[str, list[float], str]], title: str) -> None:
+    right = 0.0
+    for label, values, color in series:
+        xs, ys = _cdf(values)
+        p50, p99 = overhead._pct(values, 0.5), overhead._pct(values, 0.99)
+        axes.step(xs, ys, where="post", color=color, label=f"{label}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        right = max(right, overhead._pct(values, 0.995))
+    axes.set_xlim(0, right * 1.1)
+    axes.set_ylim(0, 1.01)
+    axes.set_xlabel("latency of one non-stream create (ms, client-side)")
+    axes.set_ylabel("fraction of calls at or below")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+
+
+def draw_chart(overhead_result: Result, litellm: Result | None, info: Result, path: Path) -> None:
+    """The CDF of non-stream call latency (direct, proxy) and the per-event delay's histogram.
+
+    With LiteLLM measured, a third panel: the CDFs of its side-by-side run (direct, wsgi-proxy and
+    LiteLLM in turns), kept apart since that run is not the one of the first panel.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = overhead_result["samples"]
+    side = bool(litellm and litellm.get("measured"))
+    figure, panels = plt.subplots(
+        1, 3 if side else 2, figsize=(19 if side else 13, 6), constrained_layout=True, squeeze=False
+    )
+    calls, events = panels[0][0], panels[0][1]
+    _plot_cdfs(
+        calls,
+        [
+            ("direct to the simulator", samples["direct"], "tab:blue"),
+            ("through wsgi-proxy", samples["proxy"], "tab:orange"),
+        ],
+        f"Non-stream calls: CDF, {len(samples['direct'])} sequential calls each (tail > p99.5 cut)",
+    )
+    added = overhead_result["latency"]["added_p50_ms"]
+    calls.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.13),
+        fontsize=9,
+        title=f"added by wsgi-proxy at p50: +{added:.2f} ms (target: at most 1 ms)",
+        title_fontsize=9,
+    )
+    if litellm and side:
+        third = panels[0][2]
+        runs = litellm["samples"]
+        _plot_cdfs(
+            third,
+            [
+                ("direct", runs["direct"], "tab:blue"),
+                ("through wsgi-proxy", runs["wsgi-proxy"], "tab:orange"),
+                (f"through LiteLLM {litellm['version']}", runs["litellm"], "tab:green"),
+            ],
+            f"Side by side with LiteLLM: CDF, {len(runs['direct'])} calls each, in turns",
+        )
+        third.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=9)
+
+    delays = samples["event_delay"]
+    p50, p99 = overhead._pct(delays, 0.5), overhead._pct(delays, 0.99)
+    events.hist(delays, bins=40, color="tab:orange", alpha=0.8, label=f"{len(delays)} live events")
+    events.axvline(p50, color="black", linestyle="--", label=f"p50 {p50:.2f} ms")
+    events.axvline(p99, color="black", linestyle=":", label=f"p99 {p99:.2f} ms")
+    events.axvline(1.0, color="tab:red", linewidth=2, label="target: p99 at most 1 ms")
+    events.set_xlabel("added delay per event: arrival through the proxy - arrival direct (ms)")
+    events.set_ylabel("events")
+    events.set_title("Live stream: per-event delay added by the proxy")
+    events.set_xlim(min(0.0, min(delays)) - 0.05, max(1.2, max(delays) * 1.05))
+    events.grid(alpha=0.3)
+    events.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, fontsize=9)
+    figure.suptitle(
+        f"wsgi-proxy overhead, {info['cpu_model']}, {info['cores']} cores, Python {info['python']},"
+        f" {info['date'][:10]}"
+    )
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------- targets
+
+
+def targets(benchmarks: t.Mapping[str, Result], quick: bool) -> list[Result]:
+    """The published targets, each with its measured value and met (True), missed (False) or None."""
+    rows: list[Result] = []
+    over = benchmarks.get("overhead", {})
+    if "latency" in over:
+        added = over["latency"]["added_p50_ms"]
+        rows.append(
+            _target("added latency per non-stream call, p50", "<= 1 ms", f"+{added:.2f} ms", added <= 1)
+        )
+        delay = over["event_delay"]["added_p99_ms"]
+        rows.append(_target("per-event delay, p99", "<= 1 ms", f"+{delay:.2f} ms", delay <= 1))
+        thr = over["throughput"]
+        rates = f"{thr['proxy_events_per_s']:,.0f} vs {thr['direct_events_per_s']:,.0f} events/s"
+        measured = f"{thr['ratio']:.0%} ({rates})"
+        rows.append(
+            _target("one stream's events/s, share of direct", ">= 50%", measured, thr["ratio"] >= 0.5)
+        )
+    else:
+        for name in ("added latency per non-stream call, p50", "per-event delay, p99"):
+            rows.append(_target(name, "<= 1 ms", "overhead benchmark failed", None))
+        rows.append(
+            _target("one stream's events/s, share of direct", ">= 50%", "overhead benchmark failed", None)
+        )
+    cap = benchmarks.get("capacity", {})
+    goal = ">= 1,000 streams"
+    if "streams" not in cap:
+        rows.append(_target("concurrent streams, one worker", goal, "capacity benchmark failed", None))
+    else:
+        live = f"{cap['streams_receiving_events']:,} of {cap['streams']:,} open, receiving events"
+        if quick:
+            rows.append(_target("concurrent streams, one worker", goal, f"{live} (quick mode)", None))
+        else:
+            met = cap["streams"] >= 1000 and cap["streams_receiving_events"] == cap["streams"]
+            rows.append(_target("concurrent streams, one worker", goal, live, met))
+    return rows
+
+
+def _target(name: str, goal: str, measured: str, met: bool | None) -> Result:
+    status = "not measured" if met is None else "met" if met else "missed"
+    return {"target": name, "goal": goal, "measured": measured, "met": met, "status": status}
+
+
+# --------------------------------------------------------------------------------------- markdown
+
+
+def _table(header: t.Sequence[str], rows: t.Iterable[t.Sequence[t.Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _mib(kb: int) -> str:
+    return f"{kb / 1024:.1f} MiB"
+
+
+def _md_overhead(r: Result) -> list[str]:
+    lat, ev, thr = r["latency"], r["event_delay"], r["throughput"]
+    return _table(
+        ("measure", "direct", "through wsgi-proxy", "added / ratio"),
+        [
+            (
+                f"non-stream create, p50 ({len(r['samples']['direct'])} calls)",
+                f"{lat['direct_p50_ms']:.2f} ms",
+                f"{lat['proxy_p50_ms']:.2f} ms",
+                f"+{lat['added_p50_ms']:.2f} ms",
+            ),
+            (
+                "non-stream create, p99",
+                f"{lat['direct_p99_ms']:.2f} ms",
+                f"{lat['proxy_p99_ms']:.2f} ms",
+                f"+{lat['added_p99_ms']:.2f} ms",
+            ),
+            (
+                f"per-event delay of a live stream, p50 / p99 ({ev['events']} events)",
+                "",
+                "",
+                f"+{ev['added_p50_ms']:.2f} / +{ev['added_p99_ms']:.2f} ms",
+            ),
+            (
+                f"one stream's events/s ({thr['events']:,}-event stored replay)",
+                f"{thr['direct_events_per_s']:,.0f}",
+                f"{thr['proxy_events_per_s']:,.0f}",
+                f"{thr['ratio']:.2f}x",
+            ),
+        ],
+    )
+
+
+def _md_litellm(r: Result) -> list[str]:
+    if not r.get("measured"):
+        return [
+            f"LiteLLM: {r['reason'].removeprefix('litellm: ')}"
+            if r.get("reason")
+            else "LiteLLM: not measured"
+        ]
+    lat, stream = r["latency"], r["stream"]
+    names = ("direct", "wsgi-proxy", "litellm")
+    lines = [
+        f"LiteLLM {r['version']} (`litellm --config`, 1 worker) in front of the same simulator, measured in"
+        " turns with direct calls and wsgi-proxy:",
+        "",
+    ]
+    lines += _table(
+        ("measure", "direct", "through wsgi-proxy", "through LiteLLM"),
+        [
+            (f"non-stream create, p50 ({r['calls']} calls)", *(f"{lat[n]['p50_ms']:.2f} ms" for n in names)),
+            ("non-stream create, p99", *(f"{lat[n]['p99_ms']:.2f} ms" for n in names)),
+            (
+                f"one streamed create, events/s ({stream['deltas_asked']:,} deltas)",
+                *(f"{stream['events_per_s'][n]:,.0f}" for n in names),
+            ),
+            ("events received", *(f"{stream['events_received'][n]:,}" for n in names)),
+        ],
+    )
+    if r.get("note"):
+        lines += ["", f"Note: {r['note']}."]
+    return lines
+
+
+def _md_capacity(r: Result) -> list[str]:
+    before, during, after = r["worker_before"], r["worker_with_streams_open"], r["worker_after_close"]
+    return _table(
+        (
+            "open streams",
+            "receiving events",
+            "seconds to open",
+            "worker RSS before → with streams open → after close",
+            "RSS per open stream",
+            "worker threads (open)",
+        ),
+        [
+            (
+                f"{r['streams']:,}",
+                f"{r['streams_receiving_events']:,}",
+                r["seconds_to_open"],
+                f"{_mib(before['rss_kb'])} → {_mib(during['rss_kb'])} → {_mib(after['rss_kb'])}",
+                f"{r['rss_per_stream_kb']} KB",
+                f"{during['threads']:,}",
+            )
+        ],
+    )
+
+
+def _md_soak(r: Result) -> list[str]:
+    delivered = r["events_delivered"]
+    expected = r["streams"] * soak.EVENTS
+    lines = [
+        f"{r['streams']:,} background streams of {soak.EVENTS} events, each cut upstream 1 to 3 times, plus"
+        f" {r['disconnecting_clients']:,} clients that leave after a few events;"
+        f" {r['concurrency']} at a time, {r['seconds']} s.",
+        "",
+    ]
+    lines += _table(
+        (
+            "events delivered",
+            "lost",
+            "duplicated",
+            "streams without terminal event",
+            "proxy resumes",
+            "client errors",
+            "upstream streams open 2 s after",
+            "worker RSS / threads before → after",
+        ),
+        [
+            (
+                f"{delivered:,} of {expected:,}",
+                r["events_lost"],
+                r["events_duplicated"],
+                r["streams_without_terminal_event"],
+                f"{r['proxy_resumes']:,}",
+                r["client_errors"],
+                r["upstream_streams_open_2s_after"],
+                f"{_mib(r['worker_before']['rss_kb'])} / {r['worker_before']['threads']} →"
+                f" {_mib(r['worker_after']['rss_kb'])} / {r['worker_after']['threads']}",
+            )
+        ],
+    )
+    return lines
+
+
+def _md_restart(r: Result) -> list[str]:
+    def row(kind: str, g: Result) -> tuple[t.Any, ...]:
+        cut = g["cut_after_sighup_s_median"]
+        resumed = g["resume_to_next_event_s_median"]
+        errors = {e: g["errors"].count(e) for e in sorted(set(g["errors"]))}
+        return (
+            kind,
+            g["streams"],
+            g["completed_whole"],
+            g["cut_by_restart"],
+            "" if cut is None else f"{cut} s",
+            "" if resumed is None else f"{resumed * 1000:.0f} ms",
+            ", ".join(f"{n} {e}" for e, n in errors.items()) or "none",
+        )
+
+    lines = [f"SIGHUP to gunicorn during open streams, `graceful_timeout` {r['graceful_timeout']} s.", ""]
+    lines += _table(
+        (
+            "streams",
+            "count",
+            "completed whole",
+            "cut by the restart",
+            "cut after SIGHUP (median)",
+            "resume → next event (median)",
+            "client errors",
+        ),
+        [
+            row("background (resumed by the client)", r["background"]),
+            row("foreground (cannot be resumed)", r["foreground"]),
+        ],
+    )
+    return lines
+
+
+def _md_locator(r: Result) -> list[str]:
+    gateways = []
+    stores = []
+    for name, m in r["results"].items():
+        if name.startswith("store operations"):
+            stores.append(
+                (
+                    name.removeprefix("store operations, "),
+                    f"{m['put_response_us']} µs",
+                    f"{m['get_response_us']} µs",
+                    f"{m['hit_rate_us']} µs",
+                )
+            )
+        else:
+            gateways.append(
+                (
+                    name,
+                    f"{m['create_p50_ms']:.2f} / {m['create_p99_ms']:.2f} ms",
+                    f"{m['retrieve_p50_ms']:.2f} / {m['retrieve_p99_ms']:.2f} ms",
+                    f"+{m['added_create_p50_ms']:.2f} / +{m['added_retrieve_p50_ms']:.2f} ms",
+                )
+            )
+    lines = _table(
+        ("gateway", "create p50 / p99", "retrieve p50 / p99", "added per create / retrieve (p50)"), gateways
+    )
+    lines += [""]
+    lines += _table(("store", "record a response", "look one up", "count a request"), stores)
+    return lines
+
+
+SECTIONS: dict[str, tuple[str, t.Callable[[Result], list[str]]]] = {
+    "overhead": ("Overhead against the direct simulator (`overhead.py`)", _md_overhead),
+    "litellm": ("Side by side with LiteLLM", _md_litellm),
+    "locator": ("Multi-tenancy cost: locator, ownership check, rate counter (`locator.py`)", _md_locator),
+    "capacity": ("Concurrent streams on one worker (`capacity.py`)", _md_capacity),
+    "soak": ("Soak: cut streams resumed, clients that leave (`soak.py`)", _md_soak),
+    "restart": ("Restart: SIGHUP during open streams (`restart.py`)", _md_restart),
+}
+
+
+def markdown(summary: Result) -> str:
+    info = summary["machine"]
+    packages = ", ".join(f"{name} {v}" for name, v in info["packages"].items() if v)
+    commit = info["git_commit"] or "unknown"
+    if info.get("git_uncommitted_changes"):
+        commit += " (with uncommitted changes)"
+    lines = [
+        f"# Benchmarks: `{summary['command']}`",
+        "",
+        f"{summary['mode'].capitalize()} run of {info['date']}, {summary['seconds']:.0f} s in all."
+        " Client, proxy and simulator share this machine, on loopback.",
+        "",
+        f"- Machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB RAM,"
+        f" Linux {info['kernel']}",
+        f"- Python {info['python']}; {packages}; redis-server {info['redis_server'] or 'not installed'}",
+        f"- Commit: {commit}",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += _table(
+        ("target", "goal", "measured", "status"),
+        [(r["target"], r["goal"], r["measured"], r["status"]) for r in summary["targets"]],
+    )
+    lines += ["", "![latency distributions](latency.png)" if summary.get("chart") else "", ""]
+    for key, (title, render) in SECTIONS.items():
+        result = summary["benchmarks"].get(key)
+        if result is None:
+            continue
+        lines += [f"## {title}", ""]
+        if "error" in result:
+            lines += [f"**Failed** after {result.get('seconds', 0):.0f} s: `{result['error']}`"]
+        else:
+            lines += render(result)
+            if "seconds" in result:
+                lines += ["", f"({result['seconds']:.0f} s)"]
+        lines += [""]
+    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1])) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _round_samples(value: t.Any) -> t.Any:
+    if isinstance(value, dict):
+        return {k: _round_samples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [round(v, 4) if isinstance(v, float) else v for v in value]
+    return value
+
+
+def _timed(name: str, step: t.Callable[[], Result], log: t.TextIO) -> Result:
+    print(f"-- {name} ...", file=log, flush=True)
+    start = time.monotonic()
+    try:
+        result = step()
+    except Exception as exc:  # one broken benchmark must not hide the others
+        traceback.print_exc(file=log)
+        message = str(exc).strip().splitlines()
+        result = {"error": f"{type(exc).__name__}: {message[-1] if message else ''}"[:600]}
+    result["seconds"] = round(time.monotonic() - start, 1)
+    status = "failed" if "error" in result else "done"
+    print(f"-- {name} {status} in {result['seconds']} s", file=log, flush=True)
+    return result
+
+
+def run(quick: bool, out: Path, log: t.TextIO = sys.stderr) -> tuple[Result, bool]:
+    """Run every benchmark, write summary.json, summary.md and latency.png to ``out``.
+
+    Returns the summary and whether everything ran and every correctness check passed (missed
+    performance targets do not count as failures).
+    """
+    started = time.monotonic()
+    info = machine()
+    benchmarks: Result = {}
+    overhead_result = _timed("overhead", lambda: overhead.bench(quick, alongside=litellm_side_by_side), log)
+    litellm = overhead_result.pop("alongside", None)
+    benchmarks["overhead"] = overhead_result
+    benchmarks["litellm"] = litellm or {"measured": False, "reason": "not run: the overhead benchmark failed"}
+    steps: list[tuple[str, t.Callable[[bool], Result]]] = [
+        ("locator", locator.bench),
+        ("capacity", capacity.bench),
+        ("soak", soak.bench),
+        ("restart", restart.bench),
+    ]
+    for name, bench in steps:
+        time.sleep(1.0)  # let the previous benchmark's processes go
+        benchmarks[name] = _timed(name, functools.partial(bench, quick), log)
+    checks = {
+        "soak: every event exactly once, every stream whole": "error" not in benchmarks["soak"]
+        and soak.ok(benchmarks["soak"]),
+        "restart: every background stream whole across the SIGHUP": "error" not in benchmarks["restart"]
+        and restart.ok(benchmarks["restart"]),
+    }
+    summary: Result = {
+        "command": "python benchmarks/run.py" + (" --quick" if quick else ""),
+        "mode": "quick" if quick else "full",
+        "machine": info,
+        "seconds": 0.0,
+        "targets": targets(benchmarks, quick),
+        "checks": checks,
+        "benchmarks": _round_samples(benchmarks),
+        "chart": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    chart_ok = True
+    if "samples" in overhead_result:
+        try:
+            draw_chart(overhead_result, litellm, info, out / "latency.png")
+            summary["chart"] = "latency.png"
+        except Exception:
+            traceback.print_exc(file=log)
+            chart_ok = False
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (out / "summary.md").write_text(markdown(summary))
+    ok = chart_ok and all(checks.values()) and not any("error" in r for r in benchmarks.values())
+    return summary, ok
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the benchmarks' short modes, written to a temporary directory"
+    )
+    parser.add_argument("--out", type=Path, help="write here instead (default: benchmarks/results/latest)")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        print("the chart needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    out = args.out or (Path(tempfile.mkdtemp(prefix="wsgi-proxy-run-")) if args.quick else LATEST)
+    summary, ok = run(args.quick, out)
+    print((out / "summary.md").read_text())
+    print(f"written: {out / 'summary.json'}, {out / 'summary.md'}, {out / 'latency.png'}")
+    print(
+        f"{summary['seconds']:.0f} s in all; {'all ran and passed' if ok else 'SOMETHING FAILED (see above)'}"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
