@@ -22,7 +22,7 @@ import time
 import typing as t
 from pathlib import Path
 
-from harness import CLIENT_KEY, REPO, process_status, start_bed, worker_pid
+from harness import CLIENT_KEY, process_status, save_result, start_bed, worker_pid
 
 
 def _open_stream(port: int, body: bytes) -> socket.socket:
@@ -114,9 +114,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     result = bench(True) if args.quick else run(args.streams, args.hold)
     print(json.dumps(result, indent=2))
     if not args.quick:
-        out = REPO / "benchmarks" / "results" / f"capacity-{result['machine']['date']}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {out.relative_to(REPO)}")
+        save_result("capacity", result)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 import typing as t
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +106,11 @@ def process_status(pid: int) -> dict[str, int]:
         if name in ("VmRSS", "Threads"):
             fields[name] = int(value.split()[0])
     return {"rss_kb": fields["VmRSS"], "threads": fields["Threads"]}
+
+
+def save_result(name: str, result: t.Mapping[str, t.Any]) -> Path:
+    """Write a benchmark's result to ``benchmarks/results/<name>-<date>.json`` and say where."""
+    out = REPO / "benchmarks" / "results" / f"{name}-{time.strftime('%Y-%m-%d')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {out.relative_to(REPO)}")
+    return out

@@ -13,7 +13,6 @@ added cost against the shorthand.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import typing as t
 from pathlib import Path
 
 import requests
-from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, start_bed, start_proxy
+from harness import CLIENT_KEY, UPSTREAM_KEY, save_result, start_bed, start_proxy
 
 from wsgi_proxy.launch import free_port
 
@@ -178,9 +177,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             f" {m['retrieve_p99_ms']} ms | +{m['added_create_p50_ms']} / +{m['added_retrieve_p50_ms']} ms |"
         )
     if not args.quick:
-        out = REPO / "benchmarks" / "results" / f"locator-{result['date']}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {out.relative_to(REPO)}")
+        save_result("locator", result)
     return 0
 
 

@@ -29,7 +29,7 @@ import typing as t
 from pathlib import Path
 
 import requests
-from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed, start_bed
+from harness import CLIENT_KEY, UPSTREAM_KEY, Bed, save_result, start_bed
 
 from wsgi_proxy.streaming import EventSplitter, parse_event
 
@@ -262,9 +262,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     for row in rows:
         print("| " + " | ".join(row) + " |")
     if not args.quick:
-        out = REPO / "benchmarks" / "results" / f"overhead-{results['machine']['date']}.json"
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"written: {out.relative_to(REPO)}")
+        save_result("overhead", results)
     return 0
 
 

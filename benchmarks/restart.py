@@ -24,7 +24,7 @@ import typing as t
 from pathlib import Path
 
 import openai
-from harness import CLIENT_KEY, REPO, start_bed
+from harness import CLIENT_KEY, save_result, start_bed
 
 GRACEFUL = 8
 
@@ -126,9 +126,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     result = bench(args.quick)
     print(json.dumps(result, indent=2))
     if not args.quick:
-        out = REPO / "benchmarks" / "results" / f"restart-{time.strftime('%Y-%m-%d')}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {out.relative_to(REPO)}")
+        save_result("restart", result)
     return 0 if ok(result) else 1
 
 

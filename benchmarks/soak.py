@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from harness import CLIENT_KEY, REPO, process_status, start_bed, worker_pid
+from harness import CLIENT_KEY, process_status, save_result, start_bed, worker_pid
 
 from wsgi_proxy.streaming import EventSplitter, parse_event
 
@@ -136,9 +136,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     result = bench(True) if args.quick else run(args.streams, args.leavers, args.concurrency)
     print(json.dumps(result, indent=2))
     if not args.quick:
-        out = REPO / "benchmarks" / "results" / f"soak-{time.strftime('%Y-%m-%d')}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {out.relative_to(REPO)}")
+        save_result("soak", result)
     return 0 if ok(result) else 1
 
 
