@@ -15,7 +15,7 @@ import typing as t
 import uuid
 
 from .auth import Identity
-from .errors import ProxyError, RateLimited, ResponseNotFound
+from .errors import ModelNotFound, ProxyError, RateLimited, ResponseNotFound
 from .state import ProxyState
 from .store import ResponseRecord, StoreError
 from .upstream import UpstreamClient
@@ -54,6 +54,11 @@ class Tenant:
     def __init__(self, state: ProxyState, identity: Identity) -> None:
         self.state = state
         self.identity = identity
+
+    def check_model(self, model: str | None) -> None:
+        """Refuse a routed model this caller's key or team may not use (the 404 of an unknown one)."""
+        if self.state.router.has_table and model is not None and not self.identity.may_use(model):
+            raise ModelNotFound(model)
 
     def charge_request(self) -> None:
         """Count this request against every requests-per-minute limit, or raise :class:`RateLimited`."""

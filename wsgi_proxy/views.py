@@ -21,7 +21,6 @@ from werkzeug.routing import PathConverter
 from .errors import (
     InvalidRequest,
     MethodNotAllowed,
-    ModelNotFound,
     ProxyError,
     RateLimited,
     RequestTooLarge,
@@ -352,8 +351,7 @@ def responses_root() -> Response:
     body = _read_body(state)
     fields = parse_create_body(body)
     _obs().model = fields.model
-    if state.router.has_table and fields.model is not None and not tenant.identity.may_use(fields.model):
-        raise ModelNotFound(fields.model)
+    tenant.check_model(fields.model)
     targets = state.router.route(fields.model)
     if fields.previous_response_id is not None:
         # A continuation goes where the previous response lives, and only if the caller may see it.
@@ -413,8 +411,7 @@ def responses_json_post(endpoint: str) -> Response:
     state = tenant.state
     body = _read_body(state)
     fields = parse_create_body(body)
-    if state.router.has_table and fields.model is not None and not tenant.identity.may_use(fields.model):
-        raise ModelNotFound(fields.model)
+    tenant.check_model(fields.model)
     if fields.previous_response_id is not None:
         client = tenant.locate(fields.previous_response_id)
     else:
