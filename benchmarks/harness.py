@@ -82,7 +82,9 @@ def start_proxy(
         env={
             "WSGI_PROXY_WORKERS": "1",
             "WSGI_PROXY_THREADS": str(threads),
-            "WSGI_PROXY_ACCESS_LOG": "/dev/null",
+            # gunicorn's own access log off, as deployed by default: even into /dev/null it formats
+            # a line per request (~0.25 ms of CPU here); the proxy's JSON lines stay on.
+            "WSGI_PROXY_ACCESS_LOG": "",
             "WSGI_PROXY_LOG_LEVEL": log_level,
             **env,
         },
