@@ -125,6 +125,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         """The registry the metric objects are registered in."""
         self._values = _value_class(self.multiprocess_dir)
+        self._children: dict[tuple[int, tuple[str, ...]], t.Any] = {}
         reg = self.registry
         with _installed(self._values):
             self._requests = Counter(
@@ -232,9 +233,13 @@ class Metrics:
         return generate_latest(registry), _CONTENT_TYPE
 
     def _labels(self, metric: _M, *labelvalues: str) -> _M:
-        # A new child series is built with whatever value class is installed: install this object's.
-        with _installed(self._values):
-            return metric.labels(*labelvalues)
+        key = (id(metric), labelvalues)
+        child = self._children.get(key)  # the fast path: no lock once a series exists
+        if child is None:
+            # A new child series is built with whatever value class is installed: install this object's.
+            with _installed(self._values):
+                child = self._children[key] = metric.labels(*labelvalues)
+        return t.cast(_M, child)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import os
 import re
 import time
 import typing as t
-import uuid
 from dataclasses import dataclass, field
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +32,7 @@ def request_id_from(header: str | None) -> str:
     """The client's ``X-Request-ID`` when it is a safe token, else a new one."""
     if header and _REQUEST_ID.fullmatch(header):
         return header
-    return "req_" + uuid.uuid4().hex
+    return "req_" + os.urandom(16).hex()
 
 
 def usage_of(payload: t.Mapping[str, t.Any]) -> dict[str, int] | None:
