@@ -11,6 +11,7 @@ import typing as t
 
 import pytest
 
+from wsgi_proxy import streaming
 from wsgi_proxy.errors import StreamAborted, UpstreamStreamInterrupted
 from wsgi_proxy.streaming import (
     KEEPALIVE,
@@ -282,6 +283,31 @@ _BIG = "y" * (3 * 1024 * 1024)
 )
 def test_parse_event_extracts_type_and_sequence(event: bytes, expected: EventInfo) -> None:
     assert parse_event(event) == expected
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        _event("response.output_text.delta", 3, delta="hi"),
+        b'data: {"a":1}\n\n',
+        b'data:{"a":1}\n\n',
+        b"data:\n\n",
+        b"data:  two spaces\n\n",
+        b"id: 7\nevent: x\ndata: v\n\n",
+        b"data: a\ndata: b\n\n",
+        b"data: a\nevent: x\ndata: b\n\n",
+        b": data: in a comment\ndata: v\n\n",
+        b"event: mydata:x\ndata: v\n\n",
+        b"event: x\n: not data\n\n",
+        b"data: v\r\n\r\n",
+        b"data: v\rdata: w\r\r",
+        b"data: v",
+        b"xdata: v\n\n",
+        b'data: {"s":"data: inside"}\n\n',
+    ],
+)
+def test_data_fast_path_agrees_with_the_line_by_line_reading(event: bytes) -> None:
+    assert streaming._data_of(event) == streaming._data_by_lines(event)
 
 
 # --- StreamRelay -------------------------------------------------------------------------------

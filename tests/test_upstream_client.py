@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import http.server
+import socket
+import struct
 import threading
+import time
 import typing as t
 
 import pytest
 
-from wsgi_proxy.errors import UpstreamUnavailable
-from wsgi_proxy.upstream import UpstreamClient, UpstreamSpec
+from wsgi_proxy.errors import UpstreamStreamInterrupted, UpstreamUnavailable
+from wsgi_proxy.upstream import UpstreamClient, UpstreamSpec, UpstreamStream, _body_bytes_in_buffer
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -87,3 +90,120 @@ def test_a_body_cut_short_is_an_upstream_error_raised_by_send(upstream: str) -> 
     with pytest.raises(UpstreamUnavailable):
         client.send("GET", "/cut", query=b"", headers={}, body=None, stream=False)
     assert _get(client, "/models") == b'{"ok":true}'  # and the pool goes on working
+
+
+# --- streamed bodies: reading on what has arrived, never waiting for more -----------------------
+
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+def _events(first: int, count: int) -> list[bytes]:
+    return [b'data: {"type":"d","sequence_number":%d}\n\n' % n for n in range(first, first + count)]
+
+
+class _Scripted:
+    """A one-connection server that sends each step's bytes after the request, then waits on a gate."""
+
+    def __init__(self, steps: list[bytes | threading.Event | None]) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
+        self._steps = steps
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            conn.recv(65536)
+            for step in self._steps:
+                if isinstance(step, threading.Event):
+                    step.wait(10)
+                elif step is None:  # a reset, not a clean close
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                else:
+                    conn.sendall(step)
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def scripted() -> t.Iterator[t.Callable[[list[bytes | threading.Event | None]], UpstreamStream]]:
+    servers: list[_Scripted] = []
+
+    def open_stream(steps: list[bytes | threading.Event | None]) -> UpstreamStream:
+        server = _Scripted(steps)
+        servers.append(server)
+        client = UpstreamClient(UpstreamSpec(name="u", url=server.url, read_timeout=10))
+        return UpstreamStream(client.send("GET", "/s", query=b"", headers={}, body=None, stream=True))
+
+    yield open_stream
+    for server in servers:
+        server.close()
+
+
+def test_a_read_takes_every_chunk_that_has_arrived(scripted: t.Any) -> None:
+    events = _events(0, 50)
+    gate = threading.Event()
+    stream = scripted([_HEAD + b"".join(_chunk(e) for e in events), gate, _chunk(b"late\n\n") + _chunk(b"")])
+    time.sleep(0.2)  # all 50 chunks are in the kernel before the first read
+    assert stream.read() == b"".join(events)  # one read, not fifty
+    gate.set()
+    assert stream.read() == b"late\n\n"
+    assert stream.read() == b""
+
+
+def test_a_read_never_waits_for_a_chunk_still_on_its_way(scripted: t.Any) -> None:
+    gate = threading.Event()
+    events = _events(0, 2)
+    # The second chunk's size line has arrived, its bytes have not: the first event must go now.
+    stream = scripted(
+        [_HEAD + _chunk(events[0]) + b"%X\r\n" % len(events[1]), gate, events[1] + b"\r\n0\r\n\r\n"]
+    )
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert stream.read() == events[0]
+    assert time.monotonic() - started < 1.0
+    gate.set()
+    assert stream.read() == events[1]
+    assert stream.read() == b""
+
+
+def test_a_failure_after_arrived_chunks_comes_after_them(scripted: t.Any) -> None:
+    events = _events(0, 3)
+    cut = _chunk(events[2])[:-5]  # the last chunk is cut short, then the connection reset
+    stream = scripted([_HEAD + _chunk(events[0]) + _chunk(events[1]) + cut, None])
+    time.sleep(0.2)
+    got = b""
+    with pytest.raises(UpstreamStreamInterrupted):
+        while piece := stream.read():
+            got += piece
+    assert got.startswith(events[0] + events[1])  # whole events first; the relay drops the half one
+
+
+@pytest.mark.parametrize(
+    ("ahead", "chunked", "chunk_left", "expected"),
+    [
+        (b"", False, None, False),
+        (b"x", False, None, True),
+        (b"x", True, 5, True),  # inside a chunk
+        (b"", True, 5, False),
+        (b"5\r\nhello", True, None, True),  # a size line and its first bytes
+        (b"5\r\n", True, None, False),  # a size line alone: the read would wait for the bytes
+        (b"5", True, None, False),  # half a size line
+        (b"\r\n5\r\nh", True, 0, True),  # the previous chunk's CRLF still unread
+        (b"\r\n5\r\n", True, 0, False),
+        (b"\r\n0\r\n\r\n", True, 0, False),  # the last chunk: the end, not more bytes
+        (b"0\r\n\r\n", True, None, False),
+        (b"5;ext=1\r\nhello", True, None, True),
+        (b"zz\r\nhello", True, None, False),  # not a size line: let the normal read report it
+    ],
+)
+def test_body_bytes_in_buffer(ahead: bytes, chunked: bool, chunk_left: int | None, expected: bool) -> None:
+    assert _body_bytes_in_buffer(ahead, chunked, chunk_left) is expected
