@@ -66,6 +66,22 @@ def start_bed(
     return Bed(simulator, proxy, direct, f"http://127.0.0.1:{proxy_port}/v1", proxy_port)
 
 
+def start_floor(tmp: Path, upstream: str) -> tuple[ServerProcess, str]:
+    """The floor forwarder (``floor_app.py``) under the same gunicorn.conf.py and one worker, in front
+    of ``upstream``; returns it and its base URL (ending in ``/v1``)."""
+    port = free_port()
+    env = {
+        "FLOOR_UPSTREAM_URL": upstream,
+        "FLOOR_UPSTREAM_KEY": UPSTREAM_KEY,
+        # gunicorn.conf.py checks the proxy's settings before any worker starts: give it valid ones.
+        "WSGI_PROXY_UPSTREAM_URL": upstream,
+        "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "WSGI_PROXY_API_KEYS": CLIENT_KEY,
+    }
+    chdir = ["--chdir", str(REPO / "benchmarks")]
+    return start_proxy(tmp, port, env, extra=chdir, app="floor_app:app"), f"http://127.0.0.1:{port}/v1"
+
+
 def start_proxy(
     tmp: Path,
     port: int,
@@ -74,10 +90,11 @@ def start_proxy(
     threads: int = 64,
     extra: t.Sequence[str] = (),
     log_level: str = "warning",
+    app: str | None = None,
 ) -> ServerProcess:
-    """One gunicorn worker of the proxy on ``port``, configured by ``env``."""
+    """One gunicorn worker of the proxy (or of ``app``) on ``port``, configured by ``env``."""
     return ServerProcess(
-        gunicorn_argv(f"127.0.0.1:{port}", config=REPO / "gunicorn.conf.py", extra=extra),
+        gunicorn_argv(f"127.0.0.1:{port}", app=app, config=REPO / "gunicorn.conf.py", extra=extra),
         ready_url=f"http://127.0.0.1:{port}/healthz",
         env={
             "WSGI_PROXY_WORKERS": "1",

@@ -29,7 +29,7 @@ import typing as t
 from pathlib import Path
 
 import requests
-from harness import CLIENT_KEY, UPSTREAM_KEY, Bed, save_result, start_bed
+from harness import CLIENT_KEY, UPSTREAM_KEY, Bed, save_result, start_bed, start_floor
 
 from wsgi_proxy.streaming import EventSplitter, parse_event
 
@@ -73,18 +73,32 @@ def latency_samples(targets: t.Mapping[str, tuple[str, str]], calls: int) -> dic
     return results
 
 
-def bench_latency(direct: str, proxied: str, calls: int) -> dict[str, t.Any]:
-    results = latency_samples({"direct": (UPSTREAM_KEY, direct), "proxy": (CLIENT_KEY, proxied)}, calls)
+def bench_latency(direct: str, proxied: str, calls: int, floor: str | None = None) -> dict[str, t.Any]:
+    """Sequential non-stream creates, direct and through the proxy (and through ``floor``, the
+    minimal forwarder of floor_app.py, when given)."""
+    targets = {"direct": (UPSTREAM_KEY, direct), "proxy": (CLIENT_KEY, proxied)}
+    if floor is not None:
+        targets["floor"] = (CLIENT_KEY, floor)
+    results = latency_samples(targets, calls)
     d, p = results["direct"], results["proxy"]
-    return {
+    figures = {
         "direct_p50_ms": _pct(d, 0.5),
         "direct_p99_ms": _pct(d, 0.99),
         "proxy_p50_ms": _pct(p, 0.5),
         "proxy_p99_ms": _pct(p, 0.99),
         "added_p50_ms": _pct(p, 0.5) - _pct(d, 0.5),
         "added_p99_ms": _pct(p, 0.99) - _pct(d, 0.99),
-        "samples": {"direct": d, "proxy": p},
+        "samples": results,
     }
+    if floor is not None:
+        f = results["floor"]
+        figures |= {
+            "floor_p50_ms": _pct(f, 0.5),
+            "floor_p99_ms": _pct(f, 0.99),
+            "floor_added_p50_ms": _pct(f, 0.5) - _pct(d, 0.5),
+            "floor_added_p99_ms": _pct(f, 0.99) - _pct(d, 0.99),
+        }
+    return figures
 
 
 def _arrivals(session: requests.Session, url: str, out: dict[int, float], ready: threading.Barrier) -> None:
@@ -182,13 +196,13 @@ def _machine() -> dict[str, t.Any]:
     }
 
 
-def measure(direct: str, proxied: str, sizes: Sizes) -> dict[str, t.Any]:
+def measure(direct: str, proxied: str, sizes: Sizes, floor: str | None = None) -> dict[str, t.Any]:
     """The three measures on a running simulator (``direct``) and proxy (``proxied``).
 
-    The raw samples, in milliseconds, are moved to ``"samples"``: ``direct`` and ``proxy`` (one per
-    non-stream call) and ``event_delay`` (one per live event).
+    The raw samples, in milliseconds, are moved to ``"samples"``: ``direct``, ``proxy`` and
+    ``floor`` (one per non-stream call) and ``event_delay`` (one per live event).
     """
-    latency = bench_latency(direct, proxied, sizes[0])
+    latency = bench_latency(direct, proxied, sizes[0], floor)
     event_delay = bench_event_delay(direct, proxied, sizes[1])
     calls = latency.pop("samples")
     return {
@@ -213,7 +227,11 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="wsgi-proxy-bench-") as scratch:
         bed = start_bed(Path(scratch), threads=64, delay_ms=0)
         try:
-            results = measure(bed.direct, bed.proxied, sizes)
+            floor, floor_url = start_floor(Path(scratch), bed.direct)
+            try:
+                results = measure(bed.direct, bed.proxied, sizes, floor_url)
+            finally:
+                floor.stop()
             if alongside is not None:
                 results["alongside"] = alongside(bed, Path(scratch), sizes)
         finally:
@@ -245,6 +263,12 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             f"{lat['direct_p99_ms']:.2f} ms",
             f"{lat['proxy_p99_ms']:.2f} ms",
             f"+{lat['added_p99_ms']:.2f} ms",
+        ),
+        (
+            "non-stream call p50 / p99, minimal Flask + requests forwarder (floor_app.py)",
+            "-",
+            f"{lat['floor_p50_ms']:.2f} / {lat['floor_p99_ms']:.2f} ms",
+            f"+{lat['floor_added_p50_ms']:.2f} / +{lat['floor_added_p99_ms']:.2f} ms",
         ),
         (
             f"per-event delay p50 / p99 ({ev['events']} live events)",

@@ -1,0 +1,128 @@
+"""The cost of watching the proxy: Prometheus metrics, the JSON log line, event-level observation.
+
+    python benchmarks/observation.py           # writes benchmarks/results/observation-<date>.json
+    python benchmarks/observation.py --quick   # a fraction of a second, for CI (nothing written)
+
+Timed in this process, on the same code the workers run, with the metrics in multiprocess mode
+(files in a temporary directory, as under gunicorn.conf.py) and the log line written to a file:
+
+- per request: the metrics a finished request updates (a counter and a latency histogram), and the
+  JSON log line (formatting and writing);
+- per stream write: the events and bytes counters;
+- per event: what the relay notes of each event (its type and sequence number, for resumes and
+  counts), on an output_text.delta event as OpenAI sends it.
+
+Compare them with the added latency per call in overhead.py (milliseconds): they are microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import typing as t
+
+from harness import save_result
+
+from wsgi_proxy.observe import ACCESS_LOGGER, Observation
+
+_DELTA = (
+    b"event: response.output_text.delta\ndata: "
+    + json.dumps(
+        {
+            "type": "response.output_text.delta",
+            "sequence_number": 1234,
+            "item_id": "msg_" + "a" * 48,
+            "output_index": 0,
+            "content_index": 0,
+            "delta": " word",
+            "logprobs": [],
+            "obfuscation": "Xk3pQ9",
+        },
+        separators=(",", ":"),
+    ).encode()
+    + b"\n\n"
+)
+
+
+def _per_call_us(operation: t.Callable[[], object], calls: int) -> float:
+    for _ in range(min(calls, 1000)):  # warm up (series created, caches filled)
+        operation()
+    start = time.perf_counter()
+    for _ in range(calls):
+        operation()
+    return round((time.perf_counter() - start) / calls * 1e6, 2)
+
+
+def run(calls: int) -> dict[str, t.Any]:
+    with tempfile.TemporaryDirectory(prefix="wsgi-proxy-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            return _measure(calls, directory)
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def _measure(calls: int, directory: str) -> dict[str, t.Any]:
+    from wsgi_proxy.metrics import Metrics  # after the variable is set: the mode is read at creation
+    from wsgi_proxy.streaming import parse_event
+
+    metrics = Metrics()
+    assert metrics.multiprocess_dir == directory
+
+    def request_metrics() -> None:
+        metrics.request_finished(route="create", method="POST", status=200, upstream="default", seconds=0.002)
+
+    access = logging.getLogger(ACCESS_LOGGER)
+    saved = access.handlers, access.propagate, access.level
+    handler = logging.FileHandler(os.path.join(directory, "access.log"))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.handlers, access.propagate = [handler], False
+    access.setLevel(logging.INFO)
+
+    def log_line() -> None:
+        observation = Observation("req_0123456789abcdef", "POST", "create", key="team-a", team="a")
+        observation.model, observation.upstream, observation.status = "gpt-4o-mini", "default", 200
+        observation.usage = {"input_tokens": 12, "output_tokens": 40, "total_tokens": 52}
+        observation.finish()  # metrics=None: the line alone
+
+    try:
+        line_us = _per_call_us(log_line, calls)
+    finally:
+        handler.close()
+        access.handlers, access.propagate, access.level = saved
+    return {
+        "calls": calls,
+        "per_request_metrics_us": _per_call_us(request_metrics, calls),
+        "per_request_log_line_us": line_us,
+        "per_write_metrics_us": _per_call_us(lambda: metrics.events_forwarded(events=3, nbytes=750), calls),
+        "per_event_observation_us": _per_call_us(lambda: parse_event(_DELTA), calls),
+        "event_bytes": len(_DELTA),
+    }
+
+
+def bench(quick: bool) -> dict[str, t.Any]:
+    """The run ``--quick`` (2,000 calls of each) or the default one (100,000) does."""
+    return run(2000 if quick else 100_000)
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run that writes nothing (CI)")
+    args = parser.parse_args(argv)
+    result = bench(args.quick)
+    for name, value in result.items():
+        print(f"{name}: {value}")
+    if not args.quick:
+        save_result("observation", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
