@@ -54,7 +54,7 @@ import soak
 from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed
 
 from wsgi_proxy.launch import ServerProcess, free_port
-from wsgi_proxy.streaming import EventSplitter
+from wsgi_proxy.streaming import EventSplitter, parse_event
 
 LATEST = REPO / "benchmarks" / "results" / "latest"
 PACKAGES = ("flask", "gunicorn", "requests", "urllib3", "pydantic", "prometheus_client", "openai")
@@ -174,16 +174,94 @@ def stream_rates(targets: t.Mapping[str, tuple[str, str]], events: int, rounds: 
     return {"deltas_asked": events, "events_received": received, "events_per_s": best}
 
 
+def _events_of(answer: requests.Response) -> list[bytes]:
+    splitter = EventSplitter()
+    events: list[bytes] = []
+    while chunk := answer.raw.read1(65536):
+        events += splitter.feed(chunk)
+    return events
+
+
+def resume_check(targets: t.Mapping[str, tuple[str, str]], after: int = 5) -> Result:
+    """The path the product exists for, through each target: a background stream, then
+    ``GET /responses/{id}?stream=true&starting_after=N``. What came back, per target."""
+    body = {
+        "model": "gpt-4o-mini",
+        "input": "bench",
+        "background": True,
+        "stream": True,
+        "metadata": {"sim_words": "20", "sim_delay_ms": "5"},
+    }
+    found: Result = {}
+    for name, (key, base) in targets.items():
+        session = _session(key)
+        with session.post(base + "/responses", json=body, stream=True, timeout=60) as created:
+            first = _events_of(created)
+        response_id = next(
+            (
+                json.loads(event.split(b"data:", 1)[1])["response"]["id"]
+                for event in first
+                if parse_event(event).type == "response.created"
+            ),
+            None,
+        )
+        if response_id is None:
+            found[name] = {"error": f"no response.created among {len(first)} events"}
+            continue
+        query = {"stream": "true", "starting_after": str(after)}
+        with session.get(f"{base}/responses/{response_id}", params=query, stream=True, timeout=60) as answer:
+            content_type = answer.headers.get("Content-Type", "")
+            events = _events_of(answer) if content_type.startswith("text/event-stream") else []
+        infos = [parse_event(event) for event in events]
+        numbers = [i.sequence_number for i in infos if i.sequence_number is not None]
+        found[name] = {
+            "status": answer.status_code,
+            "content_type": content_type.split(";")[0],
+            "events": len(numbers),
+            "first_sequence_number": numbers[0] if numbers else None,
+            "ends_with": next((i.type for i in reversed(infos) if i.type), None),
+            "exactly_the_events_after": bool(numbers)
+            and numbers == list(range(after + 1, after + 1 + len(numbers))),
+        }
+    return {"starting_after": after, "results": found}
+
+
+#: The ``litellm`` command to compare with, when it lives outside this environment (its own venv:
+#: LiteLLM's proxy pins versions of packages that this project's environment should not take).
+LITELLM_ENV = "WSGI_PROXY_BENCH_LITELLM"
+
+
 def _litellm_command() -> tuple[list[str] | None, str]:
     """The ``litellm`` command and its version, or None and the reason it cannot run."""
+    explicit = os.environ.get(LITELLM_ENV, "").strip()
+    if explicit:
+        executable = shutil.which(explicit)
+        if executable is None:
+            return None, f"litellm: {LITELLM_ENV}={explicit!r} is not a command; not measured"
+        return [executable], _version_beside(Path(executable)) or "unknown version"
     version = _version("litellm")
     if version is None and importlib.util.find_spec("litellm") is None:
-        return None, "litellm: not installed, not measured"
+        return None, f"litellm: not installed (nor named by {LITELLM_ENV}), not measured"
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     executable = shutil.which("litellm", path=search)
     if executable is None:
         return None, f"litellm {version}: importable, but no `litellm` command on PATH; not measured"
     return [executable], version or "unknown version"
+
+
+def _version_beside(executable: Path) -> str | None:
+    """LiteLLM's version, asked of the Python interpreter next to its command."""
+    code = "import importlib.metadata as m; print(m.version('litellm'))"
+    try:
+        done = subprocess.run(
+            [str(executable.resolve().parent / "python"), "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _tail(text: str, lines: int = 3) -> str:
@@ -227,6 +305,7 @@ def litellm_side_by_side(bed: Bed, tmp: Path, sizes: overhead.Sizes) -> Result:
         }
         samples = overhead.latency_samples(targets, sizes[0])
         rates = stream_rates(targets, sizes[2])
+        resume = resume_check(targets)
     except Exception as exc:
         server.stop()
         reason = f"measurement failed: {type(exc).__name__}: {exc}"[:600]
@@ -243,6 +322,7 @@ def litellm_side_by_side(bed: Bed, tmp: Path, sizes: overhead.Sizes) -> Result:
         "calls": sizes[0],
         "latency": latency,
         "stream": rates,
+        "resume": resume,
         "note": "" if len(counts) == 1 else "the targets received different numbers of events (see stream)",
         "samples": samples,
     }
@@ -468,6 +548,32 @@ def _md_litellm(r: Result) -> list[str]:
     )
     if r.get("note"):
         lines += ["", f"Note: {r['note']}."]
+    resume = r.get("resume")
+    if resume:
+        after = resume["starting_after"]
+        lines += [
+            "",
+            f"Background stream resumed with `GET /responses/{{id}}?stream=true&starting_after={after}`:",
+            "",
+        ]
+        rows = []
+        for name in names:
+            got = resume["results"].get(name, {})
+            if "error" in got:
+                rows.append((name, got["error"], "", "", ""))
+                continue
+            rows.append(
+                (
+                    name,
+                    f"{got['status']} {got['content_type']}",
+                    f"{got['events']} (first: {got['first_sequence_number']})",
+                    got["ends_with"] or "",
+                    "yes" if got["exactly_the_events_after"] else "**no**",
+                )
+            )
+        lines += _table(
+            ("target", "answer", "events", "last event", f"exactly the events after {after}"), rows
+        )
     return lines
 
 
