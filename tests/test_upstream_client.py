@@ -207,3 +207,14 @@ def test_a_failure_after_arrived_chunks_comes_after_them(scripted: t.Any) -> Non
 )
 def test_body_bytes_in_buffer(ahead: bytes, chunked: bool, chunk_left: int | None, expected: bool) -> None:
     assert _body_bytes_in_buffer(ahead, chunked, chunk_left) is expected
+
+
+def test_an_https_upstream_keeps_certificate_verification_on_its_one_pool() -> None:
+    client = UpstreamClient(UpstreamSpec(name="u", url="https://127.0.0.1:1/v1", connect_timeout=1))
+    for _ in range(2):  # refused: nothing listens on port 1
+        with pytest.raises(UpstreamUnavailable):
+            client.send("GET", "/models", query=b"", headers={}, body=None, stream=False)
+    pools = list(client.session.get_adapter("https://127.0.0.1:1/v1")._pools.values())  # type: ignore[attr-defined]
+    assert len(pools) == 1
+    assert pools[0].cert_reqs == "CERT_REQUIRED"
+    assert pools[0].ca_certs or pools[0].ca_cert_dir
