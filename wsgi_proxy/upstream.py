@@ -134,12 +134,12 @@ class UpstreamStream:
     def __init__(self, response: requests.Response) -> None:
         self._response = response
         self._raw: urllib3.response.BaseHTTPResponse = response.raw
-        self.framed = bool(getattr(self._raw, "chunked", False)) or "content-length" in response.headers
+        self._chunked = bool(getattr(self._raw, "chunked", False))
+        self.framed = self._chunked or "content-length" in response.headers
         self._closed = False
         self._poller: select.poll | None = None
         # A decoder may need more network bytes before it yields any: read encoded bodies one by one.
         self._coalesce = "content-encoding" not in response.headers and hasattr(self._raw, "_fp")
-        self._chunked = bool(getattr(self._raw, "chunked", False))
         self._deferred: UpstreamStreamInterrupted | None = None
 
     def read(self) -> bytes:
@@ -311,8 +311,7 @@ class _LeanAdapter(HTTPAdapter):
 
     def __init__(self, **kwargs: t.Any) -> None:
         super().__init__(**kwargs)
-        self._pools: dict[tuple[str, bool | str], t.Any] = {}
-        self._checked: set[int] = set()  # ids of the pools whose TLS settings are applied
+        self._pools: dict[tuple[str, bool | str], t.Any] = {}  # each with its TLS settings applied
 
     def get_connection_with_tls_context(
         self, request: requests.PreparedRequest, verify: t.Any, proxies: t.Any = None, cert: t.Any = None
@@ -325,17 +324,15 @@ class _LeanAdapter(HTTPAdapter):
         if pool is None:
             pool = super().get_connection_with_tls_context(request, verify)
             super().cert_verify(pool, str(request.url), verify, None)  # type: ignore[no-untyped-call]
-            self._checked.add(id(pool))
             self._pools[key] = pool
         return pool
 
     def cert_verify(self, conn: t.Any, url: str, verify: t.Any, cert: t.Any) -> None:
-        if cert or id(conn) not in self._checked:
+        if cert or not any(conn is pool for pool in self._pools.values()):
             super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         self._pools.clear()
-        self._checked.clear()
         super().close()
 
     def build_response(self, req: requests.PreparedRequest, resp: t.Any) -> requests.Response:

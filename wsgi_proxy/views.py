@@ -106,10 +106,10 @@ def _tenant() -> Tenant:
 
 def _read_body(state: ProxyState) -> bytes:
     limit = state.settings.max_request_bytes
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise RequestTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
     # Ask for no more than the declared length: the stream's read allocates a buffer of the size asked.
-    length = request.content_length
     body = request.stream.read(limit + 1 if length is None else length)
     if len(body) > limit:
         raise RequestTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
