@@ -133,3 +133,13 @@ def save_result(name: str, result: t.Mapping[str, t.Any]) -> Path:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {out.relative_to(REPO)}")
     return out
+
+
+def per_call_us(operation: t.Callable[[int], object], calls: int, *, warmup: int = 0) -> float:
+    """Microseconds per call of ``operation(i)`` over ``calls`` calls, after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        operation(i)
+    start = time.perf_counter()
+    for i in range(calls):
+        operation(i)
+    return (time.perf_counter() - start) / calls * 1e6

@@ -22,7 +22,7 @@ import typing as t
 from pathlib import Path
 
 import requests
-from harness import CLIENT_KEY, UPSTREAM_KEY, save_result, start_bed, start_proxy
+from harness import CLIENT_KEY, UPSTREAM_KEY, per_call_us, save_result, start_bed, start_proxy
 
 from wsgi_proxy.launch import free_port
 
@@ -88,10 +88,7 @@ def _store_costs(url: str, calls: int) -> dict[str, float]:
             ("get_response_us", lambda i: store.get_response(f"resp_{i}")),
             ("hit_rate_us", lambda i: store.hit_rate("rpm:bench", 10**9)),
         ):
-            start = time.perf_counter()
-            for i in range(calls):
-                operation(i)
-            timings[name] = round((time.perf_counter() - start) / calls * 1e6, 1)
+            timings[name] = round(per_call_us(operation, calls), 1)
     finally:
         store.close()
     return timings

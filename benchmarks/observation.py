@@ -23,10 +23,9 @@ import logging
 import os
 import sys
 import tempfile
-import time
 import typing as t
 
-from harness import save_result
+from harness import per_call_us, save_result
 
 from wsgi_proxy.observe import ACCESS_LOGGER, Observation
 
@@ -50,12 +49,8 @@ _DELTA = (
 
 
 def _per_call_us(operation: t.Callable[[], object], calls: int) -> float:
-    for _ in range(min(calls, 1000)):  # warm up (series created, caches filled)
-        operation()
-    start = time.perf_counter()
-    for _ in range(calls):
-        operation()
-    return round((time.perf_counter() - start) / calls * 1e6, 2)
+    # Warmed up first: series created, caches filled.
+    return round(per_call_us(lambda _: operation(), calls, warmup=min(calls, 1000)), 2)
 
 
 def run(calls: int) -> dict[str, t.Any]:
