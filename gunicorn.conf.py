@@ -10,13 +10,10 @@ import os
 import sys
 import tempfile
 
-from wsgi_proxy.config import ConfigError, ProxySettings
-from wsgi_proxy.configfile import load_config_file
+from wsgi_proxy.config import ConfigError, GatewayConfig, ProxySettings
 
 try:
-    _settings = ProxySettings.load()
-    if _settings.config is not None:
-        load_config_file(_settings.config)
+    GatewayConfig.from_settings(ProxySettings.load())
 except ConfigError as exc:
     sys.stderr.write(f"wsgi-proxy: {exc}\n")
     sys.exit(2)
@@ -30,20 +27,20 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 def on_starting(server):  # type: ignore[no-untyped-def]
     """Once per master start (not on reload): clear a previous run's metric files."""
-    from wsgi_proxy.metrics import prepare_multiprocess_dir
+    from wsgi_proxy.observe.metrics import prepare_multiprocess_dir
 
     prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     """A dead worker's open streams stop counting; its totals stay."""
-    from wsgi_proxy.metrics import mark_worker_dead
+    from wsgi_proxy.observe.metrics import mark_worker_dead
 
     mark_worker_dead(worker.pid)
 
 
 # The app: the standalone factory. A host app is served with `gunicorn -c gunicorn.conf.py host:app`.
-wsgi_app = "wsgi_proxy.app:create_app()"
+wsgi_app = "wsgi_proxy:create_app()"
 
 # Loopback by default, so that nothing is exposed by accident; use -b 0.0.0.0:8000 behind a load balancer.
 bind = os.environ.get("WSGI_PROXY_BIND", "127.0.0.1:8000")
@@ -89,6 +86,6 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     worker; other streams get until shortly before graceful_timeout. They end while the worker can
     still log and clean up: nothing is left to a `finally` that a SIGKILL would skip.
     """
-    from wsgi_proxy.watchdog import drain_when
+    from wsgi_proxy.gateway.watchdog import drain_when
 
     drain_when(lambda: not worker.alive, grace=worker.cfg.graceful_timeout)

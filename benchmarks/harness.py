@@ -9,7 +9,7 @@ import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsgi_proxy.launch import ServerProcess, free_port, gunicorn_argv
+from wsgi_proxy.tools.launch import ServerProcess, free_port, gunicorn_argv
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_KEY = "sk-bench-upstream"

@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 from harness import CLIENT_KEY, UPSTREAM_KEY, per_call_us, save_result, start_bed, start_proxy
 
-from wsgi_proxy.launch import free_port
+from wsgi_proxy.tools.launch import free_port
 
 CONFIG = """
 store_url = "{store}"

@@ -27,7 +27,7 @@ import typing as t
 
 from harness import per_call_us, save_result
 
-from wsgi_proxy.observe import ACCESS_LOGGER, Observation
+from wsgi_proxy.observe.record import ACCESS_LOGGER, RequestRecord
 
 _DELTA = (
     b"event: response.output_text.delta\ndata: "
@@ -63,8 +63,8 @@ def run(calls: int) -> dict[str, t.Any]:
 
 
 def _measure(calls: int, directory: str) -> dict[str, t.Any]:
-    from wsgi_proxy.metrics import Metrics  # after the variable is set: the mode is read at creation
-    from wsgi_proxy.streaming import parse_event
+    from wsgi_proxy.observe.metrics import Metrics  # after the variable is set: the mode is read at creation
+    from wsgi_proxy.wire.sse import parse_event
 
     metrics = Metrics()
     assert metrics.multiprocess_dir == directory
@@ -80,10 +80,12 @@ def _measure(calls: int, directory: str) -> dict[str, t.Any]:
     access.setLevel(logging.INFO)
 
     def log_line() -> None:
-        observation = Observation("req_0123456789abcdef", "POST", "create", key="team-a", team="a")
-        observation.model, observation.upstream, observation.status = "gpt-4o-mini", "default", 200
-        observation.usage = {"input_tokens": 12, "output_tokens": 40, "total_tokens": 52}
-        observation.finish()  # metrics=None: the line alone
+        record = RequestRecord("req_0123456789abcdef", "POST", "create")  # metrics=None: the line alone
+        record.identified("team-a", "a")
+        record.asked_for("gpt-4o-mini")
+        record.attempt("default")
+        record.used({"input_tokens": 12, "output_tokens": 40, "total_tokens": 52})
+        record.sent(200)
 
     try:
         line_us = _per_call_us(log_line, calls)

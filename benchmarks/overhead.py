@@ -31,7 +31,7 @@ from pathlib import Path
 import requests
 from harness import CLIENT_KEY, UPSTREAM_KEY, Bed, save_result, start_bed, start_floor
 
-from wsgi_proxy.streaming import EventSplitter, parse_event
+from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
 # (sequential non-stream calls, live events for the per-event delay, events of the replay)
 QUICK_SIZES = (50, 50, 2000)

@@ -53,8 +53,8 @@ import restart
 import soak
 from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed
 
-from wsgi_proxy.launch import ServerProcess, free_port
-from wsgi_proxy.streaming import EventSplitter, parse_event
+from wsgi_proxy.tools.launch import ServerProcess, free_port
+from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
 LATEST = REPO / "benchmarks" / "results" / "latest"
 PACKAGES = ("flask", "gunicorn", "requests", "urllib3", "pydantic", "prometheus_client", "openai")

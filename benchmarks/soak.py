@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 from harness import CLIENT_KEY, process_status, save_result, start_bed, worker_pid
 
-from wsgi_proxy.streaming import EventSplitter, parse_event
+from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
 WORDS = 24  # 24 deltas: a stream of 33 events, so cutting every 9, 12 or 17 events cuts it 3, 2 or 1 times
 EVENTS = WORDS + 9  # created, queued, in_progress, item/part added, the deltas, 3 done events, completed

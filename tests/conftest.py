@@ -14,7 +14,7 @@ import responses
 from flask import Flask
 
 from wsgi_proxy import ProxySettings, create_app
-from wsgi_proxy.launch import free_port
+from wsgi_proxy.tools.launch import free_port
 
 UPSTREAM = "http://upstream.test/v1"
 

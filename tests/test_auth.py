@@ -6,10 +6,11 @@ import pytest
 from pydantic import SecretStr
 from werkzeug.datastructures import Headers
 
-from wsgi_proxy.auth import ANONYMOUS, Keyring
-from wsgi_proxy.config import ProxySettings
+from wsgi_proxy.config import GatewayConfig, ProxySettings
+from wsgi_proxy.config.gateway import ANONYMOUS
 from wsgi_proxy.errors import AuthenticationFailed
-from wsgi_proxy.upstream import UpstreamClient, UpstreamSpec
+from wsgi_proxy.gateway.auth import Keyring
+from wsgi_proxy.upstream.client import UpstreamClient
 
 UPSTREAM_KEY = "sk-UPSTREAM-auth-1"
 CLIENT_KEYS = ("sk-client-one", "sk-client-two", "sk-client-three")
@@ -21,12 +22,13 @@ def _settings(**extra: str) -> ProxySettings:
     return ProxySettings.model_validate(settings)
 
 
-def _keyring() -> Keyring:
-    return Keyring.from_settings(_settings())
+def _keyring(settings: ProxySettings | None = None) -> Keyring:
+    return Keyring(GatewayConfig.from_settings(settings or _settings()).keys)
 
 
 def _upstream(settings: ProxySettings) -> UpstreamClient:
-    return UpstreamClient(UpstreamSpec.from_settings(settings))
+    (spec,) = GatewayConfig.from_settings(settings).upstreams
+    return UpstreamClient(spec)
 
 
 @pytest.mark.parametrize(
@@ -69,9 +71,9 @@ def test_authenticate_right_key_among_several_passes(authorization: str) -> None
 
 @pytest.mark.parametrize("authorization", [None, "", "Basic abc", "Bearer anything"])
 def test_authenticate_without_client_keys_accepts_anyone(authorization: str | None) -> None:
-    assert Keyring.from_settings(ProxySettings()).identify(authorization) is ANONYMOUS
+    assert _keyring(ProxySettings()).identify(authorization) is ANONYMOUS
     anonymous = ProxySettings(upstream_api_key=SecretStr(UPSTREAM_KEY), allow_anonymous=True)
-    assert Keyring.from_settings(anonymous).identify(authorization) is ANONYMOUS
+    assert _keyring(anonymous).identify(authorization) is ANONYMOUS
 
 
 def test_keyring_keeps_client_keys_only_as_digests() -> None:
@@ -80,7 +82,7 @@ def test_keyring_keeps_client_keys_only_as_digests() -> None:
 
 
 def test_upstream_spec_repr_hides_the_key() -> None:
-    assert UPSTREAM_KEY not in repr(UpstreamSpec.from_settings(_settings()))
+    assert UPSTREAM_KEY not in repr(GatewayConfig.from_settings(_settings()))
 
 
 def test_upstream_headers_gateway_sends_own_bearer() -> None:

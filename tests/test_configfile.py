@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from wsgi_proxy.cli import main
 from wsgi_proxy.config import ConfigError, ProxySettings
-from wsgi_proxy.configfile import load_config_file
+from wsgi_proxy.config.file import load_config_file
+from wsgi_proxy.tools.cli import main
 
 UPSTREAM = '[[upstreams]]\nname = "main"\nurl = "https://api.openai.com/v1"\napi_key_env = "UP_KEY"\n'
 KEY = '[teams.t]\n[[keys]]\nname = "k"\nteam = "t"\nsha256 = "' + hashlib.sha256(b"x").hexdigest() + '"\n'

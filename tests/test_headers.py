@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsgi_proxy.headers import client_response_headers, redact, upstream_request_headers
+from wsgi_proxy.wire.headers import client_response_headers, redact, upstream_request_headers
 
 GATEWAY = {"Authorization": "Bearer sk-gateway", "OpenAI-Organization": "org-gw"}
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, values
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsgi_proxy.config import ConfigError
-from wsgi_proxy.metrics import (
+from wsgi_proxy.observe.metrics import (
     FIRST_EVENT_BUCKETS,
     MULTIPROC_ENV,
     REQUEST_BUCKETS,
@@ -190,7 +190,7 @@ class TestInProcess:
 _WORKER = textwrap.dedent(
     """
     import os, sys
-    from wsgi_proxy.metrics import Metrics
+    from wsgi_proxy.observe.metrics import Metrics
 
     requests, streams = int(sys.argv[1]), int(sys.argv[2])
     metrics = Metrics()

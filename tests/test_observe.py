@@ -7,10 +7,15 @@ import logging
 import typing as t
 
 import pytest
+import requests
 import responses
 from flask import Flask
+from prometheus_client.parser import text_string_to_metric_families
 
-from wsgi_proxy.observe import ACCESS_LOGGER, request_id_from, usage_of
+from wsgi_proxy.observe.record import ACCESS_LOGGER, request_id_from
+from wsgi_proxy.wire.responses import usage_of
+
+from .envelope import assert_error
 
 UPSTREAM = "http://upstream.test/v1"
 UPSTREAM_KEY = "sk-upstream-observe-canary"
@@ -146,7 +151,7 @@ def test_stream_is_logged_when_it_ends_with_events_and_usage(
 
 def test_readiness_follows_the_store(tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsgi_proxy import ProxySettings, create_app
-    from wsgi_proxy.state import EXTENSION_KEY
+    from wsgi_proxy.web.views import EXTENSION_KEY
 
     config = tmp_path / "gw.toml"
     config.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n')
@@ -154,7 +159,7 @@ def test_readiness_follows_the_store(tmp_path: t.Any, monkeypatch: pytest.Monkey
     client = app.test_client()
     assert client.get("/livez").json == {"status": "ok"}
     assert client.get("/readyz").json == {"status": "ready"}
-    app.extensions[EXTENSION_KEY].store.close()  # a store that no longer answers
+    app.extensions[EXTENSION_KEY].state.store.close()  # a store that no longer answers
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json == {"status": "unavailable", "store": "unreachable"}
@@ -176,3 +181,76 @@ def test_metrics_endpoint_is_off_without_a_token_and_protected_with_one(
         'wsgi_proxy_requests_total{method="GET",route="retrieve",status="200",upstream="default"} 1.0' in text
     )
     assert 'wsgi_proxy_requests_total{method="GET",route="response",status="401",upstream="none"} 1.0' in text
+
+
+# --- the attempts every answer reports --------------------------------------------------------------
+
+
+def test_a_proxy_made_error_after_failed_retries_reports_every_attempt(
+    make_app: t.Callable[..., Flask], mocked: responses.RequestsMock, lines: list[dict[str, t.Any]]
+) -> None:
+    for _ in range(3):
+        mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_9", body=requests.ConnectionError("reset"))
+    app = make_app(**GATEWAY, retry_attempts=2, retry_max_wait=0)
+    answer = app.test_client().get("/v1/responses/resp_9", headers=AUTH)
+    assert_error(answer, 502, code="upstream_unavailable")
+    assert answer.headers["X-Upstream-Attempts"] == "3"
+    assert len(mocked.calls) == 3
+    (line,) = lines
+    assert (line["status"], line["attempts"], line["error"]) == (502, 3, "upstream_unavailable")
+
+
+def test_an_answer_that_never_went_upstream_reports_zero_attempts(
+    make_app: t.Callable[..., Flask], mocked: responses.RequestsMock, lines: list[dict[str, t.Any]]
+) -> None:
+    answer = make_app(**GATEWAY).test_client().get("/v1/responses/resp_9")
+    assert_error(answer, 401, code="invalid_api_key")
+    assert answer.headers["X-Upstream-Attempts"] == "0"
+    (line,) = lines
+    assert line["attempts"] == 0
+
+
+# --- the label values the proxy really emits ----------------------------------------------------------
+
+#: Every ``kind`` of wsgi_proxy_upstream_errors_total, as the metrics docstring and README name them.
+UPSTREAM_ERROR_KINDS = {
+    "upstream_timeout",
+    "upstream_unavailable",
+    "upstream_protocol_error",
+    "upstream_credentials_rejected",
+    "stream_aborted",
+}
+
+
+def _labels(app: Flask, metric: str, label: str) -> set[str]:
+    from wsgi_proxy.web.views import EXTENSION_KEY
+
+    text, _ = app.extensions[EXTENSION_KEY].state.metrics.render()
+    return {
+        sample.labels[label]
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+        if sample.name == metric
+    }
+
+
+def test_metric_label_values_are_the_ones_documented(
+    make_app: t.Callable[..., Flask], mocked: responses.RequestsMock
+) -> None:
+    app = make_app(**GATEWAY, retry_attempts=0, resume_attempts=0)
+    client = app.test_client()
+    base = f"{UPSTREAM}/responses"
+    mocked.add(responses.GET, f"{base}/resp_t", body=requests.ReadTimeout("slow"))
+    mocked.add(responses.GET, f"{base}/resp_u", body=requests.ConnectionError("down"))
+    mocked.add(responses.GET, f"{base}/resp_p", json={"id": "resp_p"})  # JSON to a stream request
+    mocked.add(responses.GET, f"{base}/resp_c", status=401, json={"error": {"message": "sk-...abcd"}})
+    cut = b'data: {"type":"response.created","sequence_number":0}\n\ndata: {"ty'
+    mocked.add(responses.GET, f"{base}/resp_a", body=cut, content_type="text/event-stream")
+    for rid, query in [("resp_t", ""), ("resp_u", ""), ("resp_p", "?stream=true"), ("resp_c", "")]:
+        assert client.get(f"/v1/responses/{rid}{query}", headers=AUTH).status_code in (502, 504)
+    aborted = client.get("/v1/responses/resp_a?stream=true", headers=AUTH)
+    with pytest.raises(ConnectionResetError):
+        aborted.get_data()
+    assert _labels(app, "wsgi_proxy_upstream_errors_total", "kind") == UPSTREAM_ERROR_KINDS
+    assert _labels(app, "wsgi_proxy_requests_total", "route") == {"retrieve"}
+    assert _labels(app, "wsgi_proxy_requests_total", "upstream") == {"default"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wsgi_proxy.query import replace_param
-from wsgi_proxy.resume import resume_query
+from wsgi_proxy.upstream.resume import resume_query
+from wsgi_proxy.wire.query import replace_param
 
 
 @pytest.mark.parametrize(

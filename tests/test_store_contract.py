@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from wsgi_proxy.launch import free_port
 from wsgi_proxy.store import RateDecision, ResponseRecord, Store, StoreError, UsageRow
 from wsgi_proxy.store.base import usage_day
 from wsgi_proxy.store.redis_store import RedisStore
 from wsgi_proxy.store.sqlite import SQLiteStore
+from wsgi_proxy.tools.launch import free_port
 
 #: A window-aligned time an hour ahead: explicit ``now`` values stay clear of purges on the real clock.
 T0 = (math.floor(time.time() / 60) + 60) * 60.0

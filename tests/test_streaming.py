@@ -11,17 +11,10 @@ import typing as t
 
 import pytest
 
-from wsgi_proxy import streaming
 from wsgi_proxy.errors import StreamAborted, UpstreamStreamInterrupted
-from wsgi_proxy.streaming import (
-    KEEPALIVE,
-    EventInfo,
-    EventSplitter,
-    EventTooLarge,
-    Resume,
-    StreamRelay,
-    parse_event,
-)
+from wsgi_proxy.wire import sse
+from wsgi_proxy.wire.relay import KEEPALIVE, Resume, StreamRelay
+from wsgi_proxy.wire.sse import EventInfo, EventSplitter, EventTooLarge, parse_event
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -307,7 +300,7 @@ def test_parse_event_extracts_type_and_sequence(event: bytes, expected: EventInf
     ],
 )
 def test_data_fast_path_agrees_with_the_line_by_line_reading(event: bytes) -> None:
-    assert streaming._data_of(event) == streaming._data_by_lines(event)
+    assert sse.data_of(event) == sse._data_by_lines(event)
 
 
 # --- StreamRelay -------------------------------------------------------------------------------
@@ -430,14 +423,18 @@ def test_relay_tracks_last_sequence_and_terminal() -> None:
     relay, _ = _relay(body)
     next(relay)
     next(relay)
-    assert (relay.last_sequence, relay.terminal, relay.events) == (0, None, 1)
+    assert (relay.stats().last_sequence, relay.stats().terminal, relay.stats().events) == (0, None, 1)
     list(relay)
-    assert (relay.last_sequence, relay.terminal, relay.events) == (1, None, 2)
+    assert (relay.stats().last_sequence, relay.stats().terminal, relay.stats().events) == (1, None, 2)
 
     body = FakeBody([CREATED, DELTA, COMPLETED])
     relay, _ = _relay(body)
     list(relay)
-    assert (relay.last_sequence, relay.terminal, relay.events) == (2, "response.completed", 3)
+    assert (relay.stats().last_sequence, relay.stats().terminal, relay.stats().events) == (
+        2,
+        "response.completed",
+        3,
+    )
 
 
 def test_relay_interruption_after_events_aborts_and_closes_once() -> None:
@@ -450,7 +447,7 @@ def test_relay_interruption_after_events_aborts_and_closes_once() -> None:
     assert isinstance(info.value, ConnectionResetError)
     assert info.value.errno == errno.ECONNRESET  # what makes gunicorn close quietly, without a traceback
     assert b"".join(got) == CREATED + DELTA
-    assert relay.last_sequence == 1
+    assert relay.stats().last_sequence == 1
     assert (body.closes, on_close.calls) == (1, 1)
     relay.close()  # the WSGI server calls close() afterwards
     assert (body.closes, on_close.calls) == (1, 1)
@@ -583,7 +580,11 @@ def test_relay_resumes_after_a_cut_from_the_last_whole_event() -> None:
     assert out == CREATED_WITH_ID + DELTA + _event("response.output_text.delta", 2) + _event(
         "response.completed", 3
     )
-    assert (relay.resumes, relay.terminal, control.resumable) == (1, "response.completed", True)
+    assert (relay.stats().resumes, relay.stats().terminal, control.resumable) == (
+        1,
+        "response.completed",
+        True,
+    )
     assert (first.closes, second.closes, control.calls) == (1, 1, 1)
 
 
@@ -610,7 +611,7 @@ def test_relay_progress_renews_the_attempt_budget() -> None:
     resumer = FakeResumer([*bodies])
     relay, _ = _relay(FakeBody([CREATED_WITH_ID, CUT]), resumer=resumer)
     out = list(relay)
-    assert relay.resumes == 10
+    assert relay.stats().resumes == 10
     assert [after for _, after in resumer.asked] == list(range(10))
     assert out[-1] == _event("response.completed", 10)
 

@@ -16,6 +16,8 @@ from flask.testing import FlaskClient
 
 from wsgi_proxy import ProxySettings, create_app
 
+from .envelope import assert_error
+
 ALPHA = "http://alpha.test/v1"
 BETA = "http://beta.test/openai/v1"
 KEYS = {"RED": "sk-red-key-1", "RED2": "sk-red-limited-2", "BLUE": "sk-blue-key-3"}
@@ -122,9 +124,7 @@ def test_pattern_routes_and_unknown_model(app: Flask, mocked: responses.Requests
     mocked.add(responses.POST, f"{BETA}/responses", json=_response("resp_o1"))
     assert _create(app, "RED", {"model": "o-mini", "input": "x"}).status_code == 200
     missing = _create(app, "RED", {"model": "gpt-nope", "input": "x"})
-    assert missing.status_code == 404
-    assert missing.json["error"]["param"] == "model"
-    assert missing.json["error"]["code"] == "model_not_found"
+    assert_error(missing, 404, param="model", code="model_not_found")
     assert len(mocked.calls) == 1
 
 
@@ -132,8 +132,7 @@ def test_model_not_allowed_for_the_team_is_404_and_never_sent(
     app: Flask, mocked: responses.RequestsMock
 ) -> None:
     answer = _create(app, "BLUE", {"model": "gpt-b", "input": "x"})
-    assert answer.status_code == 404
-    assert answer.json["error"]["param"] == "model"
+    assert_error(answer, 404, param="model", code="model_not_found")
     assert len(mocked.calls) == 0
 
 
@@ -184,8 +183,8 @@ def test_lifecycle_calls_reach_the_holder_and_other_teams_get_404(
     client, blue = _as(app, "BLUE")
     stranger = client.open(path.format(id="resp_red1"), method=method, headers=blue)
     unknown = client.open(path.format(id="resp_unknown9"), method=method, headers=blue)
-    assert stranger.status_code == unknown.status_code == 404
-    assert stranger.json["error"]["message"] == "Response with id 'resp_red1' not found."
+    assert assert_error(stranger, 404)["message"] == "Response with id 'resp_red1' not found."
+    assert_error(unknown, 404)
     assert len(mocked.calls) == calls  # neither reached any upstream
     _, red = _as(app, "RED")
     mine = client.open(path.format(id="resp_red1"), method=method, headers=red)
@@ -235,7 +234,7 @@ def test_requests_per_minute_limit_gives_429_with_retry_after(
     codes = [_create(app, "RED2", {"model": "gpt-a", "input": "x"}).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
     limited = _create(app, "RED2", {"model": "gpt-a", "input": "x"})
-    assert limited.json["error"]["code"] == "rate_limit_exceeded"
+    assert_error(limited, 429, code="rate_limit_exceeded", type="rate_limit_error")
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
     assert len(mocked.calls) == 2
 
@@ -271,7 +270,7 @@ def test_models_lists_what_the_key_may_use(app: Flask, mocked: responses.Request
 def test_usage_is_counted_once_per_response_whichever_path_sees_it(
     app: Flask, mocked: responses.RequestsMock
 ) -> None:
-    from wsgi_proxy.state import EXTENSION_KEY
+    from wsgi_proxy.web.views import EXTENSION_KEY
 
     usage = {"input_tokens": 4, "output_tokens": 6, "total_tokens": 10}
     done = {"id": "resp_u1", "object": "response", "status": "completed", "model": "gpt-a", "usage": usage}
@@ -292,6 +291,86 @@ def test_usage_is_counted_once_per_response_whichever_path_sees_it(
     assert streamed.data == sse
     replay = client.get("/v1/responses/resp_u2?stream=true", headers=red)  # a resumed replay
     assert replay.data == sse
-    (row,) = app.extensions[EXTENSION_KEY].store.usage_totals()
+    (row,) = app.extensions[EXTENSION_KEY].state.store.usage_totals()
     assert (row.key_name, row.team, row.model) == ("red-1", "red", "gpt-a")
     assert (row.responses, row.input_tokens, row.output_tokens, row.total_tokens) == (2, 5, 8, 13)
+
+
+@pytest.mark.parametrize("endpoint", ["input_tokens", "compact"])
+@pytest.mark.parametrize(
+    "failure",
+    [{"status": 503, "json": {"error": {"message": "busy"}}}, {"body": requests.ConnectionError("refused")}],
+    ids=["503", "connection"],
+)
+def test_input_tokens_and_compact_fail_over_like_a_create(
+    app: Flask, mocked: responses.RequestsMock, endpoint: str, failure: dict[str, t.Any]
+) -> None:
+    mocked.add(responses.POST, f"{ALPHA}/responses/{endpoint}", **failure)
+    mocked.add(responses.POST, f"{BETA}/responses/{endpoint}", json={"object": "response.input_tokens"})
+    client, red = _as(app, "RED")
+    body = json.dumps({"model": "gpt-fail", "input": "x"})
+    answer = client.post(f"/v1/responses/{endpoint}", data=body, headers=red)
+    assert answer.status_code == 200
+    assert [c.request.url for c in mocked.calls] == [
+        f"{ALPHA}/responses/{endpoint}",
+        f"{BETA}/responses/{endpoint}",
+    ]
+    assert answer.headers["X-Upstream-Attempts"] == "2"
+
+
+def test_the_single_upstream_variables_honour_a_store_url(
+    tmp_path: Path, mocked: responses.RequestsMock
+) -> None:
+    from wsgi_proxy.web.views import EXTENSION_KEY
+
+    settings = ProxySettings(
+        upstream_url=ALPHA,
+        upstream_api_key="sk-env-upstream",
+        api_keys="sk-env-client",
+        store_url=f"sqlite:///{tmp_path / 'env.db'}",
+    )
+    app = create_app(settings)
+    usage = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
+    mocked.add(
+        responses.POST, f"{ALPHA}/responses", json={**_response("resp_env1"), "model": "m", "usage": usage}
+    )
+    auth = {"Authorization": "Bearer sk-env-client"}
+    assert app.test_client().post("/v1/responses", data=b'{"model":"m"}', headers=auth).status_code == 200
+    store = app.extensions[EXTENSION_KEY].state.store
+    record = store.get_response("resp_env1")
+    assert record is not None
+    assert (record.upstream, record.team, record.key_name) == ("default", "default", "key-1")
+    (row,) = store.usage_totals()
+    assert (row.key_name, row.model, row.total_tokens) == ("key-1", "m", 3)
+
+
+def test_the_single_upstream_variables_without_a_store_url_remember_nothing(
+    mocked: responses.RequestsMock,
+) -> None:
+    from wsgi_proxy.store import NullStore
+    from wsgi_proxy.web.views import EXTENSION_KEY
+
+    app = create_app(ProxySettings(upstream_url=ALPHA))
+    assert isinstance(app.extensions[EXTENSION_KEY].state.store, NullStore)
+    mocked.add(responses.GET, f"{ALPHA}/responses/resp_any", json=_response("resp_any"))
+    assert app.test_client().get("/v1/responses/resp_any").status_code == 200  # forwarded, not refused
+
+
+def test_an_open_stream_keeps_its_slot_past_the_lease_ttl(app: Flask, mocked: responses.RequestsMock) -> None:
+    from wsgi_proxy.web.views import EXTENSION_KEY
+
+    leases = app.extensions[EXTENSION_KEY].state.leases
+    sse = b'data: {"type":"response.completed","sequence_number":0}\n\n'
+    mocked.add(responses.POST, f"{ALPHA}/responses", body=sse, content_type="text/event-stream")
+    client, blue = _as(app, "BLUE")
+    body = json.dumps({"model": "gpt-a", "input": "x", "stream": True})
+    first = client.post("/v1/responses", data=body, headers=blue, buffered=False)
+    assert first.status_code == 200 and leases.held() == 1
+    (key, lease) = next(iter(leases._held))
+    store, start = leases.store, time.time()
+    past_ttl = start + leases.ttl * 1.2  # unrefreshed, the lease would have lapsed by then
+    leases.refresh(now=start + leases.ttl * 0.6)  # what the keeper's thread does every third of the ttl
+    assert not store.acquire_slot(key, 1, "another", leases.ttl, now=past_ttl)
+    first.close()
+    assert leases.held() == 0
+    assert store.acquire_slot(key, 1, "another", leases.ttl)

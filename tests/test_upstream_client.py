@@ -11,8 +11,10 @@ import typing as t
 
 import pytest
 
+from wsgi_proxy.config.gateway import UpstreamSpec
 from wsgi_proxy.errors import UpstreamStreamInterrupted, UpstreamUnavailable
-from wsgi_proxy.upstream import UpstreamClient, UpstreamSpec, UpstreamStream, _body_bytes_in_buffer
+from wsgi_proxy.upstream.body import UpstreamStream, _body_bytes_in_buffer
+from wsgi_proxy.upstream.client import UpstreamClient, UpstreamRequest
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -55,7 +57,7 @@ def upstream() -> t.Iterator[str]:
 
 
 def _get(client: UpstreamClient, path: str, query: bytes = b"") -> bytes:
-    answer = client.send("GET", path, query=query, headers={}, body=None, stream=False)
+    answer = client.send(UpstreamRequest("GET", path, query, stream=False))
     assert answer.status_code == 200
     return answer.content
 
@@ -88,7 +90,7 @@ def test_query_goes_upstream_byte_for_byte(upstream: str) -> None:
 def test_a_body_cut_short_is_an_upstream_error_raised_by_send(upstream: str) -> None:
     client = UpstreamClient(UpstreamSpec(name="u", url=upstream))
     with pytest.raises(UpstreamUnavailable):
-        client.send("GET", "/cut", query=b"", headers={}, body=None, stream=False)
+        client.send(UpstreamRequest("GET", "/cut", b"", stream=False))
     assert _get(client, "/models") == b'{"ok":true}'  # and the pool goes on working
 
 
@@ -141,7 +143,7 @@ def scripted() -> t.Iterator[t.Callable[[list[bytes | threading.Event | None]], 
         server = _Scripted(steps)
         servers.append(server)
         client = UpstreamClient(UpstreamSpec(name="u", url=server.url, read_timeout=10))
-        return UpstreamStream(client.send("GET", "/s", query=b"", headers={}, body=None, stream=True))
+        return UpstreamStream(client.send(UpstreamRequest("GET", "/s", b"", stream=True)))
 
     yield open_stream
     for server in servers:
@@ -213,7 +215,7 @@ def test_an_https_upstream_keeps_certificate_verification_on_its_one_pool() -> N
     client = UpstreamClient(UpstreamSpec(name="u", url="https://127.0.0.1:1/v1", connect_timeout=1))
     for _ in range(2):  # refused: nothing listens on port 1
         with pytest.raises(UpstreamUnavailable):
-            client.send("GET", "/models", query=b"", headers={}, body=None, stream=False)
+            client.send(UpstreamRequest("GET", "/models", b"", stream=False))
     pools = list(client.session.get_adapter("https://127.0.0.1:1/v1")._pools.values())  # type: ignore[attr-defined]
     assert len(pools) == 1
     assert pools[0].cert_reqs == "CERT_REQUIRED"

@@ -11,6 +11,7 @@ import requests
 import urllib3
 
 from wsgi_proxy.config import ProxySettings
+from wsgi_proxy.config.gateway import GatewayConfig
 from wsgi_proxy.errors import (
     ProxyError,
     UpstreamProtocolError,
@@ -18,7 +19,8 @@ from wsgi_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from wsgi_proxy.upstream import UpstreamClient, UpstreamSpec, translate_errors, translate_stream_errors
+from wsgi_proxy.upstream.client import UpstreamClient
+from wsgi_proxy.upstream.translate import translate_errors, translate_stream_errors
 
 TARGET = "http://upstream.test/v1"
 _NO_POOL: t.Any = None
@@ -140,7 +142,9 @@ def test_translate_stream_errors_passes_other_exceptions_through() -> None:
 
 def test_upstream_client_session_ignores_environment_and_never_retries() -> None:
     client = UpstreamClient(
-        UpstreamSpec.from_settings(ProxySettings(upstream_url=TARGET, connect_timeout=1.5, read_timeout=30))
+        GatewayConfig.from_settings(
+            ProxySettings(upstream_url=TARGET, connect_timeout=1.5, read_timeout=30)
+        ).upstreams[0]
     )
     session = client.session
     assert session is client.session  # one per process

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from wsgi_proxy.cli import main
 from wsgi_proxy.store import UsageRow
 from wsgi_proxy.store.sqlite import SQLiteStore
-from wsgi_proxy.usage import check_group_by, render_csv, render_json, render_table
+from wsgi_proxy.tools.cli import main
+from wsgi_proxy.tools.usage import check_group_by, render_csv, render_json, render_table
 
 ROWS = [
     UsageRow("2025-01-30", "ci", "search", "gpt-4o", 2, 1200, 300, 1500),
@@ -432,7 +432,7 @@ class TestCli:
         assert not missing.exists()
 
     def test_unreachable_redis_exits_1_without_the_password(self, capsys: pytest.CaptureFixture[str]) -> None:
-        from wsgi_proxy.launch import free_port
+        from wsgi_proxy.tools.launch import free_port
 
         status, out, err = run(capsys, "--store", f"redis://:s3cretpass@127.0.0.1:{free_port()}/0")
         assert (status, out) == (1, "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wsgi_proxy.errors import InvalidRequest
-from wsgi_proxy.validation import (
+from wsgi_proxy.wire.validation import (
     CreateFields,
     ResponsePath,
     RetrieveQuery,

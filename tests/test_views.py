@@ -17,6 +17,8 @@ from werkzeug.test import TestResponse
 
 from wsgi_proxy import ProxySettings, ResponsesProxy
 
+from .envelope import assert_error
+
 UPSTREAM = "http://upstream.test/v1"
 UPSTREAM_KEY = "sk-UPSTREAM-CANARY-1234567890"
 CLIENT_KEY = "sk-CLIENT-CANARY-0987654321"
@@ -34,24 +36,6 @@ SSE = (
 )
 
 MakeApp = t.Callable[..., Flask]
-
-
-def assert_error(
-    resp: TestResponse, status: int, *, param: str | None = None, code: str | None = None
-) -> dict[str, t.Any]:
-    """The one error shape every failure must have: OpenAI's envelope, as JSON."""
-    assert resp.status_code == status, resp.data
-    assert resp.mimetype == "application/json"
-    body = json.loads(resp.data)
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"].endswith((".", ")"))
-    assert isinstance(error["type"], str) and error["type"]
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    return t.cast(dict[str, t.Any], error)
 
 
 def _all_header_values(request: requests.PreparedRequest) -> list[str]:

@@ -9,7 +9,7 @@ import typing as t
 
 import pytest
 
-from wsgi_proxy.watchdog import DisconnectWatchdog, peer_closed
+from wsgi_proxy.gateway.watchdog import DisconnectWatchdog, peer_closed
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ relayed as they are and never become one. The tree::
     ├── RateLimited                   429  rate_limit_error        (requests per minute, concurrent streams)
     ├── RouteNotFound                 404  invalid_request_error
     ├── MethodNotAllowed              405  invalid_request_error
+    ├── StoreUnavailable              503  server_error            (the shared state store did not answer)
     └── UpstreamError                 502  upstream_error
         ├── UpstreamUnavailable       502  (could not connect, or the connection broke before an answer)
         ├── UpstreamCredentialsRejected 502  (the upstream refused the gateway's own key)
@@ -40,6 +41,7 @@ __all__ = [
     "ProxyError",
     "RequestTooLarge",
     "RouteNotFound",
+    "StoreUnavailable",
     "StreamAborted",
     "UpstreamCredentialsRejected",
     "UpstreamError",
@@ -166,6 +168,20 @@ class MethodNotAllowed(ProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allowed)}
+
+
+class StoreUnavailable(ProxyError):
+    """The shared state store did not answer, so the request can be neither checked nor routed."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The gateway's state store is unavailable, so the request cannot be checked or routed."
+            " Try again shortly; if it persists, the operator should check WSGI_PROXY_STORE_URL."
+        )
 
 
 class UpstreamError(ProxyError):

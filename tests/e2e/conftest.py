@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from wsgi_proxy.launch import ServerProcess, free_port, gunicorn_argv
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.tools.launch import ServerProcess, free_port, gunicorn_argv
 
 REPO = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = REPO / "gunicorn.conf.py"

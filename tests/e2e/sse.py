@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from wsgi_proxy.streaming import EventSplitter, parse_event
+from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
 
 def read_all(response: requests.Response) -> bytes:

@@ -9,6 +9,7 @@ import requests
 
 from wsgi_proxy.simulator import Simulator
 
+from ..envelope import assert_error
 from .conftest import CLIENT_KEY, REPO, Proxy, start_proxy
 
 pytestmark = pytest.mark.e2e
@@ -57,8 +58,7 @@ def test_host_routes_and_error_pages_are_untouched(hosted: Proxy) -> None:
 def test_errors_under_the_prefix_are_openai_shaped(hosted: Proxy) -> None:
     auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
     unknown = requests.get(hosted.base_url + "/nowhere", headers=auth, timeout=5)
-    assert unknown.status_code == 404
-    assert unknown.json()["error"]["code"] == "unknown_url"
+    assert_error(unknown, 404, code="unknown_url")
     wrong_method = requests.put(hosted.base_url + "/responses", headers=auth, timeout=5)
     assert wrong_method.status_code == 405
     assert wrong_method.headers["Allow"] == "POST"

@@ -12,9 +12,10 @@ import pytest
 import requests
 from openai import OpenAI
 
-from wsgi_proxy.launch import free_port
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.tools.launch import free_port
 
+from ..envelope import assert_error
 from .conftest import Proxy, start_background, start_proxy
 
 pytestmark = pytest.mark.e2e
@@ -203,7 +204,7 @@ def test_limits_are_counted_across_gateway_instances(gateways: list[Proxy]) -> N
             )
         )
     assert [a.status_code for a in answers] == [200, 200, 200, 429]
-    assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    assert_error(answers[-1], 429, code="rate_limit_exceeded")
     assert int(answers[-1].headers["Retry-After"]) >= 1
 
 

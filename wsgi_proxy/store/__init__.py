@@ -6,5 +6,6 @@ from .base import Store as Store
 from .base import StoreError as StoreError
 from .base import UsageRow as UsageRow
 from .factory import open_store as open_store
+from .null import NullStore as NullStore
 
-__all__ = ["RateDecision", "ResponseRecord", "Store", "StoreError", "UsageRow", "open_store"]
+__all__ = ["NullStore", "RateDecision", "ResponseRecord", "Store", "StoreError", "UsageRow", "open_store"]

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError, field_validator
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 __all__ = [
     "CreateFields",

@@ -1,180 +1,78 @@
-"""Bytes in, bytes out: the SSE event splitter and the relay of one upstream stream.
+"""Bytes in, bytes out: the relay of one upstream event stream to one client.
 
 The relay forwards the upstream's bytes unchanged, in whole events (everything up to and including
 a blank line), each as soon as it is complete. It looks at a copy of each event only to note its
-``type`` and ``sequence_number``; it never re-serialises. No Flask or requests imports here.
+``type`` and ``sequence_number``; it never re-serialises. When it ends it reports what happened
+once, as a :class:`StreamStats`. No Flask or requests imports here.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import logging
-import re
 import time
 import typing as t
 from dataclasses import dataclass
 
-from .errors import StreamAborted, UpstreamStreamInterrupted
-from .observe import usage_of
+from ..errors import StreamAborted, UpstreamStreamInterrupted
+from .responses import completed_summary, created_id
+from .sse import TERMINAL_TYPES, EventSplitter, EventTooLarge, parse_event
 
 __all__ = [
-    "Control",
-    "EventInfo",
-    "EventSplitter",
-    "EventTooLarge",
     "KEEPALIVE",
+    "Control",
     "Resume",
     "Resumer",
+    "StreamEnd",
     "StreamRelay",
+    "StreamStats",
     "UpstreamBody",
-    "parse_event",
 ]
 
 log = logging.getLogger("wsgi_proxy.stream")
 
-_TERMINATOR = re.compile(rb"[\r\n]")
-_CR, _LF = 13, 10
 
-#: Event types after which a Responses stream is over.
-TERMINAL_TYPES = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+class StreamEnd(enum.Enum):
+    """How a relayed stream ended."""
 
-
-class EventTooLarge(ValueError):
-    """One SSE event grew past the configured limit without ending."""
-
-
-class EventSplitter:
-    """Splits an SSE byte stream into whole events, in time linear in the bytes fed.
-
-    An event is every byte up to and including the blank line that ends it; lines may end in
-    ``\\r\\n``, ``\\n`` or ``\\r`` (WHATWG). Bytes are never altered or re-framed: the concatenation
-    of everything returned equals everything fed. A blank line ended by a ``\\r`` that is the last
-    byte fed ends the event at once (nothing held back); a ``\\n`` arriving next is then its own
-    harmless empty block.
-
-    :param max_event_bytes: raise :class:`EventTooLarge` when an unfinished event exceeds this.
-    """
-
-    def __init__(self, max_event_bytes: int = 64 * 1024 * 1024) -> None:
-        self._buf = bytearray()
-        self._pos = 0  # next byte of _buf to scan
-        self._line_start = True  # _pos is at the start of a line
-        self._cr_pending = False  # _pos follows a '\r' that ended a non-blank line
-        self._max = max_event_bytes
-
-    @property
-    def pending(self) -> int:
-        """How many bytes of an unfinished event are held."""
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return the events it completed, in order."""
-        buf = self._buf
-        buf += data
-        pos, line_start, cr_pending = self._pos, self._line_start, self._cr_pending
-        start = 0
-        events: list[bytes] = []
-        end = len(buf)
-        while pos < end:
-            if cr_pending:
-                cr_pending = False
-                if buf[pos] == _LF:  # the '\n' of a '\r\n' split across reads
-                    pos += 1
-                    continue
-            match = _TERMINATOR.search(buf, pos)
-            if match is None:
-                pos, line_start = end, False
-                break
-            i = match.start()
-            if i == pos and line_start:  # an empty line: the event is complete
-                stop = i + 1
-                if buf[i] == _CR and stop < end and buf[stop] == _LF:
-                    stop += 1
-                events.append(bytes(buf[start:stop]))
-                start = pos = stop
-                continue
-            pos, line_start = i + 1, True
-            if buf[i] == _CR:
-                if pos < end:
-                    if buf[pos] == _LF:
-                        pos += 1
-                else:
-                    cr_pending = True
-        if start:
-            del buf[:start]
-            pos -= start
-        if len(buf) > self._max:
-            raise EventTooLarge(f"an SSE event exceeded {self._max} bytes without ending")
-        self._pos, self._line_start, self._cr_pending = pos, line_start, cr_pending
-        return events
+    #: The upstream's stream ended and every event of it went out.
+    FINISHED = "finished"
+    #: The client left (the watchdog saw its socket close).
+    CLIENT_GONE = "client_gone"
+    #: The client stopped reading for longer than the send timeout.
+    SEND_TIMEOUT = "send_timeout"
+    #: The upstream broke off and the stream could not be resumed: the client connection was aborted.
+    ABORTED = "aborted"
 
 
 @dataclass(frozen=True, slots=True)
-class EventInfo:
-    """What the relay notes about one event: its JSON ``type`` and ``sequence_number``."""
+class StreamStats:
+    """What one relay did, reported once when it ends.
 
-    type: str | None
-    sequence_number: int | None
-
-
-_HEAD_TYPE = re.compile(rb'\{\s*"type"\s*:\s*"([^"\\]{1,200})"')
-_HEAD_SEQ = re.compile(rb'"sequence_number"\s*:\s*([0-9]{1,19})\b')
-_HEAD = 512
-_NONE = EventInfo(None, None)
-
-
-def _data_of(event: bytes) -> bytes | None:
-    """The event's data: its ``data:`` lines' values joined by LF, or None when it has none."""
-    # The usual shape first, in a few C-level scans: one data line, lines ended by LF.
-    start = event.find(b"data:")
-    if start >= 0 and (start == 0 or event[start - 1] == _LF) and b"\r" not in event:
-        end = event.find(b"\n", start)
-        if end >= 0 and event.find(b"\ndata:", end) < 0:
-            start += 6 if event[start + 5 : start + 6] == b" " else 5
-            return event[start:end]
-    return _data_by_lines(event)
-
-
-def _data_by_lines(event: bytes) -> bytes | None:
-    """:func:`_data_of` for every shape: any line endings, any number of data lines."""
-    data: list[bytes] = []
-    for line in event.splitlines():
-        if line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-    if not data:
-        return None
-    return data[0] if len(data) == 1 else b"\n".join(data)
-
-
-def parse_event(event: bytes) -> EventInfo:
-    """Note the ``type`` and ``sequence_number`` of one whole event (a side copy; never raises).
-
-    OpenAI writes both fields first, so they are read from the head of the ``data`` line; anything
-    else is parsed as JSON. Comments, keep-alive comments and empty blocks give ``(None, None)``.
+    ``failure`` says why an aborted stream was aborted (a phrase for logs); ``first_event_at`` is a
+    :func:`time.monotonic` reading.
     """
-    data = _data_of(event)
-    if data is None:
-        return _NONE
-    head = data[:_HEAD]
-    type_match = _HEAD_TYPE.match(head)
-    seq_match = _HEAD_SEQ.search(head)
-    # Only a top-level key counts: nothing may open a nested object before it.
-    if type_match and seq_match and head.count(b"{", 0, seq_match.start()) == 1:
-        return EventInfo(type_match.group(1).decode("utf-8", "replace"), int(seq_match.group(1)))
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return _NONE
-    if not isinstance(obj, dict):
-        return _NONE
-    type_ = obj.get("type")
-    seq = obj.get("sequence_number")
-    return EventInfo(
-        type_ if isinstance(type_, str) else None,
-        seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
-    )
+
+    end: StreamEnd
+    events: int = 0
+    bytes: int = 0
+    resumes: int = 0
+    first_event_at: float | None = None
+    response_id: str | None = None
+    model: str | None = None
+    usage: dict[str, int] | None = None
+    last_sequence: int | None = None
+    terminal: str | None = None
+    failure: str | None = None
+
+    @property
+    def error(self) -> str | None:
+        """The request's error as the log line shows it, or None when the stream finished."""
+        if self.end is StreamEnd.FINISHED:
+            return None
+        if self.end is StreamEnd.ABORTED:
+            return f"aborted: {self.failure}"
+        return str(self.end.value)
 
 
 class UpstreamBody(t.Protocol):
@@ -253,7 +151,7 @@ class StreamRelay:
     stream after the last event forwarded and carries on in the same response, each event exactly
     once. When it cannot, it raises :class:`StreamAborted` so the client's connection ends without a
     clean terminator and the client knows to resume. ``close()`` releases everything whether or not
-    iteration began (WSGI servers call it).
+    iteration began (WSGI servers call it), and ``on_close`` then gets the :class:`StreamStats`.
 
     :param body: the upstream body.
     :param label: names the stream in logs (the method and path).
@@ -263,7 +161,7 @@ class StreamRelay:
     :param keepalive_interval: seconds of silence before a keep-alive comment (0: never).
     :param max_event_bytes: the largest event relayed.
     :param on_response_id: called with the id of ``response.created`` (to record where it lives).
-    :param on_close: called once when the relay ends, however it ends.
+    :param on_close: called once with the stream's statistics when the relay ends, however it ends.
     :param on_forward: called with the number of events and bytes of each write (metrics).
     """
 
@@ -278,32 +176,32 @@ class StreamRelay:
         keepalive_interval: float = 0.0,
         max_event_bytes: int = 64 * 1024 * 1024,
         on_response_id: t.Callable[[str], None] | None = None,
-        on_close: t.Callable[[], None] | None = None,
+        on_close: t.Callable[[StreamStats], None] | None = None,
         on_forward: t.Callable[[int, int], None] | None = None,
     ) -> None:
-        self._on_forward = on_forward
         self._body = body
-        self._on_response_id = on_response_id
-        self._on_close = on_close
         self._label = label
         self._control = control
         self._resumer = resumer
         self._keepalive = keepalive_interval
         self._max_event_bytes = max_event_bytes
+        self._on_response_id = on_response_id
+        self._on_close = on_close
+        self._on_forward = on_forward
         self._splitter = EventSplitter(max_event_bytes)
         self._released = False
         self._clean_eof = False
-        self.response_id = response_id
-        self.events = 0
-        self.bytes = 0
-        self.first_event_at: float | None = None
-        self.usage: dict[str, int] | None = None
-        self.model: str | None = None
-        self.resumes = 0
-        #: Why the stream ended early (client gone, aborted after an upstream failure), or None.
-        self.failure: str | None = None
-        self.last_sequence: int | None = None
-        self.terminal: str | None = None
+        self._end = StreamEnd.FINISHED
+        self._failure: str | None = None
+        self._response_id = response_id
+        self._events = 0
+        self._bytes = 0
+        self._resumes = 0
+        self._first_event_at: float | None = None
+        self._model: str | None = None
+        self._usage: dict[str, int] | None = None
+        self._last_sequence: int | None = None
+        self._terminal: str | None = None
         control.set_resumable(resumer is not None and response_id is not None)
         self._gen: t.Generator[bytes, None, None] = self._run()
 
@@ -312,6 +210,22 @@ class StreamRelay:
 
     def __next__(self) -> bytes:
         return next(self._gen)
+
+    def stats(self) -> StreamStats:
+        """What the relay has done so far (the final figures once it has ended)."""
+        return StreamStats(
+            end=self._end,
+            events=self._events,
+            bytes=self._bytes,
+            resumes=self._resumes,
+            first_event_at=self._first_event_at,
+            response_id=self._response_id,
+            model=self._model,
+            usage=self._usage,
+            last_sequence=self._last_sequence,
+            terminal=self._terminal,
+            failure=self._failure,
+        )
 
     def close(self) -> None:
         """End the relay and release the upstream connection (idempotent)."""
@@ -327,36 +241,37 @@ class StreamRelay:
         finally:
             self._control.cancel()
             if self._on_close is not None:
-                self._on_close()
+                self._on_close(self.stats())
 
     def _observe(self, event: bytes) -> None:
         info = parse_event(event)
         if info.sequence_number is not None:
-            self.last_sequence = info.sequence_number
+            self._last_sequence = info.sequence_number
         if info.type is None:
             return
-        self.events += 1
-        if self.first_event_at is None:
-            self.first_event_at = time.monotonic()
+        self._events += 1
+        if self._first_event_at is None:
+            self._first_event_at = time.monotonic()
         if info.type in TERMINAL_TYPES:
-            self.terminal = info.type
+            self._terminal = info.type
             if info.type == "response.completed":
-                self.usage, self.model = _completed_usage(event)
-        elif info.type == "response.created" and self.response_id is None:
-            self.response_id = _created_id(event)
-            self._control.set_resumable(self._resumer is not None and self.response_id is not None)
-            if self.response_id is not None and self._on_response_id is not None:
-                self._on_response_id(self.response_id)
+                summary = completed_summary(event)
+                self._usage, self._model = summary.usage, summary.model
+        elif info.type == "response.created" and self._response_id is None:
+            self._response_id = created_id(event)
+            self._control.set_resumable(self._resumer is not None and self._response_id is not None)
+            if self._response_id is not None and self._on_response_id is not None:
+                self._on_response_id(self._response_id)
 
     def _failure_at_eof(self) -> str | None:
         if self._splitter.pending:
             return f"the upstream ended in the middle of an event ({self._splitter.pending} bytes unfinished)"
-        if self.terminal is None and (self._resumer is not None or (not self._body.framed and self.events)):
+        if self._terminal is None and (self._resumer is not None or (not self._body.framed and self._events)):
             return "the upstream stream ended before its terminal event"
         return None
 
     def _write(self, data: bytes) -> t.Generator[bytes, None, None]:
-        self.bytes += len(data)
+        self._bytes += len(data)
         self._control.writing(True)
         yield data
         self._control.writing(False)
@@ -391,11 +306,11 @@ class StreamRelay:
             yield b""
             attempt = 0
             while True:
-                events_before = self.events
+                events_before = self._events
                 failure = yield from self._pump()
                 if failure is None:
                     return
-                progressed = self.events > events_before
+                progressed = self._events > events_before
                 if progressed:
                     attempt = 0  # the last body made progress: a fresh budget of attempts
                 elif self._clean_eof and self._ended_upstream():
@@ -409,76 +324,56 @@ class StreamRelay:
                 self._body.close()
                 self._body = body
                 self._splitter = EventSplitter(self._max_event_bytes)  # a half event is dropped
-                self.resumes += 1
+                self._resumes += 1
         finally:
             self._release()
 
     def _ended_upstream(self) -> bool:
-        if self._resumer is None or self.response_id is None or self._control.stop_reason():
+        if self._resumer is None or self._response_id is None or self._control.stop_reason():
             return False
-        return self._resumer.has_ended(self.response_id)
+        return self._resumer.has_ended(self._response_id)
 
     def _recover(self, failure: str, attempt: int) -> tuple[int, UpstreamBody] | str | None:
         """After a failure: a new body (with the attempt count), a reason to abort, or None to end."""
         while True:
             reason = self._control.stop_reason()
-            if reason in ("client_gone", "send_timeout"):
-                self.failure = reason
+            if reason == "client_gone":
+                self._end = StreamEnd.CLIENT_GONE
+                return None
+            if reason == "send_timeout":
+                self._end = StreamEnd.SEND_TIMEOUT
                 return None
             if reason == "shutdown":
                 return f"{failure}; the worker is shutting down"
             if self._resumer is None:
                 return failure
-            if self.response_id is None:
+            if self._response_id is None:
                 return f"{failure}, before the response id was known"
             attempt += 1
             if attempt > self._resumer.max_attempts:
                 return f"{failure}; resuming failed {self._resumer.max_attempts} times"
             if self._control.sleep(self._resumer.backoff(attempt)):
                 continue  # stopped while waiting: the reason decides
-            outcome = self._resumer.reopen(self.response_id, self.last_sequence)
+            outcome = self._resumer.reopen(self._response_id, self._last_sequence)
             if outcome is Resume.GIVE_UP:
                 return f"{failure}; the upstream refused to resume it"
             if not isinstance(outcome, Resume):
                 log.info(
                     "resumed upstream stream %s after sequence_number %s (%s)",
                     self._label,
-                    self.last_sequence,
+                    self._last_sequence,
                     failure,
                 )
                 return attempt, outcome
 
     def _abort(self, failure: str) -> t.NoReturn:
-        self.failure = "aborted: " + failure
+        self._end, self._failure = StreamEnd.ABORTED, failure
         log.warning(
             "upstream stream %s broke after %d events (last sequence_number %s): %s;"
             " aborting the client connection so the client can resume",
             self._label,
-            self.events,
-            self.last_sequence,
+            self._events,
+            self._last_sequence,
             failure,
         )
         raise StreamAborted(f"upstream stream {self._label} broke: {failure}")
-
-
-def _completed_usage(event: bytes) -> tuple[dict[str, int] | None, str | None]:
-    """The token usage and model of a ``response.completed`` event (parsed once per stream)."""
-    try:
-        response = json.loads(_data_of(event) or b"").get("response")
-    except (ValueError, AttributeError):
-        return None, None
-    if not isinstance(response, dict):
-        return None, None
-    model = response.get("model")
-    return usage_of(response), model if isinstance(model, str) else None
-
-
-def _created_id(event: bytes) -> str | None:
-    """The response id carried by a ``response.created`` event."""
-    data = _data_of(event)
-    try:
-        response = json.loads(data or b"").get("response") or {}
-    except (ValueError, AttributeError):
-        return None
-    value = response.get("id") if isinstance(response, dict) else None
-    return value if isinstance(value, str) else None

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import ConfigError, check_api_version, check_base_url
+from .settings import ConfigError, check_api_version, check_base_url
 
 __all__ = ["FileConfig", "KeyEntry", "ModelEntry", "Route", "TeamEntry", "UpstreamEntry", "load_config_file"]
 

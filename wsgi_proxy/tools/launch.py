@@ -49,7 +49,7 @@ def gunicorn_argv(
     if app is not None:
         argv.append(app)
     elif config is None:
-        argv.append("wsgi_proxy.app:create_app()")
+        argv.append("wsgi_proxy:create_app()")
     return argv
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
-from .config import ProxySettings
-from .state import EXTENSION_KEY, ProxyState
-from .views import make_blueprint
+from ..config.settings import ProxySettings
+from ..gateway.core import Gateway
+from .views import EXTENSION_KEY, make_blueprint
 
 __all__ = ["ResponsesProxy"]
 
@@ -23,7 +21,8 @@ class ResponsesProxy:
     Settings come from ``settings`` when given; otherwise from the environment
     (``WSGI_PROXY_*``) overridden by any ``WSGI_PROXY_*`` keys of ``app.config``. They are
     validated here, so a bad configuration fails at start-up with a
-    :class:`~wsgi_proxy.config.ConfigError` naming the setting.
+    :class:`~wsgi_proxy.config.ConfigError` naming the setting. ``app.extensions["wsgi_proxy"]`` is
+    then the app's :class:`~wsgi_proxy.gateway.core.Gateway`.
 
     :param app: the Flask app to mount on now, or ``None`` to call :meth:`init_app` later.
     :param url_prefix: where the API lives, e.g. ``"/v1"`` (OpenAI's base URL then ends in ``/v1``).
@@ -47,6 +46,5 @@ class ResponsesProxy:
             )
         prefix = "/" + self.url_prefix.strip("/") if self.url_prefix.strip("/") else ""
         settings = self.settings or ProxySettings.load(app.config)
-        app.extensions[EXTENSION_KEY] = ProxyState.build(settings)
+        app.extensions[EXTENSION_KEY] = Gateway.build(settings)
         app.register_blueprint(make_blueprint(), url_prefix=prefix or None)
-        logging.getLogger("urllib3").setLevel(logging.WARNING)

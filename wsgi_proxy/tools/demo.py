@@ -17,9 +17,9 @@ import typing as t
 
 import requests
 
+from ..simulator import Simulator, SimulatorConfig
+from ..wire.sse import EventSplitter
 from .launch import ServerProcess, free_port, gunicorn_argv
-from .simulator import Simulator, SimulatorConfig
-from .streaming import EventSplitter
 
 __all__ = ["run_demo"]
 

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .config import ConfigError
+from ..config.settings import ConfigError
 
 __all__ = [
     "FIRST_EVENT_BUCKETS",
@@ -212,8 +212,9 @@ class Metrics:
         self._labels(self._resumes, _upstream(upstream)).inc()
 
     def upstream_error(self, *, upstream: str | None, kind: str) -> None:
-        """Count one upstream failure of ``kind`` (timeout, unavailable, protocol, credentials,
-        stream_interrupted...)."""
+        """Count one upstream failure of ``kind``: the ``code`` of the error the proxy answered with
+        (``upstream_timeout``, ``upstream_unavailable``, ``upstream_protocol_error``,
+        ``upstream_credentials_rejected``), or ``stream_aborted`` for a stream cut after its start."""
         self._labels(self._upstream_errors, _upstream(upstream), kind).inc()
 
     def rate_limited(self, *, limit: str) -> None:

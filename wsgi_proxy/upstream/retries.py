@@ -13,13 +13,14 @@ import logging
 import random
 import time
 import typing as t
+from dataclasses import dataclass
 
 import requests
 
-from .errors import UpstreamError, UpstreamUnavailable
-from .upstream import UpstreamClient
+from ..errors import UpstreamError, UpstreamUnavailable
+from .client import UpstreamClient, UpstreamRequest
 
-__all__ = ["RETRY_STATUSES", "backoff", "retry_after", "send_with_retries"]
+__all__ = ["RETRY_STATUSES", "RetryPolicy", "backoff", "retry_after", "send_with_retries"]
 
 log = logging.getLogger("wsgi_proxy.retries")
 
@@ -54,43 +55,49 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return float(min(cap, base * 2 ** (attempt - 1))) * random.uniform(0.5, 1.0)
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How much retrying a gateway allows: ``attempts`` extra tries, each wait at most ``max_wait`` s."""
+
+    attempts: int = 2
+    max_wait: float = 8.0
+
+
 def send_with_retries(
     upstream: UpstreamClient,
-    method: str,
-    path: str,
+    call: UpstreamRequest,
     *,
-    query: bytes,
-    headers: t.Mapping[str, str],
-    body: bytes | None,
-    stream: bool,
     idempotent: bool,
-    attempts: int,
-    max_wait: float,
-) -> tuple[requests.Response, int]:
-    """Send, retrying where safe; return the answer and how many attempts it took.
+    policy: RetryPolicy,
+    on_attempt: t.Callable[[], None] = lambda: None,
+) -> requests.Response:
+    """Send ``call``, retrying where safe, and return the answer.
 
     :param idempotent: True for calls that may be repeated whatever happened to the first one.
-    :param attempts: extra attempts allowed after the first.
-    :param max_wait: the longest wait before a retry.
+    :param policy: how many extra attempts, and the longest wait before one.
+    :param on_attempt: called before every attempt, so that failed ones are counted too.
     """
     attempt = 1
     while True:
+        on_attempt()
         try:
-            answer = upstream.send(method, path, query=query, headers=headers, body=body, stream=stream)
+            answer = upstream.send(call)
         except UpstreamError as exc:
             safe = exc.never_sent or (idempotent and isinstance(exc, UpstreamUnavailable))
-            if not safe or attempt > attempts:
+            if not safe or attempt > policy.attempts:
                 raise
-            wait = backoff(attempt, _BACKOFF_BASE, max_wait)
-            log.info("retrying %s %s in %.2f s after: %s", method, path, wait, exc.message)
+            wait = backoff(attempt, _BACKOFF_BASE, policy.max_wait)
+            log.info("retrying %s %s in %.2f s after: %s", call.method, call.path, wait, exc.message)
         else:
-            if not idempotent or answer.status_code not in RETRY_STATUSES or attempt > attempts:
-                return answer, attempt
+            if not idempotent or answer.status_code not in RETRY_STATUSES or attempt > policy.attempts:
+                return answer
             asked = retry_after(answer.headers)
-            if asked is not None and asked > max_wait:
-                return answer, attempt  # the client should wait that long itself
-            wait = asked if asked is not None else backoff(attempt, _BACKOFF_BASE, max_wait)
+            if asked is not None and asked > policy.max_wait:
+                return answer  # the client should wait that long itself
+            wait = asked if asked is not None else backoff(attempt, _BACKOFF_BASE, policy.max_wait)
             answer.close()
-            log.info("retrying %s %s in %.2f s after HTTP %d", method, path, wait, answer.status_code)
+            log.info(
+                "retrying %s %s in %.2f s after HTTP %d", call.method, call.path, wait, answer.status_code
+            )
         time.sleep(wait)
         attempt += 1

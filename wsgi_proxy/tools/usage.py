@@ -13,7 +13,7 @@ import io
 import json
 import typing as t
 
-from .store import UsageRow
+from ..store import UsageRow
 
 __all__ = ["COUNTERS", "GROUPS", "check_group_by", "render_csv", "render_json", "render_table"]
 

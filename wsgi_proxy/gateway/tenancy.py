@@ -4,6 +4,8 @@ The one place that talks to the shared :class:`~wsgi_proxy.store.Store` on a req
 the one place its :class:`~wsgi_proxy.store.StoreError` becomes the proxy's own error. Response
 ids stay exactly as the upstream issued them: the store remembers which upstream holds each one and
 which team created it, and another team's response is answered exactly like one that does not exist.
+A gateway without a store of its own has a :class:`~wsgi_proxy.store.NullStore`, so every path
+here is the same in every mode.
 """
 
 from __future__ import annotations
@@ -14,26 +16,16 @@ import time
 import typing as t
 import uuid
 
-from .auth import Identity
-from .errors import ModelNotFound, ProxyError, RateLimited, ResponseNotFound
-from .state import ProxyState
-from .store import ResponseRecord, StoreError
-from .upstream import UpstreamClient
+from ..config.gateway import Identity
+from ..errors import ModelNotFound, RateLimited, ResponseNotFound, StoreUnavailable
+from ..store import ResponseRecord, StoreError
+from ..upstream.client import UpstreamClient
+from ..wire.responses import Summary
+from .state import GatewayState
 
-__all__ = ["StoreUnavailable", "Tenant"]
+__all__ = ["Tenant"]
 
 log = logging.getLogger("wsgi_proxy.tenancy")
-
-#: Stream slots expire on their own after this long, so a crashed worker cannot hold them forever.
-SLOT_TTL = 3600.0
-
-
-class StoreUnavailable(ProxyError):
-    """The shared state store did not answer."""
-
-    status = 503
-    type = "server_error"
-    code = "store_unavailable"
 
 
 @contextlib.contextmanager
@@ -42,16 +34,13 @@ def _store_errors() -> t.Iterator[None]:
         yield
     except StoreError as exc:
         log.error("the state store failed: %s", exc)
-        raise StoreUnavailable(
-            "The gateway's state store is unavailable, so the request cannot be checked or routed."
-            " Try again shortly; if it persists, the operator should check WSGI_PROXY_STORE_URL."
-        ) from None
+        raise StoreUnavailable() from None
 
 
 class Tenant:
     """One caller's view of the gateway: its identity, applied to the shared state."""
 
-    def __init__(self, state: ProxyState, identity: Identity) -> None:
+    def __init__(self, state: GatewayState, identity: Identity) -> None:
         self.state = state
         self.identity = identity
 
@@ -62,12 +51,9 @@ class Tenant:
 
     def charge_request(self) -> None:
         """Count this request against every requests-per-minute limit, or raise :class:`RateLimited`."""
-        store = self.state.store
-        if store is None:
-            return
         for counter, limit in self.identity.rpm:
             with _store_errors():
-                decision = store.hit_rate(f"rpm:{counter}", limit)
+                decision = self.state.store.hit_rate(f"rpm:{counter}", limit)
             if not decision.allowed:
                 raise RateLimited(
                     f"Rate limit reached: {limit} requests per minute for {counter.replace(':', ' ')}."
@@ -77,23 +63,27 @@ class Tenant:
                 )
 
     def open_stream(self) -> t.Callable[[], None]:
-        """Take a concurrent-stream slot under every limit; returns the function that frees them."""
-        store = self.state.store
-        if store is None or not self.identity.max_streams:
-            return lambda: None
+        """Take a concurrent-stream slot under every limit; returns the function that frees them.
+
+        The slots are leases that the process's :class:`~wsgi_proxy.gateway.leases.LeaseKeeper`
+        refreshes until they are freed.
+        """
+        store, leases = self.state.store, self.state.leases
         lease = uuid.uuid4().hex
         taken: list[str] = []
 
         def release() -> None:
-            for counter in taken:
+            for key in taken:
+                leases.drop(key, lease)
                 try:
-                    store.release_slot(f"streams:{counter}", lease)
+                    store.release_slot(key, lease)
                 except StoreError as exc:  # the lease expires by itself
                     log.warning("could not release a stream slot: %s", exc)
 
         for counter, limit in self.identity.max_streams:
+            key = f"streams:{counter}"
             with _store_errors():
-                ok = store.acquire_slot(f"streams:{counter}", limit, lease, SLOT_TTL)
+                ok = store.acquire_slot(key, limit, lease, leases.ttl)
             if not ok:
                 release()
                 raise RateLimited(
@@ -102,19 +92,18 @@ class Tenant:
                     retry_after=1.0,
                     limit="streams",
                 )
-            taken.append(counter)
+            taken.append(key)
+            leases.hold(key, lease)
         return release
 
     def locate(self, response_id: str) -> UpstreamClient:
         """The upstream holding a response this caller may see, or the 404 of an unknown id."""
         state = self.state
-        if state.store is None:
-            return state.upstreams[state.default_upstream]
         with _store_errors():
             record = state.store.get_response(response_id)
         if record is None:
             if state.unknown_ids == "forward":
-                return state.upstreams[state.default_upstream]
+                return state.default_upstream
             raise ResponseNotFound(response_id)
         if record.team != self.identity.team or record.upstream not in state.upstreams:
             raise ResponseNotFound(response_id)
@@ -122,9 +111,6 @@ class Tenant:
 
     def remember(self, response_id: str, upstream: str, *, background: bool) -> None:
         """Record where a new response lives and whose it is (best effort: the answer goes out anyway)."""
-        store = self.state.store
-        if store is None:
-            return
         record = ResponseRecord(
             response_id=response_id,
             upstream=upstream,
@@ -134,29 +120,32 @@ class Tenant:
             background=background,
         )
         try:
-            store.put_response(record, self.state.response_ttl_s)
+            self.state.store.put_response(record, self.state.response_ttl_s)
         except StoreError as exc:
             log.error("could not record response %s in the state store: %s", response_id, exc)
 
-    def record_usage(self, response_id: str, model: str | None, usage: dict[str, int]) -> None:
-        """Count a finished response's tokens once, whichever path saw them first (best effort)."""
-        store = self.state.store
-        if store is None:
+    def record_usage(self, summary: Summary, model: str | None) -> None:
+        """Count a finished response's tokens once, whichever path saw them first (best effort).
+
+        :param summary: the response's id and usage (nothing is counted without both).
+        :param model: the model to count them under when the summary names none.
+        """
+        usage = summary.usage
+        if summary.response_id is None or usage is None:
             return
         try:
-            store.record_usage(
-                response_id,
+            self.state.store.record_usage(
+                summary.response_id,
                 key_name=self.identity.key_name,
                 team=self.identity.team,
-                model=model,
+                model=summary.model or model,
                 input_tokens=usage["input_tokens"],
                 output_tokens=usage["output_tokens"],
                 total_tokens=usage["total_tokens"],
             )
         except (StoreError, ValueError) as exc:
-            log.error("could not record the usage of response %s: %s", response_id, exc)
+            log.error("could not record the usage of response %s: %s", summary.response_id, exc)
 
     def forget(self, response_id: str) -> None:
-        if self.state.store is not None:
-            with contextlib.suppress(StoreError):
-                self.state.store.delete_response(response_id)
+        with contextlib.suppress(StoreError):
+            self.state.store.delete_response(response_id)

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .simulator import SimulatorConfig, serve
+    from ..simulator import SimulatorConfig, serve
 
     config = SimulatorConfig(
         api_key=args.api_key, delay_ms=args.delay_ms, flavor=args.flavor, api_version=args.api_version
@@ -24,8 +24,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .configfile import load_config_file
+    from ..config.file import load_config_file
+    from ..config.settings import ConfigError
 
     try:
         config = load_config_file(args.path)
@@ -51,9 +51,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .store import StoreError, open_store
-    from .store.base import check_day
+    from ..config.settings import ConfigError
+    from ..store import StoreError, open_store
+    from ..store.base import check_day
     from .usage import check_group_by, render_csv, render_json, render_table
 
     try:
@@ -85,9 +85,9 @@ def _usage_store_url(store: str | None, config: str | None, environ: t.Mapping[s
     import tomllib
     from pathlib import Path
 
-    from .config import ConfigError
-    from .configfile import load_config_file
-    from .state import _default_store_url
+    from ..config.file import load_config_file
+    from ..config.gateway import default_store_url
+    from ..config.settings import ConfigError
 
     if store and store.strip():
         return store
@@ -118,7 +118,7 @@ def _usage_store_url(store: str | None, config: str | None, environ: t.Mapping[s
     if not url or not url.strip():
         raise ConfigError(
             f"The configuration file {path!r} sets no store_url, so the gateway keeps its state in"
-            f" {_default_store_url()} on the host it runs on: pass --store with that URL there,"
+            f" {default_store_url()} on the host it runs on: pass --store with that URL there,"
             " or set store_url in the file."
         )
     return url

@@ -7,10 +7,10 @@ import random
 import typing as t
 from dataclasses import dataclass
 
-from .errors import ModelNotFound
+from ..errors import ModelNotFound
 
 if t.TYPE_CHECKING:  # pragma: no cover
-    from .configfile import ModelEntry
+    from ..config.file import ModelEntry
 
 __all__ = ["Router", "Target"]
 

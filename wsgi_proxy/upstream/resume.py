@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import typing as t
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from .errors import UpstreamError
-from .query import replace_param
+from ..errors import UpstreamError
+from ..wire.query import replace_param
+from ..wire.relay import Resume, UpstreamBody
+from ..wire.validation import CreateFields
+from .body import UpstreamStream
+from .client import MAX_ERROR_BODY, UpstreamClient, UpstreamRequest
 from .retries import backoff
-from .streaming import Resume, UpstreamBody
-from .upstream import MAX_ERROR_BODY, UpstreamClient, UpstreamStream
-from .validation import CreateFields
 
-__all__ = ["StreamResumer", "create_resume_query", "resume_query"]
+__all__ = ["ResumePolicy", "StreamResumer", "create_resume_query", "resume_query"]
 
 log = logging.getLogger("wsgi_proxy.resume")
 
@@ -53,46 +55,43 @@ def create_resume_query(fields: CreateFields) -> bytes:
     return urlencode(pairs).encode("ascii")
 
 
+@dataclass(frozen=True, slots=True)
+class ResumePolicy:
+    """How hard a broken stream is resumed: ``attempts`` per break, the first after ``backoff``
+    seconds, doubled per attempt up to ``backoff_max`` (with jitter)."""
+
+    attempts: int = 5
+    backoff: float = 0.25
+    backoff_max: float = 4.0
+
+
 class StreamResumer:
-    """Re-opens one background stream (see :class:`~wsgi_proxy.streaming.Resumer`).
+    """Re-opens one background stream (see :class:`~wsgi_proxy.wire.relay.Resumer`).
 
     :param upstream: the upstream client.
     :param headers: the upstream headers of the original request (credentials included).
     :param query: the query to replay the stream with (without ``starting_after`` for a create).
-    :param max_attempts: attempts per break before the client's connection is aborted.
-    :param backoff_base: the first wait, doubled per attempt up to ``backoff_max`` (with jitter).
+    :param policy: the attempts per break before the client's connection is aborted, and their waits.
     """
 
     def __init__(
-        self,
-        upstream: UpstreamClient,
-        headers: t.Mapping[str, str],
-        query: bytes,
-        *,
-        max_attempts: int,
-        backoff_base: float,
-        backoff_max: float,
+        self, upstream: UpstreamClient, headers: t.Mapping[str, str], query: bytes, policy: ResumePolicy
     ) -> None:
-        self.max_attempts = max_attempts
+        self.max_attempts = policy.attempts
         self._upstream = upstream
         self._headers = dict(headers)
         self._query = query
-        self._base = backoff_base
-        self._max = backoff_max
+        self._policy = policy
 
     def backoff(self, attempt: int) -> float:
-        return backoff(attempt, self._base, self._max)
+        return backoff(attempt, self._policy.backoff, self._policy.backoff_max)
 
     def reopen(self, response_id: str, after: int | None) -> UpstreamBody | Resume:
+        call = UpstreamRequest(
+            "GET", f"/responses/{response_id}", resume_query(self._query, after), self._headers, stream=True
+        )
         try:
-            answer = self._upstream.send(
-                "GET",
-                f"/responses/{response_id}",
-                query=resume_query(self._query, after),
-                headers=self._headers,
-                body=None,
-                stream=True,
-            )
+            answer = self._upstream.send(call)
         except UpstreamError as exc:
             log.info("resuming %s failed: %s", response_id, exc.message)
             return Resume.RETRY
@@ -109,9 +108,7 @@ class StreamResumer:
     def has_ended(self, response_id: str) -> bool:
         headers = {k: v for k, v in self._headers.items() if k.lower() != "accept-encoding"}
         try:
-            answer = self._upstream.send(
-                "GET", f"/responses/{response_id}", query=b"", headers=headers, body=None, stream=False
-            )
+            answer = self._upstream.send(UpstreamRequest("GET", f"/responses/{response_id}", headers=headers))
             status = json.loads(answer.content).get("status") if answer.status_code == 200 else None
         except (UpstreamError, ValueError, AttributeError):
             return False

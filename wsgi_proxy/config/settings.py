@@ -52,8 +52,9 @@ class ProxySettings(BaseSettings):
     With it, the ``WSGI_PROXY_UPSTREAM_*`` and ``WSGI_PROXY_API_KEYS`` variables must be unset."""
 
     store_url: str | None = None
-    """Where shared state lives with a config file: ``sqlite:///path.db`` (one host, the default is
-    a file in the temporary directory) or ``redis://host:6379/0`` (several hosts)."""
+    """Where shared state lives: ``sqlite:///path.db`` (one host) or ``redis://host:6379/0`` (several
+    hosts). With a config file the default is its ``store_url``, else a file in the temporary
+    directory; without one, a store that remembers nothing (no usage, no limits to share)."""
 
     metrics_token: SecretStr | None = None
     """``GET /metrics`` (Prometheus) answers only with ``Authorization: Bearer <token>``; unset: off."""
@@ -128,6 +129,10 @@ class ProxySettings(BaseSettings):
 
     resume_backoff_max: float = Field(default=4.0, ge=0)
     """The longest wait between resume attempts."""
+
+    stream_lease_ttl: float = Field(default=60.0, ge=3)
+    """Seconds a stream's concurrency slot (``max_streams``) is held without a refresh. Open streams
+    refresh theirs every third of it, so the slots of a crashed worker are free again this soon."""
 
     retry_attempts: int = Field(default=2, ge=0)
     """Extra attempts for a request that failed where a retry is safe (see the README)."""

@@ -9,10 +9,11 @@ import typing as t
 
 from flask import Flask, Response, request
 
-from .config import ProxySettings
+from ..config.settings import ProxySettings
+from ..gateway.core import Gateway
+from ..observe.record import ACCESS_LOGGER
 from .extension import ResponsesProxy
-from .observe import ACCESS_LOGGER
-from .state import EXTENSION_KEY, ProxyState
+from .views import EXTENSION_KEY
 
 __all__ = ["create_app"]
 
@@ -67,14 +68,14 @@ def create_app(settings: ProxySettings | None = None, *, url_prefix: str = "/v1"
     _log_requests_as_json_lines()
     ResponsesProxy(app, url_prefix=url_prefix, settings=settings or ProxySettings.load())
 
-    state = t.cast(ProxyState, app.extensions[EXTENSION_KEY])
+    state = t.cast(Gateway, app.extensions[EXTENSION_KEY]).state
 
     def health() -> Response:
         return Response(b'{"status":"ok"}', content_type="application/json")
 
     def ready() -> Response:
         # The configuration was loaded when the app was built; what can fail later is the store.
-        if state.store is not None and not state.store.ping():
+        if not state.store.ping():
             body = b'{"status":"unavailable","store":"unreachable"}'
             return Response(body, status=503, content_type="application/json")
         return Response(b'{"status":"ready"}', content_type="application/json")

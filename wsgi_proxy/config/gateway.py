@@ -1,0 +1,195 @@
+"""The one shape of a gateway's configuration, whichever source it came from.
+
+The ``WSGI_PROXY_UPSTREAM_*`` and ``WSGI_PROXY_API_KEYS`` variables describe a gateway with one
+upstream and one team; a ``WSGI_PROXY_CONFIG`` file describes several of each. Both become the
+same :class:`GatewayConfig` here, so that start-up, routing, tenancy and the store have one path.
+Secrets are resolved here (upstream keys read from the variables the file names, client keys
+reduced to digests) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import tempfile
+import typing as t
+from dataclasses import dataclass, field
+
+from .file import FileConfig, KeyEntry, ModelEntry, load_config_file
+from .settings import ProxySettings
+
+__all__ = [
+    "ANONYMOUS",
+    "ClientKey",
+    "GatewayConfig",
+    "Identity",
+    "UpstreamSpec",
+    "default_store_url",
+    "key_digest",
+]
+
+#: The team of every key given by ``WSGI_PROXY_API_KEYS``.
+DEFAULT_TEAM = "default"
+
+
+def key_digest(value: str) -> bytes:
+    """The SHA-256 digest a client key is kept and compared as."""
+    # Comparing fixed-size digests keeps the comparison's time independent of the key's length.
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+def default_store_url() -> str:
+    """The SQLite file a config-file gateway uses when no store is named: one per host and user."""
+    return "sqlite:///" + os.path.join(tempfile.gettempdir(), f"wsgi-proxy-{os.getuid()}.db")
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One upstream: where it is, how to authenticate to it, and how long to wait for it."""
+
+    name: str
+    url: str
+    kind: str = "openai"
+    api_key: str | None = field(default=None, repr=False)
+    api_version: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    headers: t.Mapping[str, str] = field(default_factory=dict)
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: the key's name and team, the models it may use, and the limits that apply.
+
+    ``models`` holds one tuple of ``fnmatch`` patterns per level (team, key); a model must match
+    every level. ``rpm`` and ``max_streams`` are ``(counter name, limit)`` pairs, all enforced.
+    """
+
+    key_name: str | None
+    team: str | None
+    models: tuple[tuple[str, ...], ...] = ()
+    rpm: tuple[tuple[str, int], ...] = ()
+    max_streams: tuple[tuple[str, int], ...] = ()
+
+    def may_use(self, model: str) -> bool:
+        return all(any(fnmatch.fnmatchcase(model, p) for p in patterns) for patterns in self.models)
+
+
+#: The caller when no client keys are configured (pass-through or deliberate anonymous use).
+ANONYMOUS = Identity(key_name=None, team=None)
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """A client key the gateway accepts, kept only as its digest, and who it makes the caller."""
+
+    digest: bytes = field(repr=False)
+    identity: Identity
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything a gateway is built from: upstreams, client keys, model routes and the store.
+
+    :param upstreams: in configuration order; the first one serves what nothing else decides.
+    :param keys: the accepted client keys; none means every caller is :data:`ANONYMOUS`.
+    :param models: the model table (empty: every model goes to the only upstream).
+    :param store_url: the shared store, or None for a store that remembers nothing.
+    :param unknown_ids: what a response id the store does not know gets: ``forward`` it to the
+        first upstream, or ``reject`` it with the 404 of an unknown id.
+    :param response_ttl_s: how long the store remembers where a response lives.
+    """
+
+    upstreams: tuple[UpstreamSpec, ...]
+    keys: tuple[ClientKey, ...] = ()
+    models: tuple[ModelEntry, ...] = ()
+    store_url: str | None = None
+    unknown_ids: t.Literal["forward", "reject"] = "forward"
+    response_ttl_s: float = 30 * 86400.0
+
+    @classmethod
+    def from_settings(
+        cls, settings: ProxySettings, environ: t.Mapping[str, str] | None = None
+    ) -> GatewayConfig:
+        """The configuration ``settings`` describe: their file's, or that of their variables.
+
+        :raises ~wsgi_proxy.config.ConfigError: if the file is unreadable or invalid.
+        """
+        environ = os.environ if environ is None else environ
+        if settings.config is None:
+            return _from_variables(settings)
+        return _from_file(load_config_file(settings.config, environ), settings, environ)
+
+
+def _from_variables(settings: ProxySettings) -> GatewayConfig:
+    """One upstream named ``default`` and one team of the ``WSGI_PROXY_API_KEYS`` keys."""
+    key = settings.upstream_api_key
+    upstream = UpstreamSpec(
+        name="default",
+        url=settings.upstream_url,
+        kind=settings.upstream_kind,
+        api_key=key.get_secret_value() if key is not None else None,
+        api_version=settings.upstream_api_version,
+        organization=settings.upstream_organization,
+        project=settings.upstream_project,
+        headers=dict(settings.upstream_headers),
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+    )
+    keys = tuple(
+        ClientKey(key_digest(secret.get_secret_value()), Identity(key_name=f"key-{n}", team=DEFAULT_TEAM))
+        for n, secret in enumerate(settings.api_keys, start=1)
+    )
+    # One upstream and one team: an id the store does not know can only be on that upstream.
+    return GatewayConfig(upstreams=(upstream,), keys=keys, store_url=settings.store_url)
+
+
+def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[str, str]) -> GatewayConfig:
+    upstreams = tuple(
+        UpstreamSpec(
+            name=entry.name,
+            url=entry.url,
+            kind=entry.kind,
+            api_key=environ[entry.api_key_env].strip() if entry.api_key_env else None,
+            api_version=entry.api_version,
+            organization=entry.organization,
+            project=entry.project,
+            headers=dict(entry.headers),
+            connect_timeout=entry.connect_timeout,
+            read_timeout=entry.read_timeout,
+        )
+        for entry in config.upstreams
+    )
+    unknown = config.unknown_ids
+    if unknown == "auto":
+        unknown = "forward" if len(upstreams) == 1 else "reject"
+    return GatewayConfig(
+        upstreams=upstreams,
+        keys=tuple(_file_key(key, config, environ) for key in config.keys),
+        models=config.models,
+        store_url=settings.store_url or config.store_url or default_store_url(),
+        unknown_ids=unknown,
+        response_ttl_s=config.response_ttl_days * 86400,
+    )
+
+
+def _file_key(key: KeyEntry, config: FileConfig, environ: t.Mapping[str, str]) -> ClientKey:
+    """A ``[[keys]]`` entry with its team's and its own model lists and limits."""
+    team = config.teams[key.team]
+    digest = (
+        bytes.fromhex(key.sha256) if key.sha256 else key_digest(environ[t.cast(str, key.key_env)].strip())
+    )
+    levels = ((f"team:{key.team}", team), (f"key:{key.name}", key))
+    identity = Identity(
+        key_name=key.name,
+        team=key.team,
+        models=tuple(m for m in (team.models, key.models) if m is not None),
+        rpm=tuple((counter, entry.rpm) for counter, entry in levels if entry.rpm is not None),
+        max_streams=tuple(
+            (counter, entry.max_streams) for counter, entry in levels if entry.max_streams is not None
+        ),
+    )
+    return ClientKey(digest, identity)

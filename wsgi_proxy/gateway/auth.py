@@ -1,0 +1,44 @@
+"""Client authentication: which key (and so which team and limits) a request comes with."""
+
+from __future__ import annotations
+
+import hmac
+import typing as t
+
+from ..config.gateway import ANONYMOUS, ClientKey, Identity, key_digest
+from ..errors import AuthenticationFailed
+
+__all__ = ["Keyring"]
+
+
+class Keyring:
+    """The configured client keys, kept only as SHA-256 digests, and the identity of each."""
+
+    def __init__(self, keys: t.Sequence[ClientKey]) -> None:
+        self._keys = tuple(keys)
+
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
+    def identify(self, authorization: str | None) -> Identity:
+        """The identity of the request's ``Authorization: Bearer`` key, or :class:`AuthenticationFailed`."""
+        if not self._keys:
+            return ANONYMOUS
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send your proxy key as 'Authorization: Bearer <key>'"
+                " (the OpenAI SDK does this with api_key=...)."
+            )
+        given = key_digest(key.strip())
+        found = None
+        for entry in self._keys:  # no early exit: every key is compared
+            if hmac.compare_digest(given, entry.digest):
+                found = entry.identity
+        if found is None:
+            raise AuthenticationFailed(
+                "Incorrect API key provided. Use one of the keys configured in the proxy; ask the"
+                " proxy's operator for one."
+            )
+        return found

@@ -1,0 +1,83 @@
+"""What crosses between the views and the gateway core: a :class:`Call` in, an :class:`Answer` out."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+from dataclasses import dataclass
+
+from ..wire.relay import StreamRelay
+
+__all__ = ["Answer", "Call", "ResumePlan"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePlan:
+    """How a broken stream of a call is re-opened: the retrieve query that replays it, and the
+    response's id when the call already knows it (a retrieve; a create learns it from its events)."""
+
+    query: bytes
+    response_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One client request for an upstream, as the view validated it: what to send, where it may go,
+    and what its answer means to the gateway.
+
+    :param method: the upstream method.
+    :param path: below the upstream's base URL, e.g. ``/responses/resp_1/cancel``.
+    :param query: the client's raw query string, forwarded unchanged.
+    :param headers: the client's headers, as (name, value) pairs.
+    :param body: the client's raw body, or None.
+    :param stream: the answer is expected to be an event stream.
+    :param idempotent: the call may be sent again whatever happened to an earlier try.
+    :param routed: the call goes where its ``model`` is routed (with failover to its next routes).
+    :param model: the model the body names.
+    :param owner_id: a response id the call must be served by the holder of (and only for its team).
+    :param resume: how a broken stream is re-opened, or None when it cannot be (not background).
+    :param creates: a 2xx answer creates a response, to record with its upstream and team.
+    :param background: the response created is a background one.
+    :param counts_usage: a 2xx answer carries the token usage to count.
+    :param forgets: a 2xx answer deleted ``owner_id``, which the store then forgets.
+    """
+
+    method: str
+    path: str
+    query: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes | None = None
+    stream: bool = False
+    idempotent: bool = False
+    routed: bool = False
+    model: str | None = None
+    owner_id: str | None = None
+    resume: ResumePlan | None = None
+    creates: bool = False
+    background: bool = False
+    counts_usage: bool = False
+    forgets: bool = False
+
+    @property
+    def label(self) -> str:
+        """The call as logs name it."""
+        return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What goes back to the client: a status, headers, and a whole body or a relayed stream."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes | StreamRelay
+
+    @property
+    def streams(self) -> bool:
+        return isinstance(self.body, StreamRelay)
+
+    @classmethod
+    def json(cls, payload: t.Any) -> Answer:
+        """An answer the gateway makes itself."""
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return cls(200, [("Content-Type", "application/json")], body)

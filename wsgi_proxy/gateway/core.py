@@ -1,0 +1,283 @@
+"""The gateway core, free of Flask: from a validated :class:`Call` to the :class:`Answer` to relay.
+
+For each call it chooses the targets (the model's routes, or the upstream holding a response the
+caller may see), sends with retries where safe and fails over to the next target before any byte
+is relayed, decides between a whole answer and a relayed stream, records where new responses live
+and what they used, and builds the relay. Everything about one request is told to its
+:class:`~wsgi_proxy.observe.record.RequestRecord`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import typing as t
+from dataclasses import dataclass
+
+import requests
+
+from ..config.settings import ProxySettings
+from ..errors import UpstreamCredentialsRejected, UpstreamError, UpstreamProtocolError
+from ..observe.record import RequestRecord
+from ..upstream.body import UpstreamStream
+from ..upstream.client import MAX_ERROR_BODY, UpstreamClient, UpstreamRequest
+from ..upstream.resume import StreamResumer
+from ..upstream.retries import send_with_retries
+from ..wire.headers import client_response_headers, upstream_request_headers
+from ..wire.relay import StreamRelay, StreamStats
+from ..wire.responses import Summary, summary_of
+from ..wire.validation import with_model
+from .call import Answer, Call
+from .routing import Target
+from .state import GatewayState
+from .tenancy import Tenant
+from .watchdog import NoWatch
+
+__all__ = ["FAILOVER_STATUSES", "Gateway"]
+
+log = logging.getLogger("wsgi_proxy")
+
+#: Answers after which a routed call is tried on its model's next upstream, if it has one.
+FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+_SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """An upstream answer, where it came from, and the request that got it."""
+
+    client: UpstreamClient
+    target: Target
+    request: UpstreamRequest
+    answer: requests.Response
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.answer.status_code < 300
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.ok and self.answer.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+class Gateway:
+    """One mounted gateway: its parts, and what it does with each call.
+
+    :param state: the gateway's upstreams, keys, routes, store and watchdog.
+    """
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    @classmethod
+    def build(cls, settings: ProxySettings, environ: t.Mapping[str, str] | None = None) -> Gateway:
+        return cls(GatewayState.build(settings, environ))
+
+    @property
+    def settings(self) -> ProxySettings:
+        return self.state.settings
+
+    def authenticate(self, authorization: str | None, record: RequestRecord) -> Tenant:
+        """Who is calling (401 otherwise), with this request counted against their rate limits."""
+        identity = self.state.keyring.identify(authorization)
+        record.identified(identity.key_name, identity.team)
+        tenant = Tenant(self.state, identity)
+        tenant.charge_request()
+        return tenant
+
+    def forward(
+        self, call: Call, tenant: Tenant, record: RequestRecord, client: socket.socket | None = None
+    ) -> Answer:
+        """Send ``call`` where it belongs and return the answer to relay.
+
+        :param client: the client's socket, watched while a stream is relayed (None: unwatched).
+        :raises ~wsgi_proxy.errors.ProxyError: for anything the proxy answers itself.
+        """
+        if call.routed:
+            record.asked_for(call.model)
+            tenant.check_model(call.model)
+        targets = self._targets(call, tenant)
+        release = tenant.open_stream() if call.stream else _nothing
+        try:
+            sent = self._send(call, targets, record)
+            if call.stream and sent.is_event_stream:
+                return self._stream(call, sent, tenant, record, release, client)
+        except BaseException:
+            release()
+            raise
+        release()
+        return self._complete(call, sent, tenant, record)
+
+    def list_models(self, call: Call, tenant: Tenant, record: RequestRecord) -> Answer:
+        """``GET /models``: the upstream's list, or with a model table the names this key may use."""
+        router = self.state.router
+        if not router.has_table:
+            return self.forward(call, tenant, record)
+        names = [name for name in router.public_names() if tenant.identity.may_use(name)]
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "wsgi-proxy"} for name in names]
+        return Answer.json({"object": "list", "data": data})
+
+    # --- where a call goes ------------------------------------------------------------------------
+
+    def _targets(self, call: Call, tenant: Tenant) -> list[Target]:
+        """The targets to try in order: the model's routes, narrowed to the holder of ``owner_id``."""
+        state = self.state
+        routes = None
+        if call.routed and (call.model is not None or call.owner_id is None):
+            routes = state.router.route(call.model)
+        if call.owner_id is None:
+            return routes or [Target(state.default_upstream.name)]
+        # A call about a response goes where it lives, and only if the caller may see it.
+        holder = tenant.locate(call.owner_id).name
+        return [next((tg for tg in routes or () if tg.upstream == holder), Target(holder))]
+
+    def _send(self, call: Call, targets: list[Target], record: RequestRecord) -> _Sent:
+        """Send to the first target that answers; before any byte, a failure moves to the next."""
+        state = self.state
+        for number, target in enumerate(targets, start=1):
+            last = number == len(targets)
+            client = state.upstreams[target.upstream]
+            request = self._request(call, client, target, record)
+            try:
+                answer = send_with_retries(
+                    client,
+                    request,
+                    idempotent=call.idempotent,
+                    policy=state.retry_policy,
+                    on_attempt=functools.partial(record.attempt, client.name),
+                )
+            except UpstreamError as exc:
+                if last:
+                    raise
+                log.warning(
+                    "%s failed on upstream %s (%s); trying the next one", call.label, client.name, exc.message
+                )
+                continue
+            if last or answer.status_code not in FAILOVER_STATUSES:
+                record.answered(answer.headers.get("x-request-id"))
+                return _Sent(client, target, request, answer)
+            log.warning(
+                "upstream %s answered %d to %s; trying the next one",
+                client.name,
+                answer.status_code,
+                call.label,
+            )
+            answer.close()
+        raise AssertionError("unreachable: the last target always returns or raises")
+
+    def _request(
+        self, call: Call, client: UpstreamClient, target: Target, record: RequestRecord
+    ) -> UpstreamRequest:
+        headers = upstream_request_headers(
+            call.headers,
+            credentials=client.credentials(call.headers),
+            pass_through=client.pass_through,
+            stream=call.stream,
+        )
+        headers["X-Request-ID"] = record.request_id
+        body = call.body
+        if target.deployment is not None and body is not None:
+            body = with_model(body, target.deployment)
+        return UpstreamRequest(call.method, call.path, call.query, headers, body, call.stream)
+
+    # --- what comes back ----------------------------------------------------------------------------
+
+    def _complete(self, call: Call, sent: _Sent, tenant: Tenant, record: RequestRecord) -> Answer:
+        """A whole answer (success or error), relayed with its status and safe headers."""
+        client, answer = sent.client, sent.answer
+        if call.stream:  # a stream asked for, something else answered: an error body, bounded
+            content = client.read_body(answer, limit=MAX_ERROR_BODY)
+            if sent.ok:
+                content_type = answer.headers.get("Content-Type", "")
+                raise UpstreamProtocolError(
+                    f"The upstream answered a streaming request with {content_type or 'no content type'!r}"
+                    " instead of an event stream, so there are no events to relay. Check that the upstream"
+                    " supports streaming for this request."
+                )
+        else:
+            content = answer.content
+        _check_credentials(client, answer)
+        if sent.ok:
+            self._account(call, sent, tenant, record, content)
+        headers = client_response_headers(answer.headers.items())
+        if "Content-Type" not in answer.headers:
+            headers.append(("Content-Type", "application/json"))
+        return Answer(answer.status_code, headers, content)
+
+    def _account(
+        self, call: Call, sent: _Sent, tenant: Tenant, record: RequestRecord, content: bytes
+    ) -> None:
+        """Record what a successful whole answer means: a new response, its usage, a deletion."""
+        if call.counts_usage:
+            summary = summary_of(content)
+            record.used(summary.usage)
+            if call.creates and summary.response_id is not None:
+                tenant.remember(summary.response_id, sent.target.upstream, background=call.background)
+            tenant.record_usage(summary, record.model)
+        if call.forgets and call.owner_id is not None:
+            tenant.forget(call.owner_id)
+
+    def _stream(
+        self,
+        call: Call,
+        sent: _Sent,
+        tenant: Tenant,
+        record: RequestRecord,
+        release: t.Callable[[], None],
+        client: socket.socket | None,
+    ) -> Answer:
+        """The relay of an event stream, wired to the record, the store, the metrics and the watchdog."""
+        state, settings = self.state, self.state.settings
+        resume = call.resume
+        resumer = None
+        if resume is not None and settings.resume_attempts:
+            resumer = StreamResumer(sent.client, sent.request.headers, resume.query, state.resume_policy)
+
+        def finished(stats: StreamStats) -> None:
+            release()
+            tenant.record_usage(Summary(stats.response_id, stats.model, stats.usage), record.model)
+            record.stream_ended(stats)
+
+        def remember(response_id: str) -> None:
+            tenant.remember(response_id, sent.target.upstream, background=call.background)
+
+        metrics = state.metrics
+        body = UpstreamStream(sent.answer)
+        watch = state.watchdog.watch(client, body.shutdown) if settings.watch_disconnects else None
+        record.stream_started()
+        relay = StreamRelay(
+            body,
+            label=call.label,
+            control=watch or NoWatch(),
+            resumer=resumer,
+            response_id=resume.response_id if resume is not None else None,
+            keepalive_interval=settings.keepalive_interval,
+            max_event_bytes=settings.max_event_bytes,
+            on_response_id=remember if call.creates else None,
+            on_close=finished,
+            on_forward=lambda events, nbytes: metrics.events_forwarded(events=events, nbytes=nbytes),
+        )
+        upstream_headers = sent.answer.headers
+        headers = [
+            h for h in client_response_headers(upstream_headers.items()) if h[0].lower() != "content-type"
+        ]
+        headers += _SSE_HEADERS
+        headers.append(("Content-Type", upstream_headers["Content-Type"]))
+        return Answer(sent.answer.status_code, headers, relay)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _check_credentials(client: UpstreamClient, answer: requests.Response) -> None:
+    """The upstream rejecting the gateway's own key is the operator's problem: a 502, and the body
+    (which echoes a masked fragment of the key) never reaches the client."""
+    if answer.status_code == 401 and not client.pass_through:
+        log.warning("upstream %s rejected the gateway's credentials (HTTP 401); check its key", client.name)
+        raise UpstreamCredentialsRejected(
+            "The upstream rejected this gateway's own credentials. This is not a problem with your"
+            " request: the proxy's operator must check the gateway's upstream key."
+        )

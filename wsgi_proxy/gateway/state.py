@@ -1,0 +1,85 @@
+"""The parts of one mounted gateway, built once from its configuration."""
+
+from __future__ import annotations
+
+import typing as t
+from dataclasses import dataclass, field
+
+from ..config.gateway import GatewayConfig
+from ..config.settings import ConfigError, ProxySettings
+from ..observe.metrics import Metrics
+from ..store import NullStore, Store, StoreError, open_store
+from ..upstream.client import UpstreamClient
+from ..upstream.resume import ResumePolicy
+from ..upstream.retries import RetryPolicy
+from .auth import Keyring
+from .leases import LeaseKeeper
+from .routing import Router
+from .watchdog import DisconnectWatchdog
+
+__all__ = ["GatewayState"]
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    """Everything the gateway core needs: settings, upstreams, keys, routes, the store, the watchdog.
+
+    ``unknown_ids`` says what happens to a response id the store does not know: ``forward`` it to
+    the first upstream, or ``reject`` it with a 404.
+    """
+
+    settings: ProxySettings
+    upstreams: dict[str, UpstreamClient]
+    keyring: Keyring
+    router: Router
+    store: Store
+    leases: LeaseKeeper
+    watchdog: DisconnectWatchdog
+    metrics: Metrics = field(default_factory=Metrics)
+    unknown_ids: t.Literal["forward", "reject"] = "forward"
+    response_ttl_s: float = 30 * 86400.0
+
+    @property
+    def default_upstream(self) -> UpstreamClient:
+        """The first upstream of the configuration."""
+        return next(iter(self.upstreams.values()))
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.settings.retry_attempts, max_wait=self.settings.retry_max_wait)
+
+    @property
+    def resume_policy(self) -> ResumePolicy:
+        settings = self.settings
+        return ResumePolicy(settings.resume_attempts, settings.resume_backoff, settings.resume_backoff_max)
+
+    @classmethod
+    def build(cls, settings: ProxySettings, environ: t.Mapping[str, str] | None = None) -> GatewayState:
+        """Build every part from ``settings``; :class:`ConfigError` names what is wrong."""
+        config = GatewayConfig.from_settings(settings, environ)
+        ca = str(settings.upstream_ca_bundle) if settings.upstream_ca_bundle else None
+        upstreams = {
+            spec.name: UpstreamClient(spec, pool_size=settings.pool_size, ca_bundle=ca)
+            for spec in config.upstreams
+        }
+        store = _open(config.store_url)
+        return cls(
+            settings=settings,
+            upstreams=upstreams,
+            keyring=Keyring(config.keys),
+            router=Router(config.models, list(upstreams)),
+            store=store,
+            leases=LeaseKeeper(store, settings.stream_lease_ttl),
+            watchdog=DisconnectWatchdog(send_timeout=settings.send_timeout),
+            unknown_ids=config.unknown_ids,
+            response_ttl_s=config.response_ttl_s,
+        )
+
+
+def _open(url: str | None) -> Store:
+    if url is None:
+        return NullStore()
+    try:
+        return open_store(url)
+    except StoreError as exc:
+        raise ConfigError(f"{exc} (WSGI_PROXY_STORE_URL)") from None

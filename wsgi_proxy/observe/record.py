@@ -1,0 +1,191 @@
+"""One record per request, reported once when the request ends: one JSON log line, and the metrics.
+
+A :class:`RequestRecord` is opened for every request of the proxy's Blueprint and told what
+happens as the request goes, through one method per fact (who called, which model, each attempt
+upstream, the answer, the relay's statistics, the error). It is closed when the answer is
+complete: at once for JSON answers, when the relay ends for streams. Nothing in it is a secret:
+keys appear by name only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import typing as t
+
+from ..errors import ProxyError, RateLimited, UpstreamError
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from ..wire.relay import StreamStats
+    from .metrics import Metrics
+
+__all__ = ["ACCESS_LOGGER", "RequestRecord", "request_id_from"]
+
+#: The logger of the per-request JSON lines.
+ACCESS_LOGGER = "wsgi_proxy.access"
+log = logging.getLogger(ACCESS_LOGGER)
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/+=-]{1,128}")
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's ``X-Request-ID`` when it is a safe token, else a new one."""
+    if header and _REQUEST_ID.fullmatch(header):
+        return header
+    return "req_" + os.urandom(16).hex()
+
+
+class RequestRecord:
+    """One request, as the proxy saw it.
+
+    :param request_id: the id the answer and the upstream request carry.
+    :param method: the client's HTTP method.
+    :param route: the route's name (one of a small fixed set: it is a metric label).
+    :param metrics: where the request is counted when it ends; None counts nothing.
+    """
+
+    def __init__(self, request_id: str, method: str, route: str, *, metrics: Metrics | None = None) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.route = route
+        self.started = time.monotonic()
+        self.key: str | None = None
+        self.team: str | None = None
+        self.model: str | None = None
+        self.upstream: str | None = None
+        self.upstream_request_id: str | None = None
+        self.status: int | None = None
+        self.attempts = 0
+        self.usage: dict[str, int] | None = None
+        self.error: str | None = None
+        self.stream: StreamStats | None = None
+        self.streaming = False
+        self._metrics = metrics
+        self._error_metric: tuple[str, str] | None = None
+        self._finished = False
+
+    # --- what happened, in the order it happens ----------------------------------------------
+
+    def renamed(self, route: str) -> None:
+        """The route turned out to be a more specific one (a retrieve, a delete, a cancel)."""
+        self.route = route
+
+    def identified(self, key: str | None, team: str | None) -> None:
+        self.key, self.team = key, team
+
+    def asked_for(self, model: str | None) -> None:
+        self.model = model
+
+    def attempt(self, upstream: str) -> None:
+        """One more try upstream is about to be made (counted whatever its outcome)."""
+        self.attempts += 1
+        self.upstream = upstream
+
+    def answered(self, upstream_request_id: str | None) -> None:
+        self.upstream_request_id = upstream_request_id
+
+    def used(self, usage: dict[str, int] | None) -> None:
+        """The token usage of a JSON answer."""
+        self.usage = usage
+
+    def failed(self, error: ProxyError) -> None:
+        """The proxy answers with ``error``."""
+        self.error = error.code or error.type
+        if isinstance(error, UpstreamError):
+            self._error_metric = ("upstream", error.code or "upstream_error")
+        elif isinstance(error, RateLimited):
+            self._error_metric = ("rate_limited", error.limit)
+
+    def stream_started(self) -> None:
+        """The answer is a relayed stream: the record closes when :meth:`stream_ended` is called."""
+        self.streaming = True
+        if self._metrics is not None:
+            self._metrics.stream_opened()
+
+    def stream_ended(self, stats: StreamStats) -> None:
+        """The relay ended, with ``stats``: the record closes."""
+        self.stream = stats
+        if stats.usage is not None:
+            self.usage = stats.usage
+        if stats.error is not None:
+            self.error = stats.error
+        if self._metrics is not None:
+            self._metrics.stream_closed()
+            if stats.failure is not None:
+                self._error_metric = ("upstream", "stream_aborted")
+        self.finish()
+
+    def sent(self, status: int) -> None:
+        """The status line went out; a JSON answer's record closes here."""
+        self.status = status
+        if not self.streaming:
+            self.finish()
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    @property
+    def first_event_s(self) -> float | None:
+        if self.stream is None or self.stream.first_event_at is None:
+            return None
+        return self.stream.first_event_at - self.started
+
+    def line(self, now: float) -> dict[str, t.Any]:
+        """The request's log line as a JSON object."""
+        line: dict[str, t.Any] = {
+            "ts": round(time.time(), 3),
+            "pid": os.getpid(),
+            "request_id": self.request_id,
+            "upstream_request_id": self.upstream_request_id,
+            "method": self.method,
+            "route": self.route,
+            "status": self.status,
+            "key": self.key,
+            "team": self.team,
+            "model": self.model,
+            "upstream": self.upstream,
+            "duration_ms": round((now - self.started) * 1000, 2),
+            "attempts": self.attempts,
+        }
+        if self.stream is not None:
+            first = self.first_event_s
+            line |= {
+                "ttfe_ms": None if first is None else round(first * 1000, 2),
+                "events": self.stream.events,
+                "bytes": self.stream.bytes,
+                "resumes": self.stream.resumes,
+            }
+        if self.usage is not None:
+            line["usage"] = self.usage
+        if self.error is not None:
+            line["error"] = self.error
+        return line
+
+    def finish(self) -> None:
+        """Emit the request's JSON line and count it (once)."""
+        if self._finished:
+            return
+        self._finished = True
+        now = time.monotonic()
+        log.info(json.dumps(self.line(now), separators=(",", ":")))
+        if self._metrics is not None:
+            self._report(self._metrics, now - self.started)
+
+    def _report(self, metrics: Metrics, seconds: float) -> None:
+        upstream = self.upstream
+        metrics.request_finished(
+            route=self.route, method=self.method, status=self.status or 0, upstream=upstream, seconds=seconds
+        )
+        first = self.first_event_s
+        if first is not None:
+            metrics.first_event(route=self.route, upstream=upstream, seconds=first)
+        for _ in range(self.stream.resumes if self.stream is not None else 0):
+            metrics.resumed(upstream=upstream)
+        if self._error_metric is not None:
+            family, label = self._error_metric
+            if family == "upstream":
+                metrics.upstream_error(upstream=upstream, kind=label)
+            else:
+                metrics.rate_limited(limit=label)

@@ -1,0 +1,69 @@
+"""The store of a gateway that shares nothing: it remembers no response, counts no usage.
+
+A gateway configured by its variables alone (one upstream, one team) and no
+``WSGI_PROXY_STORE_URL`` uses it, so that the tenancy code asks a store in every mode and never
+checks whether it has one. Limits never reach it: such a gateway has none.
+"""
+
+from __future__ import annotations
+
+from .base import USAGE_TTL_S, RateDecision, ResponseRecord, Store, UsageRow
+
+__all__ = ["NullStore"]
+
+
+class NullStore(Store):
+    """Forgets everything at once; every request and slot is allowed."""
+
+    def put_response(self, record: ResponseRecord, ttl_s: float) -> None:
+        pass
+
+    def get_response(self, response_id: str) -> ResponseRecord | None:
+        return None
+
+    def delete_response(self, response_id: str) -> None:
+        pass
+
+    def hit_rate(
+        self, key: str, limit: int, window_s: float = 60.0, now: float | None = None
+    ) -> RateDecision:
+        return RateDecision(allowed=True, retry_after=0.0, remaining=limit)
+
+    def acquire_slot(self, key: str, limit: int, lease: str, ttl_s: float, now: float | None = None) -> bool:
+        return True
+
+    def refresh_slot(self, key: str, lease: str, ttl_s: float, now: float | None = None) -> None:
+        pass
+
+    def release_slot(self, key: str, lease: str) -> None:
+        pass
+
+    def record_usage(
+        self,
+        response_id: str,
+        *,
+        key_name: str | None,
+        team: str | None,
+        model: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        total_tokens: int,
+        at: float | None = None,
+        ttl_s: float = USAGE_TTL_S,
+    ) -> bool:
+        return False
+
+    def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
+        return []
+
+    def purge_expired(self, now: float | None = None) -> int:
+        return 0
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "NullStore()"

@@ -1,0 +1,214 @@
+"""The upstream client: one ``requests`` session per upstream and worker process, and the one value
+(:class:`UpstreamRequest`) that describes each call to it.
+
+Calls go straight to a lean transport adapter (see :class:`_LeanAdapter`, which overrides parts of
+``requests.adapters.HTTPAdapter``; ``pyproject.toml`` bounds the versions it was checked against).
+Every transport failure is translated in ``translate.py``.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import logging
+import os
+import threading
+import typing as t
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..config.gateway import UpstreamSpec
+from ..wire.query import replace_param
+from .translate import translate_errors
+
+__all__ = ["MAX_ERROR_BODY", "UpstreamClient", "UpstreamRequest"]
+
+log = logging.getLogger("wsgi_proxy.upstream")
+
+#: The client credentials a pass-through upstream gets, by lowercase name, in their canonical spelling.
+_CLIENT_CREDENTIALS = {"authorization": "Authorization", "api-key": "api-key"}
+
+#: The most of an upstream error body the proxy reads and relays.
+MAX_ERROR_BODY = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """One request to an upstream: ``path`` is below its base URL, ``query`` goes as the client sent it,
+    ``headers`` are final (credentials included). A streaming request's answer is left unread."""
+
+    method: str
+    path: str
+    query: bytes = b""
+    headers: t.Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    stream: bool = False
+
+
+def _gateway_headers(spec: UpstreamSpec) -> dict[str, str]:
+    if spec.api_key is None:
+        return {}
+    headers = (
+        {"api-key": spec.api_key} if spec.kind == "azure" else {"Authorization": "Bearer " + spec.api_key}
+    )
+    if spec.organization:
+        headers["OpenAI-Organization"] = spec.organization
+    if spec.project:
+        headers["OpenAI-Project"] = spec.project
+    return headers
+
+
+def _prepare(method: str, url: str, headers: dict[str, str], body: bytes | None) -> requests.PreparedRequest:
+    """A request ready for the adapter, its URL exactly as given (``prepare`` would re-quote the
+    client's query), its headers checked by requests for injected line breaks."""
+    prepared = requests.PreparedRequest()
+    prepared.method = method
+    prepared.url = url
+    prepared.prepare_headers(headers)
+    prepared.body = body
+    prepared.prepare_content_length(body)
+    return prepared
+
+
+class _LeanAdapter(HTTPAdapter):
+    """requests' transport adapter for one upstream, without the per-call work the proxy never needs.
+
+    - The connection pool is looked up once per scheme, host and port, not by re-parsing the URL and
+      re-checking the CA bundle on every call (the proxy has no per-request proxies or client certs).
+    - Responses skip cookie extraction: the proxy refuses upstream cookies (see ``_RefuseCookies``).
+    """
+
+    def __init__(self, **kwargs: t.Any) -> None:
+        super().__init__(**kwargs)
+        self._pools: dict[tuple[str, bool | str], t.Any] = {}  # each with its TLS settings applied
+
+    def get_connection_with_tls_context(
+        self, request: requests.PreparedRequest, verify: t.Any, proxies: t.Any = None, cert: t.Any = None
+    ) -> t.Any:
+        if proxies or cert:  # not the proxy's own path: requests decides
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        scheme, _, rest = str(request.url).partition("://")
+        key = (scheme + "://" + rest.split("/", 1)[0].split("?", 1)[0], verify)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = super().get_connection_with_tls_context(request, verify)
+            super().cert_verify(pool, str(request.url), verify, None)  # type: ignore[no-untyped-call]
+            self._pools[key] = pool
+        return pool
+
+    def cert_verify(self, conn: t.Any, url: str, verify: t.Any, cert: t.Any) -> None:
+        if cert or not any(conn is pool for pool in self._pools.values()):
+            super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self._pools.clear()
+        super().close()
+
+    def build_response(self, req: requests.PreparedRequest, resp: t.Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = requests.structures.CaseInsensitiveDict(resp.headers)
+        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = str(req.url)
+        response.request = req
+        response.connection = self
+        return response
+
+
+class _RefuseCookies(http.cookiejar.DefaultCookiePolicy):
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: t.Any) -> bool:
+        return False
+
+
+class UpstreamClient:
+    """Sends requests to one upstream with one connection pool per worker process.
+
+    The session is created lazily in each process (after gunicorn forks), ignores the environment
+    (``trust_env=False``: no proxy variables, no ``.netrc``, no CA override behind the operator's
+    back), refuses cookies so nothing leaks between clients, and is never mutated per request.
+
+    :param spec: the upstream.
+    :param pool_size: connections kept per worker process.
+    :param ca_bundle: a CA bundle for the upstream's certificate (the system store when None).
+    """
+
+    def __init__(self, spec: UpstreamSpec, *, pool_size: int = 1000, ca_bundle: str | None = None) -> None:
+        self.name = spec.name
+        self.base_url = spec.url
+        version = spec.api_version
+        self._api_version = quote(version, safe="").encode("ascii") if version is not None else None
+        self._extra_headers = dict(spec.headers)
+        self.timeout = (spec.connect_timeout, spec.read_timeout)
+        self.pass_through = spec.api_key is None
+        self._gateway_headers = _gateway_headers(spec)
+        self._pool_size = pool_size
+        self._verify: bool | str = ca_bundle or True
+        self._lock = threading.Lock()
+        self._session: requests.Session | None = None
+        self._pid = 0
+
+    def credentials(self, client_headers: t.Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Headers that authenticate a request here: the gateway's key, or the client's own."""
+        if not self.pass_through:
+            return dict(self._gateway_headers)
+        own = {}
+        for name, value in client_headers:
+            canonical = _CLIENT_CREDENTIALS.get(name.lower())
+            if canonical is not None and canonical not in own:
+                own[canonical] = value
+        return own
+
+    def _make_session(self) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = self._verify
+        session.cookies.set_policy(_RefuseCookies())
+        # No automatic retries: a create must never reach the upstream twice behind the client's back.
+        adapter = _LeanAdapter(pool_connections=4, pool_maxsize=self._pool_size, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    @property
+    def session(self) -> requests.Session:
+        pid = os.getpid()
+        if self._session is None or self._pid != pid:
+            with self._lock:
+                if self._session is None or self._pid != pid:
+                    self._session = self._make_session()
+                    self._pid = pid
+        return self._session
+
+    def send(self, call: UpstreamRequest) -> requests.Response:
+        """Send one request and return the answer (read whole unless ``call.stream``)."""
+        url = self.base_url + call.path
+        query = call.query
+        if self._api_version is not None:
+            # Azure's legacy API wants the version on every call; the operator's choice wins.
+            query = replace_param(query, "api-version", self._api_version, first=True)
+        if query:
+            url += "?" + query.decode("latin-1")
+        adapter = self.session.get_adapter(url)
+        with translate_errors(self.base_url):
+            prepared = _prepare(call.method, url, self._extra_headers | dict(call.headers), call.body)
+            # Straight to the transport adapter: Session.send would only add cookie handling (refused
+            # here), hooks and redirects (never followed), at ~0.1 ms of CPU per call.
+            answer = adapter.send(prepared, stream=True, timeout=self.timeout, verify=self._verify)
+            if not call.stream:
+                answer.content  # noqa: B018  # read inside translate_errors: a cut body is a 502 too
+            return answer
+
+    def read_body(self, response: requests.Response, limit: int | None = None) -> bytes:
+        """The whole (decoded) body of a non-streaming response, or at most ``limit`` bytes of it."""
+        with translate_errors(self.base_url):
+            try:
+                if limit is None:
+                    return response.content
+                return response.raw.read(limit, decode_content=True) or b""
+            finally:
+                if limit is not None:
+                    response.close()

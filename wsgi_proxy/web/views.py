@@ -1,0 +1,254 @@
+"""The proxy's Blueprint: thin views that read and validate a request, authenticate it, describe it
+as one :class:`~wsgi_proxy.gateway.call.Call` for the gateway core, and wrap its answer.
+
+Every route accepts every method and dispatches itself, so a wrong method or an unknown path under
+the proxy's prefix gets an OpenAI-shaped error instead of the host app's HTML error page.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+
+from flask import Blueprint, Response, current_app, g, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
+
+from ..errors import InvalidRequest, MethodNotAllowed, ProxyError, RequestTooLarge, RouteNotFound, error_body
+from ..gateway.call import Answer, Call, ResumePlan
+from ..gateway.core import Gateway
+from ..gateway.tenancy import Tenant
+from ..observe.record import RequestRecord, request_id_from
+from ..upstream.resume import create_resume_query
+from ..wire.validation import parse_create_body, parse_response_path, parse_retrieve_query
+
+__all__ = ["ATTEMPTS_HEADER", "EXTENSION_KEY", "make_blueprint"]
+
+log = logging.getLogger("wsgi_proxy")
+
+#: The key of the proxy's :class:`~wsgi_proxy.gateway.core.Gateway` in ``app.extensions``.
+EXTENSION_KEY = "wsgi_proxy"
+#: How many times the proxy sent the request upstream (retries where safe, failover), on every answer.
+ATTEMPTS_HEADER = "X-Upstream-Attempts"
+
+_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH"]
+
+
+def _gateway() -> Gateway:
+    return t.cast(Gateway, current_app.extensions[EXTENSION_KEY])
+
+
+def _record() -> RequestRecord:
+    return t.cast(RequestRecord, g.wsgi_proxy_record)
+
+
+def _require(*allowed: str) -> None:
+    method = "GET" if request.method == "HEAD" else request.method
+    if method not in allowed:
+        raise MethodNotAllowed(
+            f"{request.method} is not supported on {request.path}; use {' or '.join(allowed)}.",
+            allowed=allowed,
+        )
+
+
+def _tenant() -> Tenant:
+    return _gateway().authenticate(request.headers.get("Authorization"), _record())
+
+
+def _read_body() -> bytes:
+    limit = _gateway().settings.max_request_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+    # Ask for no more than the declared length: the stream's read allocates a buffer of the size asked.
+    body = request.stream.read(limit + 1 if length is None else length)
+    if len(body) > limit:
+        raise RequestTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+    return body
+
+
+def _call(method: str, path: str, **fields: t.Any) -> Call:
+    """The call for this request: its raw query and headers, and what the view decided."""
+    return Call(method, path, request.query_string, tuple(request.headers.items()), **fields)
+
+
+def _response(answer: Answer) -> Response:
+    return Response(
+        answer.body, status=answer.status, headers=answer.headers, direct_passthrough=answer.streams
+    )
+
+
+def _forward(call: Call, tenant: Tenant) -> Response:
+    environ = request.environ
+    client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    return _response(_gateway().forward(call, tenant, _record(), client))
+
+
+# --- views -------------------------------------------------------------------------------------
+
+
+def create() -> Response:
+    _require("POST")
+    tenant = _tenant()
+    body = _read_body()
+    fields = parse_create_body(body)
+    stream, background = fields.stream is True, fields.background is True
+    call = _call(
+        "POST",
+        "/responses",
+        body=body,
+        stream=stream,
+        routed=True,
+        model=fields.model,
+        owner_id=fields.previous_response_id,
+        # A background stream can be resumed; nothing else can (OpenAI's rule).
+        resume=ResumePlan(create_resume_query(fields)) if stream and background else None,
+        creates=True,
+        background=background,
+        counts_usage=True,
+    )
+    return _forward(call, tenant)
+
+
+def json_post(endpoint: str) -> Response:
+    """``POST /responses/input_tokens`` and ``POST /responses/compact``: a JSON object in, JSON out."""
+    _require("POST")
+    tenant = _tenant()
+    body = _read_body()
+    fields = parse_create_body(body)
+    call = _call(
+        "POST",
+        f"/responses/{endpoint}",
+        body=body,
+        routed=True,
+        model=fields.model,
+        owner_id=fields.previous_response_id,
+    )
+    return _forward(call, tenant)
+
+
+def response_item(subpath: str) -> Response:
+    tenant = _tenant()  # before validation: an unauthenticated client learns nothing more
+    target = parse_response_path(subpath)
+    rid, path = target.response_id, f"/responses/{target.response_id}"
+    if target.action == "cancel":
+        _record().renamed("cancel")
+        _require("POST")
+        # Cancelling is idempotent: "subsequent calls simply return the final Response object".
+        call = _call("POST", f"{path}/cancel", body=_read_body(), idempotent=True, owner_id=rid)
+    elif target.action == "input_items":
+        _record().renamed("input_items")
+        _require("GET")
+        call = _call("GET", f"{path}/input_items", idempotent=True, owner_id=rid)
+    elif request.method == "DELETE":
+        _record().renamed("delete")
+        call = _call("DELETE", path, idempotent=True, owner_id=rid, forgets=True)
+    else:
+        _record().renamed("retrieve")
+        _require("GET", "DELETE")
+        stream = parse_retrieve_query(request.query_string).stream
+        call = _call(
+            "GET",
+            path,
+            stream=stream,
+            idempotent=True,
+            owner_id=rid,
+            resume=ResumePlan(request.query_string, rid) if stream else None,
+            # A background response polled to its end carries its usage: count it (once) here too.
+            counts_usage=True,
+        )
+    return _forward(call, tenant)
+
+
+def models() -> Response:
+    _require("GET")
+    tenant = _tenant()
+    return _response(_gateway().list_models(_call("GET", "/models", idempotent=True), tenant, _record()))
+
+
+def not_found(rest: str = "") -> Response:
+    raise RouteNotFound(
+        f"Unknown endpoint {request.method} {request.path}. The proxy serves /responses, /responses/{{id}}"
+        " (with /cancel and /input_items), /responses/input_tokens, /responses/compact and /models."
+    )
+
+
+# --- the record of each request, and errors (scoped to the blueprint: the host's stay its own) ---
+
+
+def _open_record() -> None:
+    route = (request.endpoint or "").rpartition(".")[2] or "unknown"
+    g.wsgi_proxy_record = RequestRecord(
+        request_id_from(request.headers.get("X-Request-ID")),
+        request.method,
+        route,
+        metrics=_gateway().state.metrics,
+    )
+
+
+def _close_record(response: Response) -> Response:
+    record = _record()
+    response.headers["X-Request-ID"] = record.request_id
+    response.headers[ATTEMPTS_HEADER] = str(record.attempts)
+    if record.upstream_request_id:
+        response.headers["X-Upstream-Request-ID"] = record.upstream_request_id
+    record.sent(response.status_code)  # a stream's record closes when its relay ends
+    return response
+
+
+def _proxy_error(exc: ProxyError) -> Response:
+    _record().failed(exc)
+    return Response(exc.body(), status=exc.status, headers=exc.headers(), content_type="application/json")
+
+
+def _http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    if code == 413:
+        return _proxy_error(RequestTooLarge("The request body is larger than the server accepts."))
+    if code < 500:
+        return _proxy_error(InvalidRequest(f"The request could not be read: {exc.description}", param=None))
+    return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.error("unexpected error in the proxy (%s)", type(exc).__name__, exc_info=exc)
+    body = error_body(
+        "The proxy failed unexpectedly while handling this request. Try again; if it persists,"
+        " report it to the proxy's operator.",
+        "server_error",
+    )
+    return Response(body, status=500, content_type="application/json")
+
+
+class _AnyPathConverter(PathConverter):
+    """Like ``path`` but also matching control characters, so that a percent-encoded CR/LF in an id
+    reaches validation (and a 400 naming ``response_id``) instead of the host app's 404 page."""
+
+    regex = "[^/](?s:.)*?"
+
+
+def _add_converter(setup: BlueprintSetupState) -> None:
+    setup.app.url_map.converters.setdefault("wsgi_proxy_path", _AnyPathConverter)
+
+
+def make_blueprint() -> Blueprint:
+    """A fresh Blueprint with every proxy route (one per mounted proxy)."""
+    bp = Blueprint("wsgi_proxy", __name__)
+    bp.record_once(_add_converter)  # first, so the converter exists before the rules below are added
+    bp.add_url_rule("/responses", "create", create, methods=_METHODS)
+    for endpoint in ("input_tokens", "compact"):
+        bp.add_url_rule(
+            f"/responses/{endpoint}", endpoint, json_post, methods=_METHODS, defaults={"endpoint": endpoint}
+        )
+    bp.add_url_rule("/responses/<wsgi_proxy_path:subpath>", "response", response_item, methods=_METHODS)
+    bp.add_url_rule("/models", "models", models, methods=_METHODS)
+    bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
+    bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
+    bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=_METHODS)
+    bp.before_request(_open_record)
+    bp.after_request(_close_record)
+    bp.register_error_handler(ProxyError, _proxy_error)
+    bp.register_error_handler(HTTPException, _http_error)
+    bp.register_error_handler(Exception, _unexpected)
+    return bp

@@ -1,0 +1,78 @@
+"""What the proxy reads of Response objects, as pure functions: their id, model and token usage.
+
+From a JSON answer (:func:`summary_of`) or from the ``response.created`` and ``response.completed``
+events of a stream (:func:`created_id`, :func:`completed_summary`). Each reads a copy and never
+raises: a payload of another shape simply yields nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+from dataclasses import dataclass
+
+from .sse import data_of
+from .validation import RESPONSE_ID
+
+__all__ = ["Summary", "completed_summary", "created_id", "summary_of", "usage_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A finished response's id (when it is a safe one), model and token usage, each when present."""
+
+    response_id: str | None = None
+    model: str | None = None
+    usage: dict[str, int] | None = None
+
+
+_EMPTY = Summary()
+
+
+def usage_of(payload: t.Mapping[str, t.Any]) -> dict[str, int] | None:
+    """Token counts from a Response object's ``usage`` (input, output, total), if it has them."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    counts = {k: usage.get(k) for k in ("input_tokens", "output_tokens", "total_tokens")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
+        return None
+    return t.cast(dict[str, int], counts)
+
+
+def _summary(response: object) -> Summary:
+    if not isinstance(response, dict):
+        return _EMPTY
+    value, model = response.get("id"), response.get("model")
+    return Summary(
+        response_id=value if isinstance(value, str) and RESPONSE_ID.fullmatch(value) else None,
+        model=model if isinstance(model, str) else None,
+        usage=usage_of(response),
+    )
+
+
+def _load(data: bytes | None) -> object:
+    try:
+        return json.loads(data or b"")
+    except (ValueError, RecursionError):
+        return None
+
+
+def summary_of(content: bytes) -> Summary:
+    """The summary of a JSON answer that is a Response object."""
+    return _summary(_load(content))
+
+
+def _response_of(event: bytes) -> object:
+    payload = _load(data_of(event))
+    return payload.get("response") if isinstance(payload, dict) else None
+
+
+def completed_summary(event: bytes) -> Summary:
+    """The summary of the response a ``response.completed`` event carries (parsed once per stream)."""
+    return _summary(_response_of(event))
+
+
+def created_id(event: bytes) -> str | None:
+    """The response id carried by a ``response.created`` event, if it is a safe one."""
+    return _summary(_response_of(event)).response_id
