@@ -22,6 +22,13 @@ UPSTREAM = "http://upstream.test/v1"
 REQUIRE_REDIS = os.environ.get("WSGI_PROXY_REQUIRE_REDIS") == "1"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests run gunicorn and the simulator as processes: they belong to the slow tier."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings must come from the test, never from the developer's shell."""

@@ -28,9 +28,8 @@ SSE = (
 
 
 def _single(**settings: t.Any) -> Gateway:
-    return Gateway.build(
-        ProxySettings(upstream_url=ONE, upstream_api_key="sk-core-up", api_keys="sk-core-client", **settings)
-    )
+    values = {"upstream_url": ONE, "upstream_api_key": "sk-core-up", "api_keys": "sk-core-client"}
+    return Gateway.build(ProxySettings.model_validate(values | settings))
 
 
 def _routed(tmp_path: Path) -> Gateway:

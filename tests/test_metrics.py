@@ -236,6 +236,7 @@ def shared_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 CREATE_200 = {"route": "create", "method": "POST", "status": "200", "upstream": "default"}
 
 
+@pytest.mark.slow
 class TestMultiprocess:
     def test_the_values_of_two_processes_are_summed(self, shared_dir: Path) -> None:
         run_workers(shared_dir, (3, 0), (4, 0))

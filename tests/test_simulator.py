@@ -253,7 +253,9 @@ def test_background_stream_resume_gives_exactly_the_rest(client: OpenAI) -> None
     events = head + rest
     assert_gap_free(events)
     assert [e.type for e in events] == [TEXT_EVENTS[0], "response.queued", *TEXT_EVENTS[1:]]
-    assert "".join(e.delta for e in events if e.type.endswith(".delta")) == "alpha beta alpha beta"
+    assert (
+        "".join(t.cast(str, e.delta) for e in events if e.type.endswith(".delta")) == "alpha beta alpha beta"
+    )
 
 
 def test_stream_helper_replays_from_zero(sim: Simulator, client: OpenAI) -> None:
@@ -340,10 +342,13 @@ def test_delete_then_404(sim: Simulator, client: OpenAI) -> None:
 def test_input_items_paging(sim: Simulator, client: OpenAI) -> None:
     items = [{"role": "user", "content": f"m{i}"} for i in range(5)]
     created = client.responses.create(model="gpt-4o-mini", input=items)  # type: ignore[arg-type]
-    asc = [i.content[0].text for i in client.responses.input_items.list(created.id, limit=2, order="asc")]  # type: ignore[union-attr]
+    asc = [
+        t.cast(t.Any, i).content[0].text
+        for i in client.responses.input_items.list(created.id, limit=2, order="asc")
+    ]
     assert asc == ["m0", "m1", "m2", "m3", "m4"]
     first_page = client.responses.input_items.list(created.id, limit=2)
-    assert [i.content[0].text for i in first_page.data] == ["m4", "m3"]  # type: ignore[union-attr]
+    assert [t.cast(t.Any, i).content[0].text for i in first_page.data] == ["m4", "m3"]
     assert first_page.has_more is True
     resp = requests.get(f"{sim.base_url}/responses/{created.id}/input_items?limit=101", timeout=5)
     assert_error(resp, 400, "limit")
@@ -657,8 +662,8 @@ def test_keepalives_consume_sequence_numbers(client: OpenAI) -> None:
         )
     )
     assert_gap_free(events)
-    assert events[0].type == "keepalive" and events[1].type == "response.created"
-    kinds = [e.type for e in events]
+    assert t.cast(str, events[0].type) == "keepalive" and events[1].type == "response.created"
+    kinds: list[str] = [e.type for e in events]
     assert kinds[4] == "keepalive" and kinds.count("keepalive") == 1 + (len(TEXT_EVENTS) - 1) // 3
     assert kinds[-1] == "response.completed"
 
@@ -679,7 +684,7 @@ def test_unicode_bytes_are_raw_and_intact(sim: Simulator, client: OpenAI) -> Non
     events = list(
         client.responses.create(model="m", input="a", stream=True, extra_query={"sim_unicode": "1"})
     )
-    text = "".join(e.delta for e in events if e.type.endswith(".delta"))
+    text = "".join(t.cast(str, e.delta) for e in events if e.type.endswith(".delta"))
     assert "line\u2028sep" in text and "хорошо" in text and events[-1].response.output_text == text
 
 
@@ -769,7 +774,7 @@ def test_client_gone_is_noticed_during_a_silent_gap(sim: Simulator) -> None:
 
 def test_background_job_continues_after_client_leaves(sim: Simulator, client: OpenAI) -> None:
     raw = Raw(sim, "POST", "/v1/responses", create_body(stream=True, background=True))
-    created = json.loads(raw.chunk().split(b"data: ")[1])  # type: ignore[union-attr]
+    created = json.loads(raw.chunk().split(b"data: ")[1])
     raw.close()
     response_id = created["response"]["id"]
     wait_for(lambda: client.responses.retrieve(response_id).status == "completed")
@@ -777,7 +782,7 @@ def test_background_job_continues_after_client_leaves(sim: Simulator, client: Op
 
 def test_synchronous_stream_stops_when_client_leaves(sim: Simulator, client: OpenAI) -> None:
     raw = Raw(sim, "POST", "/v1/responses?sim_delay_ms=30&sim_words=100", create_body(stream=True))
-    created = json.loads(raw.chunk().split(b"data: ")[1])  # type: ignore[union-attr]
+    created = json.loads(raw.chunk().split(b"data: ")[1])
     raw.close()
     wait_for(lambda: sim.stream_closures)
     assert sim.stream_closures[0].reason == "client_gone"
@@ -802,7 +807,7 @@ def test_stop_closes_open_streams_promptly() -> None:
 
 def test_client_gone_is_noticed_between_slow_events_of_streams_and_replays(sim: Simulator) -> None:
     raw = Raw(sim, "POST", "/v1/responses?sim_delay_ms=5000", create_body(stream=True, background=True))
-    created = json.loads(raw.chunk().split(b"data: ")[1])  # type: ignore[union-attr]
+    created = json.loads(raw.chunk().split(b"data: ")[1])
     response_id = created["response"]["id"]
     replay = Raw(sim, "GET", f"/v1/responses/{response_id}?stream=true")
     replay.chunk()
@@ -883,6 +888,7 @@ def test_keep_alive_connection_serves_several_requests(sim: Simulator) -> None:
         assert session.get(f"{sim.base_url}/models", timeout=5).ok
 
 
+@pytest.mark.slow
 def test_serve_prints_address_and_exits_on_sigterm() -> None:
     code = "from wsgi_proxy.simulator import serve; serve('127.0.0.1', 0)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

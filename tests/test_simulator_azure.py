@@ -174,6 +174,7 @@ def test_other_flavors_paths_are_azure_404s_and_sim_endpoints_stay(flavor: Flavo
         sim.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["azure-v1", "azure-legacy"])
 def test_serve_prints_the_flavor_base_url(flavor: str) -> None:
     code = (

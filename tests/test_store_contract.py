@@ -184,6 +184,7 @@ class TestRateLimit:
         # Every allowed hit saw a distinct count: no two threads read-modified-wrote the same value.
         assert sorted(d.remaining for d in allowed) == list(range(500))
 
+    @pytest.mark.slow
     def test_processes_share_one_count(self, backend: Backend) -> None:
         key = f"proc-{uuid.uuid4().hex}"
         children = [spawn_hits(backend, key, hits=30, limit=40) for _ in range(2)]
@@ -398,6 +399,7 @@ class TestUsage:
         assert len(won) == 20 and won.count(True) == 1
         assert store.usage_totals() == [row()]
 
+    @pytest.mark.slow
     def test_processes_count_each_response_once(self, backend: Backend) -> None:
         children = [spawn_usage(backend, responses=40) for _ in range(2)]
         assert sum(finish(child) for child in children) == 40

@@ -103,6 +103,10 @@ def _create(app: Flask, who: str, body: dict[str, t.Any]) -> t.Any:
     return client.post("/v1/responses", data=json.dumps(body), headers=auth)
 
 
+def _json(answer: t.Any) -> dict[str, t.Any]:
+    return t.cast(dict[str, t.Any], answer.json)
+
+
 def _response(rid: str) -> dict[str, t.Any]:
     return {"id": rid, "object": "response", "status": "completed"}
 
@@ -258,12 +262,12 @@ def test_concurrent_stream_limit_gives_429_until_a_stream_ends(
 def test_models_lists_what_the_key_may_use(app: Flask, mocked: responses.RequestsMock) -> None:
     client, red = _as(app, "RED")
     _, blue = _as(app, "BLUE")
-    assert [m["id"] for m in client.get("/v1/models", headers=red).json["data"]] == [
+    assert [m["id"] for m in _json(client.get("/v1/models", headers=red))["data"]] == [
         "gpt-a",
         "gpt-b",
         "gpt-fail",
     ]
-    assert [m["id"] for m in client.get("/v1/models", headers=blue).json["data"]] == ["gpt-a"]
+    assert [m["id"] for m in _json(client.get("/v1/models", headers=blue))["data"]] == ["gpt-a"]
     assert len(mocked.calls) == 0
 
 
@@ -323,11 +327,13 @@ def test_the_single_upstream_variables_honour_a_store_url(
 ) -> None:
     from wsgi_proxy.web.views import EXTENSION_KEY
 
-    settings = ProxySettings(
-        upstream_url=ALPHA,
-        upstream_api_key="sk-env-upstream",
-        api_keys="sk-env-client",
-        store_url=f"sqlite:///{tmp_path / 'env.db'}",
+    settings = ProxySettings.model_validate(
+        {
+            "upstream_url": ALPHA,
+            "upstream_api_key": "sk-env-upstream",
+            "api_keys": "sk-env-client",
+            "store_url": f"sqlite:///{tmp_path / 'env.db'}",
+        }
     )
     app = create_app(settings)
     usage = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}

@@ -15,8 +15,6 @@ import urllib3
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from wsgi_proxy import ProxySettings, ResponsesProxy
-
 from .envelope import assert_error
 
 UPSTREAM = "http://upstream.test/v1"
@@ -518,71 +516,6 @@ def test_stream_request_answered_with_error_is_relayed(
     assert resp.data == body
 
 
-# --- the extension inside a host app -----------------------------------------------------------
-
-
-def _host_app() -> Flask:
-    app = Flask("host")
-
-    @app.route("/hello")
-    def hello() -> str:
-        return "host hello"
-
-    @app.errorhandler(404)
-    def host_not_found(exc: Exception) -> tuple[str, int]:
-        return "host 404 page", 404
-
-    return app
-
-
-def test_extension_serves_under_prefix_and_leaves_host_alone(mocked: responses.RequestsMock) -> None:
-    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", json={"id": "resp_1"})
-    app = _host_app()
-    ResponsesProxy(app, url_prefix="/llm/v1", settings=ProxySettings(upstream_url=UPSTREAM))
-    client = app.test_client()
-
-    resp = client.get("/llm/v1/responses/resp_1")
-    assert resp.status_code == 200
-    assert mocked.calls[0].request.url == f"{UPSTREAM}/responses/resp_1"
-
-    assert_error(client.get("/llm/v1/nope"), 404, code="unknown_url")
-    assert client.get("/hello").data == b"host hello"
-    for path in ("/v1/responses/resp_1", "/nope", "/llm/nope"):
-        resp = client.get(path)
-        assert (resp.status_code, resp.data) == (404, b"host 404 page")
-    assert len(mocked.calls) == 1
-
-
-def test_extension_init_app_reads_app_config(mocked: responses.RequestsMock) -> None:
-    mocked.add(responses.GET, "http://other.test/api/v1/models", json={"data": []})
-    app = _host_app()
-    app.config["WSGI_PROXY_UPSTREAM_URL"] = "http://other.test/api/v1"
-    proxy = ResponsesProxy()
-    proxy.init_app(app)
-    assert app.test_client().get("/v1/models").status_code == 200
-    assert len(mocked.calls) == 1
-
-
-def test_extension_init_app_twice_raises() -> None:
-    app = _host_app()
-    proxy = ResponsesProxy(app, settings=ProxySettings(upstream_url=UPSTREAM))
-    with pytest.raises(RuntimeError, match=r"already registered.*\.$"):
-        proxy.init_app(app)
-    with pytest.raises(RuntimeError, match="already registered"):
-        ResponsesProxy(app, url_prefix="/other", settings=ProxySettings(upstream_url=UPSTREAM))
-
-
-def test_extension_one_instance_serves_two_apps(mocked: responses.RequestsMock) -> None:
-    mocked.add(responses.GET, f"{UPSTREAM}/models", json={})
-    proxy = ResponsesProxy(settings=ProxySettings(upstream_url=UPSTREAM))
-    first, second = _host_app(), _host_app()
-    proxy.init_app(first)
-    proxy.init_app(second)
-    assert first.test_client().get("/v1/models").status_code == 200
-    assert second.test_client().get("/v1/models").status_code == 200
-    assert first.extensions["wsgi_proxy"] is not second.extensions["wsgi_proxy"]
-
-
 # --- upstream kinds --------------------------------------------------------------------------------
 
 
@@ -669,8 +602,8 @@ def test_create_is_retried_when_no_connection_could_be_made(
 ) -> None:
     refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]
     never_sent = requests.ConnectionError(
-        urllib3.exceptions.MaxRetryError(None, "/responses", reason=refused)
-    )  # type: ignore[arg-type]
+        urllib3.exceptions.MaxRetryError(None, "/responses", reason=refused)  # type: ignore[arg-type]
+    )
     mocked.add(responses.POST, f"{UPSTREAM}/responses", body=never_sent)
     mocked.add(responses.POST, f"{UPSTREAM}/responses", json={"id": "resp_1"})
     resp = make_app(retry_max_wait=0.01).test_client().post("/v1/responses", data=b'{"model":"m"}')

@@ -112,7 +112,9 @@ def client(proxy: Proxy) -> t.Iterator[OpenAI]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> t.Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> t.Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and call.when == "call":
         running = item.funcargs.get("proxy") if hasattr(item, "funcargs") else None

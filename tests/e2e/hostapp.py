@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify
 
 from wsgi_proxy import ResponsesProxy
 
@@ -15,7 +15,7 @@ def home() -> str:
 
 
 @app.route("/api/ping")
-def ping() -> object:
+def ping() -> Response:
     return jsonify(pong=True)
 
 

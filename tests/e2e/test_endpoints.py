@@ -162,7 +162,7 @@ def test_one_json_line_per_request_under_gunicorn(proxy: Proxy) -> None:
     )
     assert plain["usage"] == created.usage.model_dump(
         include={"input_tokens", "output_tokens", "total_tokens"}
-    )  # type: ignore[union-attr]
+    )
     assert plain["upstream_request_id"].startswith("req_")
     assert streamed["events"] > 5 and streamed["bytes"] > 0 and streamed["resumes"] == 0
     assert streamed["usage"]["total_tokens"] > 0 and streamed["ttfe_ms"] is not None

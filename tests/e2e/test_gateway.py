@@ -263,7 +263,7 @@ def test_usage_of_a_resumed_and_replayed_stream_is_counted_once(
     finally:
         store.close()
     assert sum(r.responses for r in rows) == 1
-    assert sum(r.total_tokens for r in rows) == final.usage.total_tokens  # type: ignore[union-attr]
+    assert sum(r.total_tokens for r in rows) == final.usage.total_tokens
 
 
 def config_env_store(config_env: dict[str, str]) -> str:

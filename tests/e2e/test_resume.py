@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing as t
 
 import openai
 import pytest
@@ -49,7 +50,7 @@ def test_seed_scenario_raw_http(proxy: Proxy) -> None:
     assert rest[-1]["type"] == "response.completed"
 
 
-def recv_events(response: requests.Response, count: int) -> list[dict[str, object]]:
+def recv_events(response: requests.Response, count: int) -> list[dict[str, t.Any]]:
     buffer = b""
     while len(events_of(buffer)) < count:
         chunk = response.raw.read1(65536)

@@ -17,10 +17,6 @@ class Keyring:
     def __init__(self, keys: t.Sequence[ClientKey]) -> None:
         self._keys = tuple(keys)
 
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
     def identify(self, authorization: str | None) -> Identity:
         """The identity of the request's ``Authorization: Bearer`` key, or :class:`AuthenticationFailed`."""
         if not self._keys:

@@ -168,10 +168,6 @@ class DisconnectWatchdog:
         self._watches: dict[int, Watch] = {}
         self._drain_started: float | None = None
 
-    @property
-    def available(self) -> bool:
-        return _EPOLL is not None
-
     def watch(self, sock: socket.socket | None, on_stop: t.Callable[[], None]) -> Watch | None:
         """Watch the client behind ``sock``; ``on_stop`` (from the watchdog thread) ends the stream."""
         if _EPOLL is None or sock is None:
