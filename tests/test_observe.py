@@ -151,7 +151,7 @@ def test_stream_is_logged_when_it_ends_with_events_and_usage(
 
 def test_readiness_follows_the_store(tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsgi_proxy import ProxySettings, create_app
-    from wsgi_proxy.web.views import EXTENSION_KEY
+    from wsgi_proxy.web.hooks import EXTENSION_KEY
 
     config = tmp_path / "gw.toml"
     config.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n')
@@ -223,7 +223,7 @@ UPSTREAM_ERROR_KINDS = {
 
 
 def _labels(app: Flask, metric: str, label: str) -> set[str]:
-    from wsgi_proxy.web.views import EXTENSION_KEY
+    from wsgi_proxy.web.hooks import EXTENSION_KEY
 
     text, _ = app.extensions[EXTENSION_KEY].state.metrics.render()
     return {

@@ -274,7 +274,7 @@ def test_models_lists_what_the_key_may_use(app: Flask, mocked: responses.Request
 def test_usage_is_counted_once_per_response_whichever_path_sees_it(
     app: Flask, mocked: responses.RequestsMock
 ) -> None:
-    from wsgi_proxy.web.views import EXTENSION_KEY
+    from wsgi_proxy.web.hooks import EXTENSION_KEY
 
     usage = {"input_tokens": 4, "output_tokens": 6, "total_tokens": 10}
     done = {"id": "resp_u1", "object": "response", "status": "completed", "model": "gpt-a", "usage": usage}
@@ -325,7 +325,7 @@ def test_input_tokens_and_compact_fail_over_like_a_create(
 def test_the_single_upstream_variables_honour_a_store_url(
     tmp_path: Path, mocked: responses.RequestsMock
 ) -> None:
-    from wsgi_proxy.web.views import EXTENSION_KEY
+    from wsgi_proxy.web.hooks import EXTENSION_KEY
 
     settings = ProxySettings.model_validate(
         {
@@ -354,7 +354,7 @@ def test_the_single_upstream_variables_without_a_store_url_remember_nothing(
     mocked: responses.RequestsMock,
 ) -> None:
     from wsgi_proxy.store import NullStore
-    from wsgi_proxy.web.views import EXTENSION_KEY
+    from wsgi_proxy.web.hooks import EXTENSION_KEY
 
     app = create_app(ProxySettings(upstream_url=ALPHA))
     assert isinstance(app.extensions[EXTENSION_KEY].state.store, NullStore)
@@ -363,7 +363,7 @@ def test_the_single_upstream_variables_without_a_store_url_remember_nothing(
 
 
 def test_an_open_stream_keeps_its_slot_past_the_lease_ttl(app: Flask, mocked: responses.RequestsMock) -> None:
-    from wsgi_proxy.web.views import EXTENSION_KEY
+    from wsgi_proxy.web.hooks import EXTENSION_KEY
 
     leases = app.extensions[EXTENSION_KEY].state.leases
     sse = b'data: {"type":"response.completed","sequence_number":0}\n\n'

@@ -13,7 +13,7 @@ from ..config.settings import ProxySettings
 from ..gateway.core import Gateway
 from ..observe.record import ACCESS_LOGGER
 from .extension import ResponsesProxy
-from .views import EXTENSION_KEY
+from .hooks import EXTENSION_KEY
 
 __all__ = ["create_app"]
 

@@ -6,7 +6,8 @@ from flask import Flask
 
 from ..config.settings import ProxySettings
 from ..gateway.core import Gateway
-from .views import EXTENSION_KEY, make_blueprint
+from .hooks import EXTENSION_KEY
+from .views import make_blueprint
 
 __all__ = ["ResponsesProxy"]
 

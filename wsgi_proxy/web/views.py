@@ -7,40 +7,23 @@ the proxy's prefix gets an OpenAI-shaped error instead of the host app's HTML er
 
 from __future__ import annotations
 
-import logging
 import typing as t
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
-from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from ..errors import InvalidRequest, MethodNotAllowed, ProxyError, RequestTooLarge, RouteNotFound, error_body
+from ..errors import MethodNotAllowed, RequestTooLarge, RouteNotFound
 from ..gateway.call import Answer, Call, ResumePlan
-from ..gateway.core import Gateway
 from ..gateway.tenancy import Tenant
-from ..observe.record import RequestRecord, request_id_from
 from ..upstream.resume import create_resume_query
 from ..wire.validation import parse_create_body, parse_response_path, parse_retrieve_query
+from . import hooks
+from .hooks import EXTENSION_KEY, gateway, record
 
-__all__ = ["ATTEMPTS_HEADER", "EXTENSION_KEY", "make_blueprint"]
-
-log = logging.getLogger("wsgi_proxy")
-
-#: The key of the proxy's :class:`~wsgi_proxy.gateway.core.Gateway` in ``app.extensions``.
-EXTENSION_KEY = "wsgi_proxy"
-#: How many times the proxy sent the request upstream (retries where safe, failover), on every answer.
-ATTEMPTS_HEADER = "X-Upstream-Attempts"
+__all__ = ["EXTENSION_KEY", "make_blueprint"]
 
 _METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH"]
-
-
-def _gateway() -> Gateway:
-    return t.cast(Gateway, current_app.extensions[EXTENSION_KEY])
-
-
-def _record() -> RequestRecord:
-    return t.cast(RequestRecord, g.wsgi_proxy_record)
 
 
 def _require(*allowed: str) -> None:
@@ -53,11 +36,11 @@ def _require(*allowed: str) -> None:
 
 
 def _tenant() -> Tenant:
-    return _gateway().authenticate(request.headers.get("Authorization"), _record())
+    return gateway().authenticate(request.headers.get("Authorization"), record())
 
 
 def _read_body() -> bytes:
-    limit = _gateway().settings.max_request_bytes
+    limit = gateway().settings.max_request_bytes
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
@@ -82,7 +65,7 @@ def _response(answer: Answer) -> Response:
 def _forward(call: Call, tenant: Tenant) -> Response:
     environ = request.environ
     client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    return _response(_gateway().forward(call, tenant, _record(), client))
+    return _response(gateway().forward(call, tenant, record(), client))
 
 
 # --- views -------------------------------------------------------------------------------------
@@ -133,19 +116,19 @@ def response_item(subpath: str) -> Response:
     target = parse_response_path(subpath)
     rid, path = target.response_id, f"/responses/{target.response_id}"
     if target.action == "cancel":
-        _record().renamed("cancel")
+        record().renamed("cancel")
         _require("POST")
         # Cancelling is idempotent: "subsequent calls simply return the final Response object".
         call = _call("POST", f"{path}/cancel", body=_read_body(), idempotent=True, owner_id=rid)
     elif target.action == "input_items":
-        _record().renamed("input_items")
+        record().renamed("input_items")
         _require("GET")
         call = _call("GET", f"{path}/input_items", idempotent=True, owner_id=rid)
     elif request.method == "DELETE":
-        _record().renamed("delete")
+        record().renamed("delete")
         call = _call("DELETE", path, idempotent=True, owner_id=rid, forgets=True)
     else:
-        _record().renamed("retrieve")
+        record().renamed("retrieve")
         _require("GET", "DELETE")
         stream = parse_retrieve_query(request.query_string).stream
         call = _call(
@@ -164,7 +147,7 @@ def response_item(subpath: str) -> Response:
 def models() -> Response:
     _require("GET")
     tenant = _tenant()
-    return _response(_gateway().list_models(_call("GET", "/models", idempotent=True), tenant, _record()))
+    return _response(gateway().list_models(_call("GET", "/models", idempotent=True), tenant, record()))
 
 
 def not_found(rest: str = "") -> Response:
@@ -172,53 +155,6 @@ def not_found(rest: str = "") -> Response:
         f"Unknown endpoint {request.method} {request.path}. The proxy serves /responses, /responses/{{id}}"
         " (with /cancel and /input_items), /responses/input_tokens, /responses/compact and /models."
     )
-
-
-# --- the record of each request, and errors (scoped to the blueprint: the host's stay its own) ---
-
-
-def _open_record() -> None:
-    route = (request.endpoint or "").rpartition(".")[2] or "unknown"
-    g.wsgi_proxy_record = RequestRecord(
-        request_id_from(request.headers.get("X-Request-ID")),
-        request.method,
-        route,
-        metrics=_gateway().state.metrics,
-    )
-
-
-def _close_record(response: Response) -> Response:
-    record = _record()
-    response.headers["X-Request-ID"] = record.request_id
-    response.headers[ATTEMPTS_HEADER] = str(record.attempts)
-    if record.upstream_request_id:
-        response.headers["X-Upstream-Request-ID"] = record.upstream_request_id
-    record.sent(response.status_code)  # a stream's record closes when its relay ends
-    return response
-
-
-def _proxy_error(exc: ProxyError) -> Response:
-    _record().failed(exc)
-    return Response(exc.body(), status=exc.status, headers=exc.headers(), content_type="application/json")
-
-
-def _http_error(exc: HTTPException) -> Response:
-    code = exc.code or 500
-    if code == 413:
-        return _proxy_error(RequestTooLarge("The request body is larger than the server accepts."))
-    if code < 500:
-        return _proxy_error(InvalidRequest(f"The request could not be read: {exc.description}", param=None))
-    return _unexpected(exc)
-
-
-def _unexpected(exc: Exception) -> Response:
-    log.error("unexpected error in the proxy (%s)", type(exc).__name__, exc_info=exc)
-    body = error_body(
-        "The proxy failed unexpectedly while handling this request. Try again; if it persists,"
-        " report it to the proxy's operator.",
-        "server_error",
-    )
-    return Response(body, status=500, content_type="application/json")
 
 
 class _AnyPathConverter(PathConverter):
@@ -246,9 +182,5 @@ def make_blueprint() -> Blueprint:
     bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
     bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=_METHODS)
-    bp.before_request(_open_record)
-    bp.after_request(_close_record)
-    bp.register_error_handler(ProxyError, _proxy_error)
-    bp.register_error_handler(HTTPException, _http_error)
-    bp.register_error_handler(Exception, _unexpected)
+    hooks.install(bp)
     return bp
