@@ -10,7 +10,8 @@ Timed in this process, on the same code the workers run, with the metrics in mul
   JSON log line (formatting and writing);
 - per stream write: the events and bytes counters;
 - per event: what the relay notes of each event (its type and sequence number, for resumes and
-  counts), on an output_text.delta event as OpenAI sends it.
+  counts), on an output_text.delta event as OpenAI sends it; and the whole relay of such events
+  from a stored body (split, observe, count, yield), with no I/O.
 
 Compare them with the added latency per call in overhead.py (milliseconds): they are microseconds.
 """
@@ -23,6 +24,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import typing as t
 
 from harness import per_call_us, save_result
@@ -62,6 +64,48 @@ def run(calls: int) -> dict[str, t.Any]:
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
+class _StoredBody:
+    """An upstream body that hands out one stored event per read, with no I/O."""
+
+    framed = True
+
+    def __init__(self, events: int) -> None:
+        self._left = events
+
+    def wait(self, timeout: float) -> bool:
+        return True
+
+    def read(self) -> bytes:
+        if not self._left:
+            return b""
+        self._left -= 1
+        return _DELTA
+
+    def close(self) -> None:
+        pass
+
+
+def _relay_us(events: int) -> float:
+    """Microseconds per event of a whole relay (split, observe, count, yield), best of three."""
+    from wsgi_proxy.gateway.watchdog import NoWatch
+    from wsgi_proxy.wire.relay import StreamRelay
+
+    def relay_once() -> float:
+        relay = StreamRelay(
+            _StoredBody(events),
+            label="bench",
+            control=NoWatch(),
+            keepalive_interval=15.0,
+            on_forward=lambda *_: None,
+        )
+        start = time.perf_counter()
+        for _ in relay:
+            pass
+        return (time.perf_counter() - start) / events * 1e6
+
+    return round(min(relay_once() for _ in range(3)), 2)
+
+
 def _measure(calls: int, directory: str) -> dict[str, t.Any]:
     from wsgi_proxy.observe.metrics import Metrics  # after the variable is set: the mode is read at creation
     from wsgi_proxy.wire.sse import parse_event
@@ -98,6 +142,7 @@ def _measure(calls: int, directory: str) -> dict[str, t.Any]:
         "per_request_log_line_us": line_us,
         "per_write_metrics_us": _per_call_us(lambda: metrics.events_forwarded(events=3, nbytes=750), calls),
         "per_event_observation_us": _per_call_us(lambda: parse_event(_DELTA), calls),
+        "per_event_relay_us": _relay_us(calls),
         "event_bytes": len(_DELTA),
     }
 

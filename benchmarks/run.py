@@ -722,6 +722,11 @@ def _md_observation(r: Result) -> list[str]:
                 "per event",
                 f"{r['per_event_observation_us']} µs",
             ),
+            (
+                "the whole relay: split, observe, count and yield, no I/O",
+                "per event",
+                f"{r.get('per_event_relay_us', '-')} µs",
+            ),
         ],
     ) + ["", f"Timed in one process over {r['calls']:,} calls each, on the code the workers run."]
 
