@@ -13,7 +13,7 @@ import pytest
 
 from wsgi_proxy.errors import StreamAborted, UpstreamStreamInterrupted
 from wsgi_proxy.wire import sse
-from wsgi_proxy.wire.relay import KEEPALIVE, Resume, StreamRelay
+from wsgi_proxy.wire.relay import KEEPALIVE, Resume, StreamEnd, StreamRelay, StreamStats
 from wsgi_proxy.wire.sse import EventInfo, EventSplitter, EventTooLarge, parse_event
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -424,7 +424,8 @@ def test_relay_tracks_last_sequence_and_terminal() -> None:
     next(relay)
     next(relay)
     assert (relay.stats().last_sequence, relay.stats().terminal, relay.stats().events) == (0, None, 1)
-    list(relay)
+    with pytest.raises(StreamAborted):  # it ended before its terminal event
+        list(relay)
     assert (relay.stats().last_sequence, relay.stats().terminal, relay.stats().events) == (1, None, 2)
 
     body = FakeBody([CREATED, DELTA, COMPLETED])
@@ -467,12 +468,11 @@ def test_relay_interruption_when_client_gone_ends_quietly() -> None:
         ([CREATED, DELTA, COMPLETED], False, False),
         ([_event("response.failed", 2)], False, False),
         ([_event("error", 0)], False, False),
-        ([CREATED, DELTA], True, False),  # the transport framed the end: trust it
+        ([CREATED, DELTA], True, True),  # framed or not, a stream without its terminal event was cut
         ([b": keep-alive\n\n"], False, False),
         ([], False, False),
         ([CREATED, DELTA[:-1]], True, True),  # EOF inside an event
         ([CREATED, DELTA[:-1]], False, True),
-        ([CREATED, COMPLETED + b"data: {"], True, True),
     ],
     ids=[
         "close_delimited_no_terminal",
@@ -484,7 +484,6 @@ def test_relay_interruption_when_client_gone_ends_quietly() -> None:
         "empty",
         "framed_partial_event",
         "close_delimited_partial_event",
-        "partial_after_terminal",
     ],
 )
 def test_relay_end_of_body(chunks: list[bytes], framed: bool, aborts: bool) -> None:
@@ -496,6 +495,23 @@ def test_relay_end_of_body(chunks: list[bytes], framed: bool, aborts: bool) -> N
     else:
         assert b"".join(relay) == b"".join(chunks)
     assert (body.closes, on_close.calls) == (1, 1)
+
+
+def test_relay_ends_at_the_terminal_event_whatever_follows() -> None:
+    # An upstream that sends its terminal event and then stays silent, or sends more, is over.
+    body = FakeBody([CREATED, COMPLETED + b"data: {", SILENCE, DELTA])
+    relay, on_close = _relay(body, keepalive_interval=15.0)
+    assert b"".join(relay) == CREATED + COMPLETED
+    assert body.reads == 2 and (body.closes, on_close.calls) == (1, 1)
+    assert relay.stats().end is StreamEnd.FINISHED
+
+
+def test_relay_after_an_error_event_ends_instead_of_waiting() -> None:
+    error = _event("error", 1)
+    body = FakeBody([CREATED, error, SILENCE, SILENCE])
+    relay, _ = _relay(body, keepalive_interval=15.0)
+    assert b"".join(relay) == CREATED + error
+    assert relay.stats().terminal == "error"
 
 
 def test_relay_event_too_large_aborts() -> None:
@@ -653,3 +669,97 @@ def test_relay_event_too_large_after_a_clean_resume_is_not_taken_for_the_end() -
     relay, _ = _relay(FakeBody([CREATED_WITH_ID, DELTA]), resumer=resumer, max_event_bytes=1024)
     with pytest.raises(StreamAborted, match="refused"):
         list(relay)
+
+
+# --- failures that must never pass for a clean end --------------------------------------------------
+
+
+class SlowBody(FakeBody):
+    """A FakeBody whose silences really last: wait() sleeps its whole timeout."""
+
+    def wait(self, timeout: float) -> bool:
+        if self._items and self._items[0] is SILENCE:
+            time.sleep(timeout)
+            return False
+        return True
+
+
+def test_a_silent_upstream_is_cut_at_its_read_timeout_despite_keepalives() -> None:
+    body = SlowBody([CREATED, *[SILENCE] * 100, DELTA])
+    relay, _ = _relay(body, keepalive_interval=0.02, silence_limit=0.1)
+    out: list[bytes] = []
+    started = time.monotonic()
+    with pytest.raises(StreamAborted, match="silent for 0.1 s"):
+        for item in relay:
+            out.append(item)
+    assert time.monotonic() - started < 1.0
+    assert out[:2] == [b"", CREATED] and set(out[2:]) == {KEEPALIVE}
+    assert 3 <= len(out[2:]) <= 5  # keep-alives every 0.02 s until the 0.1 s limit
+
+
+def test_a_silent_background_stream_is_resumed_then_aborted() -> None:
+    silent = [FakeBody([SILENCE]) for _ in range(3)]
+    resumer = FakeResumer([*silent])
+    body = SlowBody([CREATED_WITH_ID, SILENCE, SILENCE])
+    relay, _ = _relay(body, keepalive_interval=0.02, silence_limit=0.05, resumer=resumer)
+    with pytest.raises(StreamAborted, match="resuming failed 3 times"):
+        list(relay)
+    assert [after for _, after in resumer.asked] == [0, 0, 0]
+
+
+def test_events_without_sequence_numbers_are_never_resumed() -> None:
+    bare = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x"}\n\n'
+    created = b'data: {"type":"response.created","response":{"id":"resp_abc"}}\n\n'
+    resumer = FakeResumer([FakeBody([created, bare, COMPLETED])])
+    relay, _ = _relay(FakeBody([created, bare, CUT]), resumer=resumer)
+    with pytest.raises(StreamAborted, match="no sequence_number"):
+        list(relay)
+    assert resumer.asked == []
+
+
+def test_events_a_resumed_upstream_replays_are_not_forwarded_twice() -> None:
+    # An upstream that ignores starting_after replays from the start: the client gets each event once.
+    replay = FakeBody(
+        [CREATED_WITH_ID, DELTA, _event("response.output_text.delta", 2), _event("response.completed", 3)]
+    )
+    relay, _ = _relay(FakeBody([CREATED_WITH_ID, DELTA, CUT]), resumer=FakeResumer([replay]))
+    out = b"".join(relay)
+    assert out == CREATED_WITH_ID + DELTA + _event("response.output_text.delta", 2) + _event(
+        "response.completed", 3
+    )
+    assert relay.stats().events == 4
+
+
+def test_a_replay_that_brings_nothing_new_uses_up_the_attempts() -> None:
+    replays = [FakeBody([CREATED_WITH_ID, DELTA, CUT]) for _ in range(3)]
+    relay, _ = _relay(FakeBody([CREATED_WITH_ID, DELTA, CUT]), resumer=FakeResumer([*replays]))
+    with pytest.raises(StreamAborted, match="resuming failed 3 times"):
+        list(relay)
+
+
+@pytest.mark.parametrize(
+    ("reason", "end"),
+    [
+        (None, StreamEnd.CLIENT_GONE),
+        ("client_gone", StreamEnd.CLIENT_GONE),
+        ("send_timeout", StreamEnd.SEND_TIMEOUT),
+    ],
+)
+def test_a_relay_closed_by_the_server_mid_stream_reports_why(reason: str | None, end: StreamEnd) -> None:
+    stats: list[StreamStats] = []
+    relay, _ = _relay(
+        FakeBody([CREATED, DELTA, COMPLETED]), FakeControl(reason=reason), on_close=stats.append
+    )
+    next(relay)
+    next(relay)
+    relay.close()  # what gunicorn does when a write to the client fails
+    (final,) = stats
+    assert final.end is end and final.error == end.value
+
+
+def test_a_relay_read_to_its_end_is_finished() -> None:
+    stats: list[StreamStats] = []
+    relay, _ = _relay(FakeBody([CREATED, DELTA, COMPLETED]), on_close=stats.append)
+    list(relay)
+    relay.close()
+    assert stats[0].end is StreamEnd.FINISHED and stats[0].error is None

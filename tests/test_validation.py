@@ -14,6 +14,7 @@ from wsgi_proxy.wire.validation import (
     parse_json_object,
     parse_response_path,
     parse_retrieve_query,
+    with_model,
 )
 
 GOOD_IDS = ["resp_68af4030592c81938ec0a5fbab4a3e9f", "resp_abc123", "a", "A-b_9", "x" * 128]
@@ -226,3 +227,50 @@ def test_parse_create_body_valid(body: bytes, expected: CreateFields) -> None:
 
 def test_parse_json_object_returns_dict() -> None:
     assert parse_json_object(b'{"input": "caf\\u00e9"}') == {"input": "café"}
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"\xef\xbb\xbf{}", "byte order mark"),
+        ('{"model": "m"}'.encode("utf-16"), "not valid UTF-8"),
+        (b'{"model": "\xff"}', "not valid UTF-8"),
+        (b'{"temperature": NaN}', "holds NaN"),
+        (b'{"temperature": Infinity}', "holds Infinity"),
+        (b'{"temperature": -Infinity}', "holds -Infinity"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"model": "m"', "could not parse"),
+    ],
+    ids=[
+        "bom",
+        "utf16",
+        "latin1",
+        "nan",
+        "infinity",
+        "minus_infinity",
+        "deep_array",
+        "deep_field",
+        "truncated",
+    ],
+)
+def test_parse_json_object_refuses_what_a_stricter_reader_would_read_differently(
+    body: bytes, says: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=says) as info:
+        parse_json_object(body)
+    assert info.value.status == 400 and info.value.param is None
+    assert info.value.message.endswith(".")
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model":"a","input":"caf\xc3\xa9"}', b'{"model":"b","input":"caf\xc3\xa9"}'),
+        (b'{"model":"a","input":"\\ud800"}', b'{"model":"b","input":"\\ud800"}'),  # a lone surrogate
+        (b'{"model":"a","input":"\\ud800\xc3\xa9"}', b'{"model":"b","input":"\\ud800\\u00e9"}'),
+    ],
+    ids=["utf8", "lone_surrogate", "lone_surrogate_and_utf8"],
+)
+def test_with_model_replaces_the_model_and_writes_valid_json(body: bytes, expected: bytes) -> None:
+    assert with_model(body, "b") == expected

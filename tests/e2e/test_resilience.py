@@ -198,6 +198,10 @@ def test_stalled_client_is_disconnected_and_upstream_closed(proxy: Proxy, simula
     assert closure.reason == "client_gone"
     assert closure.closed_at - stalled_at < 10
     assert "send timeout" in proxy.log()
+    # Logged as what it is, not as a clean 200.
+    _wait_for(lambda: '"error":"send_timeout"' in proxy.log(), limit=5)
+    (line,) = [json.loads(x) for x in proxy.log().splitlines() if x.startswith("{") and '"send_timeout"' in x]
+    assert (line["route"], line["status"], line["error"]) == ("create", 200, "send_timeout")
 
 
 def test_retrieve_is_retried_on_503_and_reports_attempts(proxy: Proxy, simulator: Simulator) -> None:

@@ -109,6 +109,10 @@ class ProxySettings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest request body accepted (413 above it)."""
 
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest whole (JSON) upstream answer relayed, decoded; a larger one is a 502 instead of a
+    worker's memory. Error bodies answering a stream request are bounded at 1 MiB."""
+
     max_event_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest single SSE event relayed; a larger one aborts the stream instead of exhausting memory."""
 

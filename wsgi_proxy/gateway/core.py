@@ -21,7 +21,7 @@ from ..config.settings import ProxySettings
 from ..errors import UpstreamCredentialsRejected, UpstreamError, UpstreamProtocolError
 from ..observe.record import RequestRecord
 from ..upstream.body import UpstreamStream
-from ..upstream.client import MAX_ERROR_BODY, UpstreamClient, UpstreamRequest
+from ..upstream.client import UpstreamClient, UpstreamRequest
 from ..upstream.resume import StreamResumer
 from ..upstream.retries import send_with_retries
 from ..wire.headers import client_response_headers, upstream_request_headers
@@ -188,7 +188,7 @@ class Gateway:
         """A whole answer (success or error), relayed with its status and safe headers."""
         client, answer = sent.client, sent.answer
         if call.stream:  # a stream asked for, something else answered: an error body, bounded
-            content = client.read_body(answer, limit=MAX_ERROR_BODY)
+            content = client.read_body(answer)
             if sent.ok:
                 content_type = answer.headers.get("Content-Type", "")
                 raise UpstreamProtocolError(
@@ -254,6 +254,7 @@ class Gateway:
             resumer=resumer,
             response_id=resume.response_id if resume is not None else None,
             keepalive_interval=settings.keepalive_interval,
+            silence_limit=sent.client.read_timeout,
             max_event_bytes=settings.max_event_bytes,
             on_response_id=remember if call.creates else None,
             on_close=finished,

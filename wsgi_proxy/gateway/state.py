@@ -59,7 +59,9 @@ class GatewayState:
         config = GatewayConfig.from_settings(settings, environ)
         ca = str(settings.upstream_ca_bundle) if settings.upstream_ca_bundle else None
         upstreams = {
-            spec.name: UpstreamClient(spec, pool_size=settings.pool_size, ca_bundle=ca)
+            spec.name: UpstreamClient(
+                spec, pool_size=settings.pool_size, ca_bundle=ca, max_answer_bytes=settings.max_answer_bytes
+            )
             for spec in config.upstreams
         }
         store = _open(config.store_url)

@@ -22,6 +22,7 @@ Options (integers are non-negative, booleans are ``1``/``0``/``true``/``false``)
 ``sim_keepalive_every=N``  a ``keepalive`` event after every N events (consumes sequence numbers)
 ``sim_keepalive_first=1``  a ``keepalive`` event before ``response.created``
 ``sim_comments=1``         a ``: ping`` comment between events
+``sim_no_sequence=1``      events without ``sequence_number`` (as some compatible servers send them)
 ``sim_unicode=1``          deltas full of U+2028, U+2029, U+0085, Cyrillic, CJK and an emoji
 ``sim_status=CODE``        answer the request with this 4xx/5xx status in an error envelope
 ``sim_retry_after=S``      with ``sim_status``: a ``retry-after`` header
@@ -78,8 +79,9 @@ class Faults:
 
     Generation options (``words``, ``delay_ms``, ``delta_bytes``, ``gap_*``, ``keepalive_*``,
     ``unicode``, ``error*``, ``cancel_mode``) are fixed when a response is created. Connection options
-    (``framing``, ``split``, ``transfer``, ``gzip``, ``comments``, ``cut_*``) apply to each SSE
-    connection. ``status``, ``retry_after`` and ``should_retry`` apply to the request carrying them.
+    (``framing``, ``split``, ``transfer``, ``gzip``, ``comments``, ``no_sequence``, ``cut_*``) apply to
+    each SSE connection. ``status``, ``retry_after`` and ``should_retry`` apply to the request carrying
+    them.
     """
 
     words: int | None = None
@@ -104,6 +106,8 @@ class Faults:
     keepalive_every: int | None = None
     keepalive_first: bool = False
     comments: bool = False
+    no_sequence: bool = False
+    """Write every event of this connection without its ``sequence_number``."""
     unicode: bool = False
     status: int | None = None
     retry_after: str | None = None
@@ -234,6 +238,7 @@ FAULT_OPTIONS: dict[str, tuple[str, t.Callable[[str, str], object]]] = {
     "sim_keepalive_every": ("keepalive_every", _optional_int(1)),
     "sim_keepalive_first": ("keepalive_first", _bool),
     "sim_comments": ("comments", _bool),
+    "sim_no_sequence": ("no_sequence", _bool),
     "sim_unicode": ("unicode", _bool),
     "sim_status": ("status", _optional_int(400, 599)),
     "sim_retry_after": ("retry_after", _retry_after),

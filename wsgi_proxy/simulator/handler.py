@@ -105,6 +105,10 @@ def _model_object(name: str) -> JsonDict:
     return {"id": name, "object": "model", "created": 1_715_367_049, "owned_by": "system"}
 
 
+#: The ``sequence_number`` member of an event's JSON, as the simulator writes it (``sim_no_sequence``).
+_SEQUENCE_NUMBER = re.compile(rb',?"sequence_number":\s*[0-9]+')
+
+
 @dataclass
 class _Call:
     """What an endpoint gets: path parameters, decoded query pairs and the raw body."""
@@ -685,6 +689,8 @@ class _Handler(BaseHTTPRequestHandler):
                 data = event.data
                 if strip and event.type == "response.output_text.delta":
                     data = strip_obfuscation(data)
+                if faults.no_sequence:
+                    data = _SEQUENCE_NUMBER.sub(b"", data)
                 writer.event(event.type, data)
                 written += 1
                 index += 1

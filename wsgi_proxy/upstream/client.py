@@ -20,6 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ..config.gateway import UpstreamSpec
+from ..errors import UpstreamProtocolError
 from ..wire.query import replace_param
 from .translate import translate_errors
 
@@ -30,8 +31,9 @@ log = logging.getLogger("wsgi_proxy.upstream")
 #: The client credentials a pass-through upstream gets, by lowercase name, in their canonical spelling.
 _CLIENT_CREDENTIALS = {"authorization": "Authorization", "api-key": "api-key"}
 
-#: The most of an upstream error body the proxy reads and relays.
+#: The largest error body the proxy relays in answer to a stream request.
 MAX_ERROR_BODY = 1024 * 1024
+_READ_SIZE = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,18 +136,28 @@ class UpstreamClient:
     :param spec: the upstream.
     :param pool_size: connections kept per worker process.
     :param ca_bundle: a CA bundle for the upstream's certificate (the system store when None).
+    :param max_answer_bytes: the largest whole answer read, decoded; a larger one is a 502.
     """
 
-    def __init__(self, spec: UpstreamSpec, *, pool_size: int = 1000, ca_bundle: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: UpstreamSpec,
+        *,
+        pool_size: int = 1000,
+        ca_bundle: str | None = None,
+        max_answer_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.name = spec.name
         self.base_url = spec.url
         version = spec.api_version
         self._api_version = quote(version, safe="").encode("ascii") if version is not None else None
         self._extra_headers = dict(spec.headers)
         self.timeout = (spec.connect_timeout, spec.read_timeout)
+        self.read_timeout = spec.read_timeout
         self.pass_through = spec.api_key is None
         self._gateway_headers = _gateway_headers(spec)
         self._pool_size = pool_size
+        self._max_answer_bytes = max_answer_bytes
         self._verify: bool | str = ca_bundle or True
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
@@ -198,17 +210,34 @@ class UpstreamClient:
             # Straight to the transport adapter: Session.send would only add cookie handling (refused
             # here), hooks and redirects (never followed), at ~0.1 ms of CPU per call.
             answer = adapter.send(prepared, stream=True, timeout=self.timeout, verify=self._verify)
-            if not call.stream:
-                answer.content  # noqa: B018  # read inside translate_errors: a cut body is a 502 too
-            return answer
+        if not call.stream:
+            self._read_whole(answer, self._max_answer_bytes)
+        return answer
 
-    def read_body(self, response: requests.Response, limit: int | None = None) -> bytes:
-        """The whole (decoded) body of a non-streaming response, or at most ``limit`` bytes of it."""
-        with translate_errors(self.base_url):
-            try:
-                if limit is None:
-                    return response.content
-                return response.raw.read(limit, decode_content=True) or b""
-            finally:
-                if limit is not None:
+    def read_body(self, response: requests.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+        """The whole (decoded) body of an answer that was left unread, up to ``limit`` bytes."""
+        return self._read_whole(response, limit)
+
+    def _read_whole(self, response: requests.Response, limit: int) -> bytes:
+        """Read the body, decoded, into ``response.content``; a 502 when it is larger than ``limit``.
+
+        Each read decompresses at most what it returns (urllib3 >= 2.6.3), so a compression bomb
+        costs no more memory than ``limit``.
+        """
+        parts: list[bytes] = []
+        size = 0
+        with translate_errors(self.base_url):  # a body cut short is a 502 too
+            while piece := response.raw.read(_READ_SIZE, decode_content=True):
+                size += len(piece)
+                if size > limit:
                     response.close()
+                    raise UpstreamProtocolError(
+                        f"The upstream {self.name!r} answered HTTP {response.status_code} with a body"
+                        f" larger than the {limit} bytes the proxy relays whole. If that is expected,"
+                        " the operator can raise WSGI_PROXY_MAX_ANSWER_BYTES; a stream is never bounded so."
+                    )
+                parts.append(piece)
+        content = b"".join(parts)
+        response._content = content  # what requests' .content returns from now on
+        response._content_consumed = True  # type: ignore[attr-defined]
+        return content

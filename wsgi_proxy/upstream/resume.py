@@ -19,7 +19,7 @@ from ..wire.query import replace_param
 from ..wire.relay import Resume, UpstreamBody
 from ..wire.validation import CreateFields
 from .body import UpstreamStream
-from .client import MAX_ERROR_BODY, UpstreamClient, UpstreamRequest
+from .client import UpstreamClient, UpstreamRequest
 from .retries import backoff
 
 __all__ = ["ResumePolicy", "StreamResumer", "create_resume_query", "resume_query"]
@@ -99,7 +99,7 @@ class StreamResumer:
         if answer.status_code == 200 and content_type.startswith("text/event-stream"):
             return UpstreamStream(answer)
         try:
-            self._upstream.read_body(answer, limit=MAX_ERROR_BODY)
+            self._upstream.read_body(answer)
         except UpstreamError:
             pass
         log.info("resuming %s: the upstream answered %d", response_id, answer.status_code)
@@ -110,6 +110,6 @@ class StreamResumer:
         try:
             answer = self._upstream.send(UpstreamRequest("GET", f"/responses/{response_id}", headers=headers))
             status = json.loads(answer.content).get("status") if answer.status_code == 200 else None
-        except (UpstreamError, ValueError, AttributeError):
+        except (UpstreamError, ValueError, AttributeError, RecursionError):
             return False
         return status in ENDED_STATUSES

@@ -7,13 +7,15 @@ the proxy's prefix gets an OpenAI-shaped error instead of the host app's HTML er
 
 from __future__ import annotations
 
+import logging
 import typing as t
 
 from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
+from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from ..errors import MethodNotAllowed, RequestTooLarge, RouteNotFound
+from ..errors import InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound
 from ..gateway.call import Answer, Call, ResumePlan
 from ..gateway.tenancy import Tenant
 from ..upstream.resume import create_resume_query
@@ -22,6 +24,8 @@ from . import hooks
 from .hooks import EXTENSION_KEY, gateway, record
 
 __all__ = ["EXTENSION_KEY", "make_blueprint"]
+
+log = logging.getLogger("wsgi_proxy")
 
 _METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH"]
 
@@ -44,10 +48,26 @@ def _read_body() -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
-    # Ask for no more than the declared length: the stream's read allocates a buffer of the size asked.
-    body = request.stream.read(limit + 1 if length is None else length)
+    try:
+        # Ask for no more than the declared length: the stream's read allocates a buffer of the size asked.
+        body = request.stream.read(limit + 1 if length is None else length)
+    except HTTPException:
+        raise
+    except Exception as exc:  # the server's reader of a malformed chunked body (gunicorn's own errors)
+        log.info("could not read a request body: %s", type(exc).__name__)
+        raise InvalidRequest(
+            "The request body could not be read: its chunked transfer coding is malformed. Send a valid"
+            " body, or a Content-Length instead.",
+            param=None,
+        ) from None
     if len(body) > limit:
         raise RequestTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+    if length is not None and len(body) < length:
+        raise InvalidRequest(
+            f"The request body ended after {len(body)} of the {length} bytes its Content-Length announced."
+            " Send the whole body.",
+            param=None,
+        )
     return body
 
 

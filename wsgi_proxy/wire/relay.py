@@ -140,6 +140,19 @@ class Resumer(t.Protocol):
 
 KEEPALIVE = b": keep-alive\n\n"
 
+#: How long a stream goes on after its terminal event before the relay ends it: long enough for
+#: what may still follow (``response.failed`` after an ``error``, the ``\n`` of a CRLF split
+#: across reads, the end of the body), too short for an upstream that neither ends nor speaks.
+END_GRACE = 2.0
+
+
+class _Quiet(enum.Enum):
+    """What a wait on a silent upstream came to (see :meth:`StreamRelay._quiet`)."""
+
+    DATA = "bytes to read"
+    KEEPALIVE = "a keep-alive is due"
+    END = "the grace after the terminal event is over"
+
 
 class StreamRelay:
     """The WSGI iterable of one SSE response: upstream bytes in, the same bytes out, whole events.
@@ -159,6 +172,8 @@ class StreamRelay:
     :param resumer: re-opens a broken background stream; ``None`` when it cannot be resumed.
     :param response_id: the response's id when known in advance (a retrieve).
     :param keepalive_interval: seconds of silence before a keep-alive comment (0: never).
+    :param silence_limit: seconds of upstream silence after which the body counts as broken, however
+        many keep-alives went out meanwhile (the upstream's read timeout; 0: none).
     :param max_event_bytes: the largest event relayed.
     :param on_response_id: called with the id of ``response.created`` (to record where it lives).
     :param on_close: called once with the stream's statistics when the relay ends, however it ends.
@@ -174,6 +189,7 @@ class StreamRelay:
         resumer: Resumer | None = None,
         response_id: str | None = None,
         keepalive_interval: float = 0.0,
+        silence_limit: float = 0.0,
         max_event_bytes: int = 64 * 1024 * 1024,
         on_response_id: t.Callable[[str], None] | None = None,
         on_close: t.Callable[[StreamStats], None] | None = None,
@@ -184,13 +200,19 @@ class StreamRelay:
         self._control = control
         self._resumer = resumer
         self._keepalive = keepalive_interval
+        self._silence_limit = silence_limit
         self._max_event_bytes = max_event_bytes
         self._on_response_id = on_response_id
         self._on_close = on_close
         self._on_forward = on_forward
         self._splitter = EventSplitter(max_event_bytes)
         self._released = False
+        self._started = False
+        self._done = False
         self._clean_eof = False
+        # After a resume, events up to this sequence number were already forwarded: an upstream
+        # that replays them anyway must not make the client see them twice.
+        self._replayed_through: int | None = None
         self._end = StreamEnd.FINISHED
         self._failure: str | None = None
         self._response_id = response_id
@@ -202,6 +224,7 @@ class StreamRelay:
         self._usage: dict[str, int] | None = None
         self._last_sequence: int | None = None
         self._terminal: str | None = None
+        self._ended_at: float | None = None  # when the terminal event arrived
         control.set_resumable(resumer is not None and response_id is not None)
         self._gen: t.Generator[bytes, None, None] = self._run()
 
@@ -209,6 +232,7 @@ class StreamRelay:
         return self
 
     def __next__(self) -> bytes:
+        self._started = True
         return next(self._gen)
 
     def stats(self) -> StreamStats:
@@ -236,6 +260,11 @@ class StreamRelay:
         if self._released:
             return
         self._released = True
+        if self._end is StreamEnd.FINISHED and self._started and not self._done:
+            # Closed before the end by the server: its write to the client failed, or the watchdog
+            # cut a client that stopped reading.
+            reason = self._control.stop_reason()
+            self._end = StreamEnd.SEND_TIMEOUT if reason == "send_timeout" else StreamEnd.CLIENT_GONE
         try:
             self._body.close()
         finally:
@@ -243,17 +272,25 @@ class StreamRelay:
             if self._on_close is not None:
                 self._on_close(self.stats())
 
-    def _observe(self, event: bytes) -> None:
+    def _observe(self, event: bytes) -> bool:
+        """Note what ``event`` says; False when it must not be forwarded (a replayed duplicate)."""
         info = parse_event(event)
-        if info.sequence_number is not None:
-            self._last_sequence = info.sequence_number
+        seq = info.sequence_number
+        if self._replayed_through is not None and seq is not None:
+            if seq <= self._replayed_through:
+                return False
+            self._replayed_through = None
+        if seq is not None:
+            self._last_sequence = seq
         if info.type is None:
-            return
+            return True
         self._events += 1
         if self._first_event_at is None:
             self._first_event_at = time.monotonic()
         if info.type in TERMINAL_TYPES:
             self._terminal = info.type
+            if self._ended_at is None:
+                self._ended_at = time.monotonic()
             if info.type == "response.completed":
                 summary = completed_summary(event)
                 self._usage, self._model = summary.usage, summary.model
@@ -262,11 +299,13 @@ class StreamRelay:
             self._control.set_resumable(self._resumer is not None and self._response_id is not None)
             if self._response_id is not None and self._on_response_id is not None:
                 self._on_response_id(self._response_id)
+        return True
 
     def _failure_at_eof(self) -> str | None:
         if self._splitter.pending:
             return f"the upstream ended in the middle of an event ({self._splitter.pending} bytes unfinished)"
-        if self._terminal is None and (self._resumer is not None or (not self._body.framed and self._events)):
+        if self._terminal is None and (self._resumer is not None or self._events):
+            # Also when the transport framed the end: a Responses stream is over at its terminal event.
             return "the upstream stream ended before its terminal event"
         return None
 
@@ -279,12 +318,21 @@ class StreamRelay:
     def _pump(self) -> t.Generator[bytes, None, str | None]:
         """Relay the current body to its end; return why it failed, or None for a clean end."""
         self._clean_eof = False
+        heard_at = spoke_at = time.monotonic()  # the upstream's last bytes; the last bytes sent
         while True:
             try:
-                if self._keepalive and not self._splitter.pending and not self._body.wait(self._keepalive):
-                    yield from self._write(KEEPALIVE)
-                    continue
+                if self._ended_at is not None or (self._keepalive and not self._splitter.pending):
+                    quiet = self._quiet(heard_at, spoke_at)
+                    if quiet is _Quiet.END:
+                        return None
+                    if quiet is _Quiet.KEEPALIVE:
+                        yield from self._write(KEEPALIVE)
+                        spoke_at = time.monotonic()
+                        continue
+                    if quiet is not _Quiet.DATA:
+                        return quiet
                 chunk = self._body.read()
+                heard_at = spoke_at = time.monotonic()
                 if not chunk:
                     self._clean_eof = True
                     return self._failure_at_eof()
@@ -294,12 +342,35 @@ class StreamRelay:
             except EventTooLarge as exc:
                 return str(exc)
             if events:
-                for event in events:
-                    self._observe(event)
+                events = [event for event in events if self._observe(event)]
+            if events:
                 data = events[0] if len(events) == 1 else b"".join(events)
                 if self._on_forward is not None:
                     self._on_forward(len(events), len(data))
                 yield from self._write(data)
+            if self._ended_at is not None and time.monotonic() >= self._ended_at + END_GRACE:
+                return None  # the response is over, and so is the grace for what may follow it
+
+    def _quiet(self, heard_at: float, spoke_at: float) -> _Quiet | str:
+        """Wait for the upstream's next bytes, at most until something else is due.
+
+        :class:`_Quiet` says what is due (bytes to read, a keep-alive between whole events, the end of
+        the grace after the terminal event); a string is a failure: the upstream was silent for
+        ``silence_limit`` seconds.
+        """
+        now = time.monotonic()
+        deadlines: list[tuple[float, _Quiet | str]] = []
+        if self._keepalive and not self._splitter.pending:
+            deadlines.append((spoke_at + self._keepalive, _Quiet.KEEPALIVE))
+        if self._ended_at is not None:
+            deadlines.append((self._ended_at + END_GRACE, _Quiet.END))
+        if self._silence_limit and self._ended_at is None:  # once over, the grace alone decides
+            failure = f"the upstream was silent for {self._silence_limit:g} s (its read timeout)"
+            deadlines.append((heard_at + self._silence_limit, failure))
+        deadline, due = min(deadlines, key=lambda pair: pair[0])
+        if deadline > now and self._body.wait(deadline - now):
+            return _Quiet.DATA
+        return due
 
     def _run(self) -> t.Generator[bytes, None, None]:
         try:
@@ -309,14 +380,17 @@ class StreamRelay:
                 events_before = self._events
                 failure = yield from self._pump()
                 if failure is None:
+                    self._done = True
                     return
                 progressed = self._events > events_before
                 if progressed:
                     attempt = 0  # the last body made progress: a fresh budget of attempts
                 elif self._clean_eof and self._ended_upstream():
+                    self._done = True
                     return  # nothing after our last event and the response is over: a true end
                 outcome = self._recover(failure, attempt)
                 if outcome is None:
+                    self._done = True
                     return
                 if isinstance(outcome, str):
                     self._abort(outcome)
@@ -324,6 +398,7 @@ class StreamRelay:
                 self._body.close()
                 self._body = body
                 self._splitter = EventSplitter(self._max_event_bytes)  # a half event is dropped
+                self._replayed_through = self._last_sequence
                 self._resumes += 1
         finally:
             self._release()
@@ -349,6 +424,9 @@ class StreamRelay:
                 return failure
             if self._response_id is None:
                 return f"{failure}, before the response id was known"
+            if self._events and self._last_sequence is None:
+                # Without a cursor a resume would replay what the client already has.
+                return f"{failure}; its events carry no sequence_number to resume after"
             attempt += 1
             if attempt > self._resumer.max_attempts:
                 return f"{failure}; resuming failed {self._resumer.max_attempts} times"
@@ -367,7 +445,7 @@ class StreamRelay:
                 return attempt, outcome
 
     def _abort(self, failure: str) -> t.NoReturn:
-        self._end, self._failure = StreamEnd.ABORTED, failure
+        self._end, self._failure, self._done = StreamEnd.ABORTED, failure, True
         log.warning(
             "upstream stream %s broke after %d events (last sequence_number %s): %s;"
             " aborting the client connection so the client can resume",

@@ -145,7 +145,7 @@ def parse_event(event: bytes) -> EventInfo:
         return EventInfo(type_match.group(1).decode("utf-8", "replace"), int(seq_match.group(1)))
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return _NONE
     if not isinstance(obj, dict):
         return _NONE

@@ -116,11 +116,40 @@ def parse_retrieve_query(query_string: bytes) -> RetrieveQuery:
     return RetrieveQuery(stream=stream, starting_after=starting_after)
 
 
+def _no_constant(name: str) -> t.NoReturn:
+    raise ValueError(name)
+
+
 def parse_json_object(body: bytes) -> dict[str, t.Any]:
-    """Decode a request body that must be a JSON object."""
+    """Decode a request body that must be a JSON object, as strictly as RFC 8259 reads it.
+
+    UTF-8 only, without a byte order mark, and without ``NaN`` or ``Infinity``: what Python would
+    accept beyond that, a stricter upstream could read differently from the proxy.
+    """
     try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            "The request body is not valid UTF-8. Send the JSON object encoded as UTF-8.", param=None
+        ) from None
+    if text.startswith("\ufeff"):
+        raise InvalidRequest(
+            "The request body starts with a byte order mark, which JSON does not allow. Send it without one.",
+            param=None,
+        )
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequest(
+            "The JSON body of your request is nested too deeply to be read. Flatten it.", param=None
+        ) from None
+    except ValueError as exc:
+        if str(exc) in ("NaN", "Infinity", "-Infinity"):
+            raise InvalidRequest(
+                f"The JSON body of your request holds {exc}, which JSON does not allow. Send a number"
+                " or null instead.",
+                param=None,
+            ) from None
         raise InvalidRequest(
             "We could not parse the JSON body of your request. Send a JSON object with"
             " 'Content-Type: application/json'.",
@@ -191,8 +220,13 @@ def parse_create_body(body: bytes) -> CreateFields:
 def with_model(body: bytes, model: str) -> bytes:
     """The create body with ``model`` replaced, for a route that knows the model by another name.
 
-    The only place the proxy re-serialises a body: an alias cannot be applied otherwise.
+    The only place the proxy re-serialises a body: an alias cannot be applied otherwise. The body
+    was already checked by :func:`parse_json_object`. A lone surrogate the client escaped
+    (``"\\ud800"``) cannot be written as UTF-8, so then every non-ASCII character is escaped.
     """
     obj = json.loads(body)
     obj["model"] = model
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
