@@ -380,3 +380,60 @@ def test_an_open_stream_keeps_its_slot_past_the_lease_ttl(app: Flask, mocked: re
     first.close()
     assert leases.held() == 0
     assert store.acquire_slot(key, 1, "another", leases.ttl)
+
+
+ONE_UPSTREAM_TWO_TEAMS = f"""
+[[upstreams]]
+name = "alpha"
+url = "{ALPHA}"
+api_key_env = "ALPHA_KEY"
+
+[teams.red]
+[teams.blue]
+
+[[keys]]
+name = "red-1"
+team = "red"
+key_env = "RED_KEY"
+
+[[keys]]
+name = "blue-1"
+team = "blue"
+sha256 = "{hashlib.sha256(KEYS["BLUE"].encode()).hexdigest()}"
+"""
+
+
+@pytest.mark.parametrize(("method", "path", "mock_method", "upstream_path"), LIFECYCLE)
+def test_with_several_teams_an_id_the_store_does_not_know_is_refused_on_every_route(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mocked: responses.RequestsMock,
+    method: str,
+    path: str,
+    mock_method: str,
+    upstream_path: str,
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(ONE_UPSTREAM_TWO_TEAMS)
+    monkeypatch.setenv("ALPHA_KEY", "sk-alpha-upstream")
+    monkeypatch.setenv("RED_KEY", KEYS["RED"])
+    app = create_app(ProxySettings(config=config, store_url=f"sqlite:///{tmp_path / 'state.db'}"))
+    mocked.add(mock_method, f"{ALPHA}{upstream_path.format(id='resp_lost1')}", json=_response("resp_lost1"))
+    for who in ("RED", "BLUE"):  # the owner too: nobody can tell whose it was
+        client, auth = _as(app, who)
+        answer = client.open(path.format(id="resp_lost1"), method=method, headers=auth)
+        assert assert_error(answer, 404)["message"] == "Response with id 'resp_lost1' not found."
+    assert len(mocked.calls) == 0
+
+
+def test_forwarding_unknown_ids_with_several_teams_is_refused_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wsgi_proxy.config import ConfigError
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('unknown_ids = "forward"\n' + ONE_UPSTREAM_TWO_TEAMS)
+    monkeypatch.setenv("ALPHA_KEY", "sk-alpha-upstream")
+    monkeypatch.setenv("RED_KEY", KEYS["RED"])
+    with pytest.raises(ConfigError, match=r'unknown_ids = "forward".*2 teams.*"auto" or "reject"'):
+        create_app(ProxySettings(config=config))

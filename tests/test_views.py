@@ -609,3 +609,58 @@ def test_create_is_retried_when_no_connection_could_be_made(
     resp = make_app(retry_max_wait=0.01).test_client().post("/v1/responses", data=b'{"model":"m"}')
     assert resp.status_code == 200
     assert resp.headers["X-Upstream-Attempts"] == "2"
+
+
+# --- hostile upstreams: what one answer may cost ----------------------------------------------------
+
+
+def test_an_upstream_answer_larger_than_the_limit_is_a_502(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    big = b'{"id":"resp_1","pad":"' + b"a" * (2 * 1024 * 1024) + b'"}'
+    mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_1", body=big, content_type="application/json")
+    app = make_app(**GATEWAY, max_answer_bytes=1024 * 1024)
+    resp = app.test_client().get("/v1/responses/resp_1", headers=CLIENT_AUTH)
+    error = assert_error(resp, 502, code="upstream_protocol_error")
+    assert "WSGI_PROXY_MAX_ANSWER_BYTES" in error["message"] and UPSTREAM not in error["message"]
+
+
+def test_a_gzip_bomb_costs_no_more_than_the_limit(make_app: MakeApp, mocked: responses.RequestsMock) -> None:
+    import tracemalloc
+
+    bomb = gzip.compress(b"0" * (100 * 1024 * 1024), compresslevel=9)  # ~100 KB that inflate to 100 MiB
+    assert len(bomb) < 1024 * 1024
+    mocked.add(
+        responses.GET,
+        f"{UPSTREAM}/responses/resp_1",
+        body=bomb,
+        headers={"Content-Encoding": "gzip"},
+        content_type="application/json",
+    )
+    app = make_app(**GATEWAY, max_answer_bytes=1024 * 1024)
+    tracemalloc.start()
+    try:
+        resp = app.test_client().get("/v1/responses/resp_1", headers=CLIENT_AUTH)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_error(resp, 502, code="upstream_protocol_error")
+    assert peak < 8 * 1024 * 1024, peak  # the limit and some buffers, not the 100 MiB
+
+
+def test_a_large_error_body_answering_a_stream_is_a_502_not_a_truncated_body(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    big = json.dumps({"error": {"message": "x" * (2 * 1024 * 1024)}}).encode()
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", status=500, body=big, content_type="application/json")
+    resp = _stream_create(make_app)
+    assert_error(resp, 502, code="upstream_protocol_error")
+
+
+def test_deeply_nested_upstream_json_is_relayed_not_a_500(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    nested = b'{"id":"resp_1","usage":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", body=nested, content_type="application/json")
+    resp = make_app(**GATEWAY).test_client().post("/v1/responses", data=b'{"model":"m"}', headers=CLIENT_AUTH)
+    assert resp.status_code == 200 and resp.data == nested

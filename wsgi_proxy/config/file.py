@@ -197,6 +197,12 @@ class FileConfig(_Strict):
                 f"upstream {keyless[0]!r} has no api_key_env, but the file defines [[keys]], so the"
                 " gateway authenticates clients itself and must hold every upstream's key: add api_key_env"
             )
+        if self.unknown_ids == "forward" and len(self.teams) > 1:
+            raise ValueError(
+                'unknown_ids = "forward" sends ids the store does not know to the first upstream, so with'
+                f" {len(self.teams)} teams one team could reach another's responses whenever a record is"
+                ' missing: use "auto" or "reject"'
+            )
         if not self.keys and not self.allow_anonymous:
             raise ValueError(
                 "the file defines no [[keys]], so anyone who can reach the proxy could spend on its upstream"

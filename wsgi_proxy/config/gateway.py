@@ -165,7 +165,10 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
     )
     unknown = config.unknown_ids
     if unknown == "auto":
-        unknown = "forward" if len(upstreams) == 1 else "reject"
+        # Forwarding an id nobody recorded is safe only where it can belong to no other team on no
+        # other upstream: after a store outage, a lost record or an expired TTL, guessing would let
+        # one team read, chain onto or delete another's response.
+        unknown = "forward" if len(upstreams) == 1 and len(config.teams) <= 1 else "reject"
     return GatewayConfig(
         upstreams=upstreams,
         keys=tuple(_file_key(key, config, environ) for key in config.keys),
