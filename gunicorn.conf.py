@@ -67,6 +67,8 @@ graceful_timeout = int(os.environ.get("WSGI_PROXY_GRACEFUL_TIMEOUT", "30"))
 # The proxy writes one JSON line per request to stdout itself (streams when they end); gunicorn's
 # own access log is off unless asked for. Errors and the proxy's warnings go to stderr.
 accesslog = os.environ.get("WSGI_PROXY_ACCESS_LOG") or None
+# gunicorn's default format, without %(u)s: that is the user name of Basic auth, a client's key.
+access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 errorlog = "-"
 loglevel = os.environ.get("WSGI_PROXY_LOG_LEVEL", "info")
 

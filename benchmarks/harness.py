@@ -13,7 +13,7 @@ from wsgi_proxy.tools.launch import ServerProcess, free_port, gunicorn_argv
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_KEY = "sk-bench-upstream"
-CLIENT_KEY = "sk-bench-client"
+CLIENT_KEY = "sk-bench-client-key"
 
 
 @dataclass

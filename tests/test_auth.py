@@ -13,7 +13,7 @@ from wsgi_proxy.gateway.auth import Keyring
 from wsgi_proxy.upstream.client import UpstreamClient
 
 UPSTREAM_KEY = "sk-UPSTREAM-auth-1"
-CLIENT_KEYS = ("sk-client-one", "sk-client-two", "sk-client-three")
+CLIENT_KEYS = ("sk-client-one-000000", "sk-client-two-000000", "sk-client-three-0000")
 
 
 def _settings(**extra: str) -> ProxySettings:
@@ -39,14 +39,14 @@ def _upstream(settings: ProxySettings) -> UpstreamClient:
         "Bearer",
         "Bearer ",
         "Bearer    ",
-        "Basic sk-client-one",
-        "Token sk-client-one",
-        "sk-client-one",
+        "Basic sk-client-one-000000",
+        "Token sk-client-one-000000",
+        "sk-client-one-000000",
         "Bearer sk-client-on",
-        "Bearer sk-client-one-extra",
-        "Bearer SK-CLIENT-ONE",
+        "Bearer sk-client-one-000000-extra",
+        "Bearer SK-CLIENT-ONE-000000",
         f"Bearer {UPSTREAM_KEY}",
-        "Bearer sk-client-one,sk-client-two",
+        "Bearer sk-client-one-000000,sk-client-two-000000",
         "Bearer \udcff",
     ],
 )
@@ -61,7 +61,12 @@ def test_authenticate_missing_or_wrong_key_fails(authorization: str | None) -> N
 
 @pytest.mark.parametrize(
     "authorization",
-    ["Bearer sk-client-one", "Bearer sk-client-two", "bearer sk-client-three", "BEARER sk-client-two "],
+    [
+        "Bearer sk-client-one-000000",
+        "Bearer sk-client-two-000000",
+        "bearer sk-client-three-0000",
+        "BEARER sk-client-two-000000 ",
+    ],
 )
 def test_authenticate_right_key_among_several_passes(authorization: str) -> None:
     identity = _keyring().identify(authorization)
@@ -86,7 +91,7 @@ def test_upstream_spec_repr_hides_the_key() -> None:
 
 
 def test_upstream_headers_gateway_sends_own_bearer() -> None:
-    client = Headers({"Authorization": "Bearer sk-client-one", "api-key": "azure-client"})
+    client = Headers({"Authorization": "Bearer sk-client-one-000000", "api-key": "azure-client"})
     assert _upstream(_settings()).credentials(client) == {"Authorization": f"Bearer {UPSTREAM_KEY}"}
 
 

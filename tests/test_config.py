@@ -42,11 +42,20 @@ def test_load_defaults_pass_through() -> None:
 @pytest.mark.parametrize(
     ("raw", "keys"),
     [
-        ("k1", ["k1"]),
-        ("k1,k2", ["k1", "k2"]),
-        (" k1 , k2 ,, k3 ,", ["k1", "k2", "k3"]),
-        ("k1,\tk2\n", ["k1", "k2"]),
-        ('["k1", "k2"]', ["k1", "k2"]),
+        ("client-key-1-00000000", ["client-key-1-00000000"]),
+        ("client-key-1-00000000,client-key-2-00000000", ["client-key-1-00000000", "client-key-2-00000000"]),
+        (
+            " client-key-1-00000000 , client-key-2-00000000 ,, client-key-3-00000000 ,",
+            ["client-key-1-00000000", "client-key-2-00000000", "client-key-3-00000000"],
+        ),
+        (
+            "client-key-1-00000000,\tclient-key-2-00000000\n",
+            ["client-key-1-00000000", "client-key-2-00000000"],
+        ),
+        (
+            '["client-key-1-00000000", "client-key-2-00000000"]',
+            ["client-key-1-00000000", "client-key-2-00000000"],
+        ),
     ],
 )
 def test_load_api_keys_comma_split_and_stripped(
@@ -73,7 +82,7 @@ def test_load_upstream_key_sources(
 ) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("WSGI_PROXY_API_KEYS", "client")
+    monkeypatch.setenv("WSGI_PROXY_API_KEYS", "client-key-0123456789")
     settings = ProxySettings.load()
     assert settings.upstream_api_key is not None
     assert settings.upstream_api_key.get_secret_value() == expected
@@ -167,7 +176,7 @@ def test_load_from_app_config_mapping() -> None:
         "WSGI_PROXY_UPSTREAM_URL": "http://upstream.test/v1/",
         "WSGI_PROXY_READ_TIMEOUT": 30,
         "WSGI_PROXY_UPSTREAM_API_KEY": CANARY,
-        "WSGI_PROXY_API_KEYS": "a, b",
+        "WSGI_PROXY_API_KEYS": "client-key-aaaaaaaa, client-key-bbbbbbbb",
         "WSGI_PROXY_UPSTREAM_ORGANIZATION": "org-1",
         "SECRET_KEY": "flask's own",
         "TESTING": True,
@@ -180,7 +189,7 @@ def test_load_from_app_config_mapping() -> None:
     assert settings.upstream_organization == "org-1"
     assert settings.upstream_api_key is not None
     assert settings.upstream_api_key.get_secret_value() == CANARY
-    assert [k.get_secret_value() for k in settings.api_keys] == ["a", "b"]
+    assert [k.get_secret_value() for k in settings.api_keys] == ["client-key-aaaaaaaa", "client-key-bbbbbbbb"]
 
 
 def test_load_mapping_overrides_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,3 +237,41 @@ def test_malformed_api_version_names_the_variable(monkeypatch: pytest.MonkeyPatc
 def test_upstream_headers_from_json_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WSGI_PROXY_UPSTREAM_HEADERS", '{"X-Vendor": "abc"}')
     assert ProxySettings.load().upstream_headers == {"X-Vendor": "abc"}
+
+
+# --- secrets in the configuration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user:pass@upstream.test/v1", "https://sk-secret@upstream.test/v1", "http://:pw@u.test/v1"]
+)
+def test_an_upstream_url_with_credentials_is_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    error = _load_error(monkeypatch, {"WSGI_PROXY_UPSTREAM_URL": url})
+    message = str(error)
+    assert "WSGI_PROXY_UPSTREAM_URL" in message and "credentials" in message
+    assert url not in message and url.split("//")[1].split("@")[0] + "@" not in message
+
+
+def test_a_trailing_newline_in_the_upstream_key_is_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGI_PROXY_UPSTREAM_API_KEY", "sk-upstream-from-a-file\n")
+    monkeypatch.setenv("WSGI_PROXY_API_KEYS", "client-key-0123456789")
+    settings = ProxySettings.load()
+    assert settings.upstream_api_key is not None
+    assert settings.upstream_api_key.get_secret_value() == "sk-upstream-from-a-file"
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        ("x", "fewer than 16 characters"),
+        ("client-key-0123456789,short", "key 2 has fewer than 16 characters"),
+        ("client-key-0123456789,client-key-0123456789", "the same key is given twice"),
+    ],
+    ids=["one_character", "second_short", "twice"],
+)
+def test_weak_or_repeated_client_keys_are_refused(
+    monkeypatch: pytest.MonkeyPatch, keys: str, says: str
+) -> None:
+    error = _load_error(monkeypatch, {"WSGI_PROXY_UPSTREAM_API_KEY": "sk-up", "WSGI_PROXY_API_KEYS": keys})
+    assert "WSGI_PROXY_API_KEYS" in str(error) and says in str(error)
+    assert "client-key-0123456789" not in str(error)

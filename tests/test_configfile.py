@@ -83,7 +83,7 @@ def test_config_file_with_single_upstream_variables_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WSGI_PROXY_CONFIG", str(tmp_path / "gateway.toml"))
-    monkeypatch.setenv("WSGI_PROXY_API_KEYS", "a,b")
+    monkeypatch.setenv("WSGI_PROXY_API_KEYS", "client-key-aaaaaaaa,client-key-bbbbbbbb")
     with pytest.raises(ConfigError, match="WSGI_PROXY_API_KEYS would be ignored"):
         ProxySettings.load()
 
@@ -100,3 +100,42 @@ def test_check_config_command(
     assert "is valid: 1 upstream, 0 model routes, 1 team, 1 key" in capsys.readouterr().out
     assert main(["check-config", str(bad)]) == 2
     assert "defines no [[keys]]" in capsys.readouterr().err
+
+
+def _two_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str, second: str) -> Path:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\napi_key_env = "UP"\n'
+        "[teams.red]\n[teams.blue]\n"
+        '[[keys]]\nname = "alice"\nteam = "red"\nkey_env = "ALICE"\n'
+        '[[keys]]\nname = "bob"\nteam = "blue"\nkey_env = "BOB"\n'
+    )
+    monkeypatch.setenv("UP", "sk-up")
+    monkeypatch.setenv("ALICE", first)
+    monkeypatch.setenv("BOB", second)
+    return path
+
+
+def test_the_same_key_in_two_teams_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsgi_proxy.config import GatewayConfig, ProxySettings
+
+    path = _two_keys(tmp_path, monkeypatch, "sk-shared-key-0123456", "sk-shared-key-0123456")
+    with pytest.raises(ConfigError, match="'alice' and 'bob' are the same key") as info:
+        GatewayConfig.from_settings(ProxySettings(config=path))
+    assert "sk-shared" not in str(info.value)
+
+
+def test_a_short_key_in_the_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsgi_proxy.config import GatewayConfig, ProxySettings
+
+    path = _two_keys(tmp_path, monkeypatch, "sk-alice-key-0123456", "b")
+    with pytest.raises(ConfigError, match=r"'bob' \(BOB\) has fewer than 16 characters"):
+        GatewayConfig.from_settings(ProxySettings(config=path))
+
+
+def test_an_upstream_url_with_credentials_in_the_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "https://me:pw@u.test/v1"\n')
+    with pytest.raises(ConfigError, match=r"upstreams\[0\].*credentials") as info:
+        load_config_file(path)
+    assert "pw@" not in str(info.value)

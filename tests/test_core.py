@@ -19,7 +19,7 @@ from wsgi_proxy.wire.relay import StreamEnd, StreamRelay
 
 ONE = "http://one.test/v1"
 TWO = "http://two.test/v1"
-AUTH = "Bearer sk-core-client"
+AUTH = "Bearer sk-core-client-0000"
 SSE = (
     b'data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_s1"}}\n\n'
     b'data: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_s1","model":"m",'
@@ -28,7 +28,7 @@ SSE = (
 
 
 def _single(**settings: t.Any) -> Gateway:
-    values = {"upstream_url": ONE, "upstream_api_key": "sk-core-up", "api_keys": "sk-core-client"}
+    values = {"upstream_url": ONE, "upstream_api_key": "sk-core-up", "api_keys": "sk-core-client-0000"}
     return Gateway.build(ProxySettings.model_validate(values | settings))
 
 

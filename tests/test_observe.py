@@ -173,6 +173,8 @@ def test_metrics_endpoint_is_off_without_a_token_and_protected_with_one(
     client = app.test_client()
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    for without_bearer in ("scrape-secret", "Basic scrape-secret", "Token scrape-secret"):
+        assert client.get("/metrics", headers={"Authorization": without_bearer}).status_code == 401
     mocked.add(responses.GET, f"{UPSTREAM}/responses/resp_9", json={"id": "resp_9"})
     client.get("/v1/responses/resp_9", headers=AUTH)
     client.get("/v1/responses/resp_9", headers={"Authorization": "Bearer nope"})

@@ -20,7 +20,7 @@ from .envelope import assert_error
 
 ALPHA = "http://alpha.test/v1"
 BETA = "http://beta.test/openai/v1"
-KEYS = {"RED": "sk-red-key-1", "RED2": "sk-red-limited-2", "BLUE": "sk-blue-key-3"}
+KEYS = {"RED": "sk-red-key-1-000000", "RED2": "sk-red-limited-2-0000", "BLUE": "sk-blue-key-3-000000"}
 
 CONFIG = f"""
 [[upstreams]]
@@ -331,7 +331,7 @@ def test_the_single_upstream_variables_honour_a_store_url(
         {
             "upstream_url": ALPHA,
             "upstream_api_key": "sk-env-upstream",
-            "api_keys": "sk-env-client",
+            "api_keys": "sk-env-client-00000",
             "store_url": f"sqlite:///{tmp_path / 'env.db'}",
         }
     )
@@ -340,7 +340,7 @@ def test_the_single_upstream_variables_honour_a_store_url(
     mocked.add(
         responses.POST, f"{ALPHA}/responses", json={**_response("resp_env1"), "model": "m", "usage": usage}
     )
-    auth = {"Authorization": "Bearer sk-env-client"}
+    auth = {"Authorization": "Bearer sk-env-client-00000"}
     assert app.test_client().post("/v1/responses", data=b'{"model":"m"}', headers=auth).status_code == 200
     store = app.extensions[EXTENSION_KEY].state.store
     record = store.get_response("resp_env1")

@@ -229,7 +229,8 @@ def test_transport_failure_before_answer_is_envelope(
     mocked.add(responses.POST, f"{UPSTREAM}/responses", body=exc)
     resp = make_app(retry_attempts=0).test_client().post("/v1/responses", data=b'{"model":"m"}')
     error = assert_error(resp, status, code=code)
-    assert "upstream.test" in error["message"]
+    # The upstream's configured name, never its address: clients need not learn what is behind.
+    assert "upstream 'default'" in error["message"] and "upstream.test" not in error["message"]
 
 
 def test_raw_query_string_reaches_upstream_unchanged(
@@ -664,3 +665,39 @@ def test_deeply_nested_upstream_json_is_relayed_not_a_500(
     mocked.add(responses.POST, f"{UPSTREAM}/responses", body=nested, content_type="application/json")
     resp = make_app(**GATEWAY).test_client().post("/v1/responses", data=b'{"model":"m"}', headers=CLIENT_AUTH)
     assert resp.status_code == 200 and resp.data == nested
+
+
+# --- the gateway's key is never relayed, whatever the upstream echoes ---------------------------------------
+
+
+def test_an_upstream_echoing_the_gateways_key_is_scrubbed_from_bodies_and_headers(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    echo = {"error": {"message": f"Key {UPSTREAM_KEY} is over its quota.", "type": "insufficient_quota"}}
+    mocked.add(
+        responses.GET,
+        f"{UPSTREAM}/responses/resp_1",
+        status=429,
+        json=echo,
+        headers={"openai-debug": f"key={UPSTREAM_KEY}"},
+    )
+    resp = (
+        make_app(**GATEWAY, retry_attempts=0).test_client().get("/v1/responses/resp_1", headers=CLIENT_AUTH)
+    )
+    assert resp.status_code == 429
+    assert UPSTREAM_KEY not in resp.get_data(as_text=True) and "<redacted>" in resp.get_data(as_text=True)
+    assert all(UPSTREAM_KEY not in value for value in resp.headers.values())
+    assert resp.headers["openai-debug"] == "key=<redacted>"
+
+
+def test_an_upstream_echoing_the_gateways_key_in_an_event_is_scrubbed(
+    make_app: MakeApp, mocked: responses.RequestsMock
+) -> None:
+    echoed = SSE.replace(
+        b'"status":"in_progress"', b'"status":"in_progress","note":"' + UPSTREAM_KEY.encode() + b'"'
+    )
+    mocked.add(responses.POST, f"{UPSTREAM}/responses", body=echoed, content_type="text/event-stream")
+    client = make_app(**GATEWAY).test_client()
+    resp = client.post("/v1/responses", data=b'{"model":"m","stream":true}', headers=CLIENT_AUTH)
+    assert resp.status_code == 200
+    assert UPSTREAM_KEY.encode() not in resp.data and b'"note":"<redacted>"' in resp.data

@@ -20,7 +20,11 @@ from .conftest import Proxy, start_background, start_proxy
 
 pytestmark = pytest.mark.e2e
 
-KEYS = {"RED_KEY": "sk-red-team-k1", "BLUE_KEY": "sk-blue-team-k2", "LIMITED_KEY": "sk-red-limited-k3"}
+KEYS = {
+    "RED_KEY": "sk-red-team-key-01",
+    "BLUE_KEY": "sk-blue-team-key-02",
+    "LIMITED_KEY": "sk-red-limited-k3",
+}
 SECRETS = {"MAIN_UPSTREAM_KEY": "sk-main-upstream-s1", "AZURE_UPSTREAM_KEY": "azure-upstream-s2"}
 
 

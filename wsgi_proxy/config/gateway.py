@@ -17,7 +17,7 @@ import typing as t
 from dataclasses import dataclass, field
 
 from .file import FileConfig, KeyEntry, ModelEntry, load_config_file
-from .settings import ProxySettings
+from .settings import MIN_CLIENT_KEY, ConfigError, ProxySettings
 
 __all__ = [
     "ANONYMOUS",
@@ -169,9 +169,11 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
         # other upstream: after a store outage, a lost record or an expired TTL, guessing would let
         # one team read, chain onto or delete another's response.
         unknown = "forward" if len(upstreams) == 1 and len(config.teams) <= 1 else "reject"
+    keys = tuple(_file_key(key, config, environ) for key in config.keys)
+    _check_distinct(keys)
     return GatewayConfig(
         upstreams=upstreams,
-        keys=tuple(_file_key(key, config, environ) for key in config.keys),
+        keys=keys,
         models=config.models,
         store_url=settings.store_url or config.store_url or default_store_url(),
         unknown_ids=unknown,
@@ -179,12 +181,31 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
     )
 
 
+def _check_distinct(keys: tuple[ClientKey, ...]) -> None:
+    seen: dict[bytes, str | None] = {}
+    for key in keys:
+        name = key.identity.key_name
+        if key.digest in seen:
+            raise ConfigError(
+                f"The client keys {seen[key.digest]!r} and {name!r} are the same key, so one of them"
+                " would be taken for the other (and its team): give each client a key of its own."
+            )
+        seen[key.digest] = name
+
+
 def _file_key(key: KeyEntry, config: FileConfig, environ: t.Mapping[str, str]) -> ClientKey:
     """A ``[[keys]]`` entry with its team's and its own model lists and limits."""
     team = config.teams[key.team]
-    digest = (
-        bytes.fromhex(key.sha256) if key.sha256 else key_digest(environ[t.cast(str, key.key_env)].strip())
-    )
+    if key.sha256:
+        digest = bytes.fromhex(key.sha256)
+    else:
+        secret = environ[t.cast(str, key.key_env)].strip()
+        if len(secret) < MIN_CLIENT_KEY:
+            raise ConfigError(
+                f"The client key {key.name!r} ({key.key_env}) has fewer than {MIN_CLIENT_KEY} characters,"
+                " so it could be guessed: generate one with openssl rand -hex 24."
+            )
+        digest = key_digest(secret)
     levels = ((f"team:{key.team}", team), (f"key:{key.name}", key))
     identity = Identity(
         key_name=key.name,

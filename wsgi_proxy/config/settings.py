@@ -19,6 +19,9 @@ __all__ = ["ConfigError", "ProxySettings", "ENV_PREFIX"]
 
 ENV_PREFIX = "WSGI_PROXY_"
 
+#: The fewest characters a client key may have (a digest in the file is trusted to hide a long one).
+MIN_CLIENT_KEY = 16
+
 
 class ConfigError(RuntimeError):
     """The configuration is invalid; the message is one sentence naming the setting to fix."""
@@ -30,6 +33,9 @@ def check_base_url(value: str) -> str:
     scheme, sep, rest = value.partition("://")
     if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "?# "):
         raise ValueError("it must be an http:// or https:// URL without query or fragment")
+    if "@" in rest.split("/", 1)[0]:
+        # It would be shown in every error about the upstream; keys go in their own settings.
+        raise ValueError("it must not hold credentials (user:password@); give the upstream's key as its key")
     return value
 
 
@@ -162,8 +168,23 @@ class ProxySettings(BaseSettings):
     @field_validator("upstream_api_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip():
-            return None
+        if isinstance(value, str):
+            # A key read from a file often ends in a newline, which no upstream would accept.
+            return value.strip() or None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_enough(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        short = [n for n, key in enumerate(value, start=1) if len(key.get_secret_value()) < MIN_CLIENT_KEY]
+        if short:
+            raise ValueError(
+                f"key {short[0]} has fewer than {MIN_CLIENT_KEY} characters, so it could be guessed;"
+                " generate keys with: openssl rand -hex 24"
+            )
+        secrets = [key.get_secret_value() for key in value]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("the same key is given twice; give each client its own")
         return value
 
     @model_validator(mode="after")

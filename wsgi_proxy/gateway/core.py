@@ -201,10 +201,10 @@ class Gateway:
         _check_credentials(client, answer)
         if sent.ok:
             self._account(call, sent, tenant, record, content)
-        headers = client_response_headers(answer.headers.items())
+        headers = client.scrub_headers(client_response_headers(answer.headers.items()))
         if "Content-Type" not in answer.headers:
             headers.append(("Content-Type", "application/json"))
-        return Answer(answer.status_code, headers, content)
+        return Answer(answer.status_code, headers, client.scrub(content))
 
     def _account(
         self, call: Call, sent: _Sent, tenant: Tenant, record: RequestRecord, content: bytes
@@ -259,11 +259,11 @@ class Gateway:
             on_response_id=remember if call.creates else None,
             on_close=finished,
             on_forward=lambda events, nbytes: metrics.events_forwarded(events=events, nbytes=nbytes),
+            scrub=sent.client.scrub,
         )
         upstream_headers = sent.answer.headers
-        headers = [
-            h for h in client_response_headers(upstream_headers.items()) if h[0].lower() != "content-type"
-        ]
+        relayed = client_response_headers(upstream_headers.items())
+        headers = sent.client.scrub_headers([h for h in relayed if h[0].lower() != "content-type"])
         headers += _SSE_HEADERS
         headers.append(("Content-Type", upstream_headers["Content-Type"]))
         return Answer(sent.answer.status_code, headers, relay)

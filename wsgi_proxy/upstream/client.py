@@ -31,6 +31,9 @@ log = logging.getLogger("wsgi_proxy.upstream")
 #: The client credentials a pass-through upstream gets, by lowercase name, in their canonical spelling.
 _CLIENT_CREDENTIALS = {"authorization": "Authorization", "api-key": "api-key"}
 
+#: What the gateway's own key is replaced with wherever an upstream echoes it.
+REDACTED = b"<redacted>"
+
 #: The largest error body the proxy relays in answer to a stream request.
 MAX_ERROR_BODY = 1024 * 1024
 _READ_SIZE = 65536
@@ -156,12 +159,29 @@ class UpstreamClient:
         self.read_timeout = spec.read_timeout
         self.pass_through = spec.api_key is None
         self._gateway_headers = _gateway_headers(spec)
+        self._secret = spec.api_key.encode("utf-8", "surrogateescape") if spec.api_key else None
         self._pool_size = pool_size
         self._max_answer_bytes = max_answer_bytes
         self._verify: bool | str = ca_bundle or True
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
         self._pid = 0
+
+    def scrub(self, data: bytes) -> bytes:
+        """``data`` without the gateway's own key: an upstream may echo it in anything it sends."""
+        secret = self._secret
+        if secret is None or secret not in data:
+            return data
+        log.warning("upstream %s echoed the gateway's key in an answer; it was redacted", self.name)
+        return data.replace(secret, REDACTED)
+
+    def scrub_headers(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Response headers without the gateway's own key in any value."""
+        secret = self._secret
+        if secret is None:
+            return headers
+        key = secret.decode("utf-8", "surrogateescape")
+        return [(name, value.replace(key, REDACTED.decode())) for name, value in headers]
 
     def credentials(self, client_headers: t.Iterable[tuple[str, str]]) -> dict[str, str]:
         """Headers that authenticate a request here: the gateway's key, or the client's own."""
@@ -205,7 +225,7 @@ class UpstreamClient:
         if query:
             url += "?" + query.decode("latin-1")
         adapter = self.session.get_adapter(url)
-        with translate_errors(self.base_url):
+        with translate_errors(self.name):
             prepared = _prepare(call.method, url, self._extra_headers | dict(call.headers), call.body)
             # Straight to the transport adapter: Session.send would only add cookie handling (refused
             # here), hooks and redirects (never followed), at ~0.1 ms of CPU per call.
@@ -226,7 +246,7 @@ class UpstreamClient:
         """
         parts: list[bytes] = []
         size = 0
-        with translate_errors(self.base_url):  # a body cut short is a 502 too
+        with translate_errors(self.name):  # a body cut short is a 502 too
             while piece := response.raw.read(_READ_SIZE, decode_content=True):
                 size += len(piece)
                 if size > limit:

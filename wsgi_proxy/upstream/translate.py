@@ -26,35 +26,36 @@ __all__ = ["translate_errors", "translate_stream_errors"]
 
 
 @contextlib.contextmanager
-def translate_errors(target: str) -> t.Iterator[None]:
+def translate_errors(upstream: str) -> t.Iterator[None]:
     """Turn transport failures before an answer into 502/504 :class:`~wsgi_proxy.errors.ProxyError`.
 
-    Messages name the upstream's address, never a header; the original is chained for debugging.
+    :param upstream: the upstream's configured name: messages go to clients, which need not learn
+        the address of anything behind the gateway. The original exception is chained for the logs.
     """
     try:
         yield
     except requests.ConnectTimeout as exc:
         raise _never_sent(UpstreamTimeout)(
-            f"The upstream at {target} did not accept a connection in time. Try again later;"
+            f"The upstream {upstream!r} did not accept a connection in time. Try again later;"
             " if it persists, the operator should check the upstream URL and its network path."
         ) from exc
     except (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError) as exc:
         raise UpstreamTimeout(
-            f"The upstream at {target} did not answer within the proxy's read timeout. Try again;"
+            f"The upstream {upstream!r} did not answer within the proxy's read timeout. Try again;"
             " for long generations use background mode."
         ) from exc
     except requests.exceptions.InvalidURL as exc:
         raise UpstreamProtocolError(
-            f"The proxy could not build a valid upstream URL for {target}; the operator should check"
-            " WSGI_PROXY_UPSTREAM_URL."
+            f"The proxy could not build a valid URL for the upstream {upstream!r}; the operator should"
+            " check its URL."
         ) from exc
     except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as exc:
         raise UpstreamProtocolError(
-            f"The upstream at {target} sent a body that could not be decoded. Try again."
+            f"The upstream {upstream!r} sent a body that could not be decoded. Try again."
         ) from exc
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         error = UpstreamUnavailable(
-            f"The upstream at {target} could not be reached or dropped the connection"
+            f"The upstream {upstream!r} could not be reached or dropped the connection"
             f" ({type(exc).__name__}). Try again later."
         )
         error.never_sent = _connection_refused(exc)

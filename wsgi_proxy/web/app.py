@@ -85,8 +85,9 @@ def create_app(settings: ProxySettings | None = None, *, url_prefix: str = "/v1"
         if expected is None:
             body = b'{"error":"Metrics are off: set WSGI_PROXY_METRICS_TOKEN to turn them on."}'
             return Response(body, status=404, content_type="application/json")
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        right = hmac.compare_digest(given.strip().encode(), expected.get_secret_value().encode())
+        if scheme.lower() != "bearer" or not right:
             body = b'{"error":"Send Authorization: Bearer <WSGI_PROXY_METRICS_TOKEN> to read the metrics."}'
             return Response(body, status=401, content_type="application/json")
         text, content_type = state.metrics.render()

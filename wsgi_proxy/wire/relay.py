@@ -178,6 +178,7 @@ class StreamRelay:
     :param on_response_id: called with the id of ``response.created`` (to record where it lives).
     :param on_close: called once with the stream's statistics when the relay ends, however it ends.
     :param on_forward: called with the number of events and bytes of each write (metrics).
+    :param scrub: applied to each write, to remove a secret an upstream should never have echoed.
     """
 
     def __init__(
@@ -194,6 +195,7 @@ class StreamRelay:
         on_response_id: t.Callable[[str], None] | None = None,
         on_close: t.Callable[[StreamStats], None] | None = None,
         on_forward: t.Callable[[int, int], None] | None = None,
+        scrub: t.Callable[[bytes], bytes] | None = None,
     ) -> None:
         self._body = body
         self._label = label
@@ -205,6 +207,7 @@ class StreamRelay:
         self._on_response_id = on_response_id
         self._on_close = on_close
         self._on_forward = on_forward
+        self._scrub = scrub
         self._splitter = EventSplitter(max_event_bytes)
         self._released = False
         self._started = False
@@ -345,6 +348,8 @@ class StreamRelay:
                 events = [event for event in events if self._observe(event)]
             if events:
                 data = events[0] if len(events) == 1 else b"".join(events)
+                if self._scrub is not None:
+                    data = self._scrub(data)
                 if self._on_forward is not None:
                     self._on_forward(len(events), len(data))
                 yield from self._write(data)
