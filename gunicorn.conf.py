@@ -11,10 +11,13 @@ import sys
 import tempfile
 
 from wsgi_proxy.config import ConfigError, GatewayConfig, ProxySettings
+from wsgi_proxy.store import StoreError, check_store
 
 try:
-    GatewayConfig.from_settings(ProxySettings.load())
-except ConfigError as exc:
+    _store_url = GatewayConfig.from_settings(ProxySettings.load()).store_url
+    if _store_url is not None:
+        check_store(_store_url)  # a missing or read-only directory stops here, not in every worker
+except (ConfigError, StoreError) as exc:
     sys.stderr.write(f"wsgi-proxy: {exc}\n")
     sys.exit(2)
 

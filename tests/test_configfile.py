@@ -139,3 +139,63 @@ def test_an_upstream_url_with_credentials_in_the_file_is_refused(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"upstreams\[0\].*credentials") as info:
         load_config_file(path)
     assert "pw@" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["missing", "not_a_directory"])
+def test_check_config_refuses_a_store_the_workers_could_not_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    directory = tmp_path / "no-such-dir" if where == "missing" else blocker
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        f'allow_anonymous = true\nstore_url = "sqlite:///{directory}/state.db"\n'
+        '[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n'
+    )
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wsgi-proxy: The SQLite store at ") and "could not be created" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_default_store_is_a_private_file_in_a_private_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import stat
+    import tempfile
+
+    from wsgi_proxy.config import GatewayConfig, ProxySettings
+    from wsgi_proxy.store import check_store
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = tmp_path / "gw.toml"
+    path.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n')
+    saved = os.umask(0o022)  # the common default: files readable by everyone unless made otherwise
+    try:
+        url = GatewayConfig.from_settings(ProxySettings(config=path)).store_url
+        assert url == f"sqlite:///{tmp_path}/wsgi-proxy-{os.getuid()}/state.db"
+        check_store(url)
+    finally:
+        os.umask(saved)
+    directory = tmp_path / f"wsgi-proxy-{os.getuid()}"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "state.db").stat().st_mode) == 0o600
+
+
+def test_a_default_store_directory_open_to_others_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import tempfile
+
+    from wsgi_proxy.config import GatewayConfig, ProxySettings
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / f"wsgi-proxy-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(tmp_path / f"wsgi-proxy-{os.getuid()}", 0o777)  # another user could have made it so
+    path = tmp_path / "gw.toml"
+    path.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n')
+    with pytest.raises(ConfigError, match="not a directory of this user's alone"):
+        GatewayConfig.from_settings(ProxySettings(config=path))

@@ -256,3 +256,20 @@ def test_metric_label_values_are_the_ones_documented(
     assert _labels(app, "wsgi_proxy_upstream_errors_total", "kind") == UPSTREAM_ERROR_KINDS
     assert _labels(app, "wsgi_proxy_requests_total", "route") == {"retrieve"}
     assert _labels(app, "wsgi_proxy_requests_total", "upstream") == {"default"}
+
+
+def test_readiness_is_lost_when_the_store_directory_is_deleted(tmp_path: t.Any) -> None:
+    import shutil
+
+    from wsgi_proxy import ProxySettings, create_app
+
+    directory = tmp_path / "state"
+    directory.mkdir()
+    config = tmp_path / "gw.toml"
+    config.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n')
+    app = create_app(ProxySettings(config=config, store_url=f"sqlite:///{directory / 's.db'}"))
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    shutil.rmtree(directory)
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and answer.json == {"status": "unavailable", "store": "unreachable"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -589,3 +590,50 @@ def finish(child: subprocess.Popen[str]) -> int:
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err
     return int(out)
+
+
+class TestReadiness:
+    """``ping`` says whether requests' writes would land, not merely whether something answers."""
+
+    def test_a_full_sqlite_database_is_not_ready(self, tmp_path: Path) -> None:
+        with SQLiteStore(tmp_path / "state.db") as store:
+            assert store.ping()
+            conn = store._connection()  # this thread's connection: cap it at the pages it has
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            with pytest.raises(StoreError, match="database or disk is full"):
+                for n in range(10_000):
+                    store.put_response(record(f"resp_{n}", team="x" * 500), ttl_s=60)
+            assert not store.ping()  # the heartbeat row would still fit: what failed is remembered
+            store._failed_at = time.monotonic() - store.FAILURE_MEMORY_S  # as if 5 s went by...
+            conn.execute(f"PRAGMA max_page_count = {pages * 1000}")  # ...and the disk was freed
+            assert store.ping()
+
+    @pytest.mark.parametrize("remove", ["file", "directory"])
+    def test_a_deleted_sqlite_file_is_not_ready(self, tmp_path: Path, remove: str) -> None:
+        directory = tmp_path / "state"
+        directory.mkdir()
+        with SQLiteStore(directory / "state.db") as store:
+            assert store.ping()
+            if remove == "file":
+                for path in directory.iterdir():
+                    path.unlink()
+            else:
+                shutil.rmtree(directory)
+            assert not store.ping()  # the open file still takes writes, which nobody will ever read
+
+    def test_a_redis_that_refuses_writes_is_not_ready(self, redis_server: str) -> None:
+        import redis
+
+        admin = redis.Redis.from_url(redis_server)
+        with RedisStore(redis_server, prefix=f"test:{uuid.uuid4().hex}:") as store:
+            assert store.ping()
+            admin.config_set("maxmemory", "1")
+            admin.config_set("maxmemory-policy", "noeviction")
+            try:
+                assert not store.ping()
+            finally:
+                admin.config_set("maxmemory", "0")
+            store._failed_at = time.monotonic() - store.FAILURE_MEMORY_S
+            assert store.ping()
+        admin.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import stat
 import tempfile
 import typing as t
 from dataclasses import dataclass, field
@@ -40,8 +41,32 @@ def key_digest(value: str) -> bytes:
 
 
 def default_store_url() -> str:
-    """The SQLite file a config-file gateway uses when no store is named: one per host and user."""
-    return "sqlite:///" + os.path.join(tempfile.gettempdir(), f"wsgi-proxy-{os.getuid()}.db")
+    """The SQLite file a config-file gateway uses when no store is named: one per host and user, in a
+    directory of that user's alone (see :func:`make_default_store_dir`)."""
+    return "sqlite:///" + os.path.join(_default_store_dir(), "state.db")
+
+
+def _default_store_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"wsgi-proxy-{os.getuid()}")
+
+
+def make_default_store_dir() -> None:
+    """Create the default store's directory, readable by this user only, or refuse one that is not.
+
+    The temporary directory is shared by every user of the host, so the directory must be this
+    user's own and closed to others: the store holds who owns which response.
+    """
+    path = _default_store_dir()
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(
+            f"The default store's directory {path} is not a directory of this user's alone (mode 700):"
+            " remove it, or name a store with WSGI_PROXY_STORE_URL or store_url in the file."
+        )
 
 
 @dataclass(frozen=True)
@@ -175,10 +200,15 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
         upstreams=upstreams,
         keys=keys,
         models=config.models,
-        store_url=settings.store_url or config.store_url or default_store_url(),
+        store_url=settings.store_url or config.store_url or _made_default_store_url(),
         unknown_ids=unknown,
         response_ttl_s=config.response_ttl_days * 86400,
     )
+
+
+def _made_default_store_url() -> str:
+    make_default_store_dir()
+    return default_store_url()
 
 
 def _check_distinct(keys: tuple[ClientKey, ...]) -> None:

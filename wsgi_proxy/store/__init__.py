@@ -5,7 +5,17 @@ from .base import ResponseRecord as ResponseRecord
 from .base import Store as Store
 from .base import StoreError as StoreError
 from .base import UsageRow as UsageRow
+from .factory import check_store as check_store
 from .factory import open_store as open_store
 from .null import NullStore as NullStore
 
-__all__ = ["NullStore", "RateDecision", "ResponseRecord", "Store", "StoreError", "UsageRow", "open_store"]
+__all__ = [
+    "check_store",
+    "NullStore",
+    "RateDecision",
+    "ResponseRecord",
+    "Store",
+    "StoreError",
+    "UsageRow",
+    "open_store",
+]

@@ -13,6 +13,7 @@ import abc
 import datetime
 import math
 import re
+import time
 import typing as t
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -169,11 +170,25 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> bool:
-        """True if the store answers; a cheap readiness check that never raises."""
+        """True if the store takes a write, as requests need it to; a cheap readiness check that
+        never raises."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Release the store's connections; the store must not be used afterwards."""
+
+    #: How long after a failed operation :meth:`ping` still says False: a heartbeat that happens to
+    #: succeed (a row rewritten in place on a full disk) must not hide the requests that fail.
+    FAILURE_MEMORY_S: t.ClassVar[float] = 5.0
+    _failed_at: float | None = None
+
+    def _note_failure(self) -> None:
+        """Remember that an operation failed just now (the backends' error boundary calls this)."""
+        self._failed_at = time.monotonic()
+
+    def _failed_recently(self) -> bool:
+        failed = self._failed_at
+        return failed is not None and time.monotonic() - failed < self.FAILURE_MEMORY_S
 
     def __enter__(self) -> t.Self:
         return self

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from .base import Store, StoreError, redact_url
 from .sqlite import SQLiteStore
 
-__all__ = ["open_store"]
+__all__ = ["check_store", "open_store"]
 
 _ACCEPTED = (
     "sqlite:///absolute/path.db, sqlite:relative/path.db, a bare file path,"
@@ -91,3 +91,15 @@ def _open_redis(url: str) -> Store:
             " wsgi-proxy[redis] (pip install 'wsgi-proxy[redis]')."
         ) from None
     return RedisStore(url)
+
+
+def check_store(url: str) -> None:
+    """Open the store once and close it: what the workers will do, before any of them starts.
+
+    An SQLite store whose directory is missing or read-only is refused here with a sentence
+    (:class:`StoreError`), instead of failing in every worker. A Redis store is not dialled: a
+    server that is down at start-up is what readiness (``/readyz``) reports.
+    """
+    if url.strip().lower().startswith(("redis:", "rediss:")):
+        return
+    open_store(url).close()

@@ -179,6 +179,7 @@ class RedisStore(Store):
         try:
             yield
         except redis.RedisError as exc:
+            self._note_failure()
             detail = self._redact(str(exc)).rstrip(".") or type(exc).__name__
             raise StoreError(
                 f"The Redis store at {self.url} could not {action}: {detail}. Check that Redis is running,"
@@ -322,9 +323,12 @@ class RedisStore(Store):
         return removed
 
     def ping(self) -> bool:
+        """True when a write lands (a replica, an out-of-memory or a read-only server say False)."""
+        if self._failed_recently():
+            return False
         try:
             with self._translate("answer a ping"):
-                return bool(self._client.ping())
+                return bool(self._client.set(self._key("heartbeat", "ping"), "1", px=60_000))
         except Exception:
             return False
 

@@ -89,6 +89,11 @@ CREATE TABLE IF NOT EXISTS usage_totals (
     total_tokens INTEGER NOT NULL,
     PRIMARY KEY (day, team, key_name, model)
 ) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
+);
 """
 
 #: The tables whose rows expire (usage totals are kept until deleted).
@@ -130,11 +135,13 @@ class SQLiteStore(Store):
                 store._reset(os.getpid())
 
         os.register_at_fork(after_in_child=after_fork_in_child)
+        _create_private(self.path)
         with self._translate("be opened"):
             conn = self._connection()
             self._set_wal(conn)
             with self._write_lock:
                 conn.executescript(_SCHEMA)
+        self._inode = self.path.stat().st_ino
 
     def _reset(self, pid: int) -> None:
         """Start this process's connection bookkeeping afresh (at open, and in a forked child).
@@ -225,6 +232,7 @@ class SQLiteStore(Store):
         try:
             yield
         except sqlite3.Error as exc:
+            self._note_failure()
             raise StoreError(
                 f"The SQLite store at {self.path} could not {action}: {exc}. Check that the directory"
                 " exists and is writable by the gateway, that the disk is not full, and that no other"
@@ -431,8 +439,13 @@ class SQLiteStore(Store):
         return removed
 
     def ping(self) -> bool:
+        """True when a write lands in the file this store opened (a full disk, a read-only or a
+        deleted file or directory all say False): one small transaction."""
         try:
-            self._connection().execute("SELECT 1").fetchone()
+            if self._failed_recently() or self.path.stat().st_ino != self._inode:
+                return False  # or deleted, perhaps replaced: writes would go to a file nobody reads
+            with self._write("answer a ping") as conn:
+                conn.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (time.time(),))
         except Exception:
             return False
         return True
@@ -449,3 +462,18 @@ class SQLiteStore(Store):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (its -wal and -shm files take its mode)."""
+    if path.exists():
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:  # another worker was first
+        pass
+    except OSError as exc:
+        raise StoreError(
+            f"The SQLite store at {path} could not be created ({exc.strerror}): check that the directory"
+            f" {path.parent} exists and is writable by the gateway, or name another store."
+        ) from None

@@ -24,12 +24,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from ..config import GatewayConfig, ProxySettings
     from ..config.file import load_config_file
     from ..config.settings import ConfigError
+    from ..store import StoreError, check_store
 
     try:
         config = load_config_file(args.path)
-    except ConfigError as exc:
+        # As gunicorn.conf.py does before any worker starts: keys resolved, the store opened once.
+        store_url = GatewayConfig.from_settings(ProxySettings.load({"config": args.path})).store_url
+        if store_url is not None:
+            check_store(store_url)
+    except (ConfigError, StoreError) as exc:
         print(f"wsgi-proxy: {exc}", file=sys.stderr)
         return 2
 

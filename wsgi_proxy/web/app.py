@@ -57,7 +57,7 @@ def create_app(settings: ProxySettings | None = None, *, url_prefix: str = "/v1"
     """Build the standalone proxy app: the API under ``url_prefix`` plus health probes.
 
     ``GET /``, ``/healthz`` and ``/livez`` (liveness) answer ``{"status": "ok"}`` without touching
-    anything; ``GET /readyz`` (readiness) also checks that the state store answers. Both are cheap
+    anything; ``GET /readyz`` (readiness) also checks that the state store takes a write. Both are cheap
     enough for a load balancer to probe every second.
 
     :param settings: explicit settings; by default they are read from ``WSGI_PROXY_*`` variables.
