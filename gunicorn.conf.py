@@ -85,12 +85,8 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """On SIGTERM, SIGHUP or max_requests, end open streams deliberately instead of by SIGKILL.
+    """End open streams deliberately on SIGTERM, SIGHUP or max_requests, and refuse new connections
+    at once while draining (see wsgi_proxy.web.serving.prepare_worker)."""
+    from wsgi_proxy.web.serving import prepare_worker
 
-    Background streams are ended at once, so that their clients resume (starting_after) on another
-    worker; other streams get until shortly before graceful_timeout. They end while the worker can
-    still log and clean up: nothing is left to a `finally` that a SIGKILL would skip.
-    """
-    from wsgi_proxy.gateway.watchdog import drain_when
-
-    drain_when(lambda: not worker.alive, grace=worker.cfg.graceful_timeout)
+    prepare_worker(worker)

@@ -1,0 +1,91 @@
+"""Sockets that hold the server's resources, under the repository's gunicorn.conf.py: no key needed."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+import typing as t
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from wsgi_proxy.simulator import Simulator
+
+from .conftest import CLIENT_KEY, Proxy, start_proxy
+
+pytestmark = pytest.mark.e2e
+
+IDLE_SOCKETS = 100
+
+
+def _connect(proxy: Proxy) -> socket.socket:
+    parts = urlsplit(proxy.root_url)
+    return socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10)
+
+
+@pytest.fixture
+def idle_closers(proxy: Proxy) -> t.Iterator[list[socket.socket]]:
+    """Clients that ask for ``Connection: close`` and then never read their answer nor close."""
+    sockets = []
+    try:
+        for _ in range(IDLE_SOCKETS):
+            sock = _connect(proxy)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+            sockets.append(sock)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_idle_connection_close_sockets_do_not_stall_other_requests(
+    proxy: Proxy, idle_closers: list[socket.socket]
+) -> None:
+    # gunicorn 26+ lingers up to 2 s per such close on the worker's event loop: 100 of them kept
+    # every new request waiting for minutes. Each request here must be answered well within that.
+    time.sleep(0.5)  # let the workers reach the closes
+    slowest = 0.0
+    for _ in range(5):
+        started = time.monotonic()
+        answer = requests.get(proxy.root_url + "/healthz", timeout=60)
+        slowest = max(slowest, time.monotonic() - started)
+        assert answer.status_code == 200
+    assert slowest < IDLE_SOCKETS * 2.0 / 10, f"a request waited {slowest:.1f} s behind idle sockets"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_new_connections_are_refused_or_served_at_once_while_workers_drain(
+    simulator: Simulator, tmp_path: Path, signum: int
+) -> None:
+    proxy = start_proxy(tmp_path, simulator.base_url, env={"WSGI_PROXY_GRACEFUL_TIMEOUT": "10"})
+    try:
+        body = {
+            "model": "m",
+            "input": "x",
+            "stream": True,
+            "metadata": {"sim_words": "2000", "sim_delay_ms": "20"},
+        }
+        auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        with requests.post(
+            proxy.base_url + "/responses", json=body, headers=auth, stream=True, timeout=30
+        ) as held:
+            assert held.raw.read1(100)  # a foreground stream keeps its worker draining for seconds
+            proxy.server.signal(signum)
+            time.sleep(1.5)  # the workers have seen the signal and stopped accepting
+            outcomes = []
+            for _ in range(3):
+                started = time.monotonic()
+                try:
+                    outcome: object = requests.get(proxy.root_url + "/healthz", timeout=30).status_code
+                except requests.ConnectionError:
+                    outcome = "refused"
+                outcomes.append((outcome, round(time.monotonic() - started, 2)))
+        assert all(took < 2.0 for _, took in outcomes), outcomes  # never left hanging in a queue
+        # Stopping, gunicorn refuses them or still serves them; reloading, its new workers serve them.
+        allowed = {"refused", 200} if signum == signal.SIGTERM else {200}
+        assert {outcome for outcome, _ in outcomes} <= allowed, outcomes
+    finally:
+        proxy.server.stop()
