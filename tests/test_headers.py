@@ -43,6 +43,18 @@ def _lower(headers: dict[str, str]) -> dict[str, str]:
         "X-Real-IP",
         "Cookie",
         "X-Api-Key",
+        # Forwarded by the deny-list of old: an allow-list keeps them at the gateway.
+        "X-Forwarded-Port",
+        "X-Forwarded-Server",
+        "X-Forwarded-Prefix",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-HTTP-Method-Override",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "OpenAI-Api-Key",
+        "X-Auth-Token",
+        "X-Custom-Vendor",
     ],
 )
 @pytest.mark.parametrize("pass_through", [False, True], ids=["gateway", "pass_through"])
@@ -65,7 +77,12 @@ def test_upstream_request_headers_dropped_in_both_modes(name: str, pass_through:
         ("Content-Type", True, True),
         ("User-Agent", True, True),
         ("Accept", True, True),
-        ("X-Custom-Vendor", True, True),
+        ("traceparent", True, True),
+        ("tracestate", True, True),
+        ("X-Client-Request-Id", True, True),
+        ("Session-Id", True, True),
+        ("Originator", True, True),
+        ("X-Custom-Vendor", False, False),
     ],
 )
 def test_upstream_request_headers_mode_policy(
@@ -80,13 +97,18 @@ def test_upstream_request_headers_mode_policy(
 def test_upstream_request_headers_connection_named_headers_dropped() -> None:
     out = _upstream(
         [
-            ("Connection", "keep-alive, X-Hop, x-other"),
-            ("X-Hop", "1"),
-            ("X-Other", "2"),
-            ("X-Stays", "3"),
+            ("Connection", "keep-alive, X-Stainless-Os, openai-beta"),
+            ("X-Stainless-Os", "1"),
+            ("OpenAI-Beta", "2"),
+            ("X-Stainless-Lang", "3"),
         ]
     )
-    assert {k.lower() for k in out} == {"x-stays", "authorization", "openai-organization", "accept-encoding"}
+    assert {k.lower() for k in out} == {
+        "x-stainless-lang",
+        "authorization",
+        "openai-organization",
+        "accept-encoding",
+    }
 
 
 def test_upstream_request_headers_gateway_replaces_client_credentials() -> None:
@@ -177,3 +199,42 @@ def test_redact_replaces_credentials_only() -> None:
     assert [n for n, _ in out] == [n for n, _ in headers]
     assert not any("sk-secret" in v for _, v in out)
     assert out[-2:] == headers[-2:]
+
+
+@pytest.mark.parametrize(
+    ("also", "name", "kept"),
+    [
+        (("x-vendor-id",), "X-Vendor-Id", True),
+        (("x-vendor-*",), "X-Vendor-Trace", True),
+        (("x-vendor-*",), "X-Other", False),
+        ((), "X-Vendor-Id", False),
+    ],
+)
+def test_upstream_request_headers_the_operator_forwards_too(
+    also: tuple[str, ...], name: str, kept: bool
+) -> None:
+    out = upstream_request_headers(
+        [(name, "v")], credentials=GATEWAY, pass_through=False, stream=False, also=also
+    )
+    assert (out.get(name) == "v") is kept
+
+
+def test_upstream_request_headers_are_bounded() -> None:
+    from wsgi_proxy.errors import HeadersTooLarge
+
+    many = [(f"X-Stainless-H{n}", "x" * 1000) for n in range(20)]
+    with pytest.raises(HeadersTooLarge) as info:
+        _upstream(many)
+    assert info.value.status == 431 and info.value.message.endswith(".")
+    assert len(_upstream(many[:10])) == 13  # within the bound: all of them, and the proxy's own three
+
+
+@pytest.mark.parametrize(
+    "names",
+    ["authorization", "x-forwarded-*", "x-*", "cookie", "Host", "bad name", "openai-organization"],
+)
+def test_forward_headers_setting_refuses_what_must_stay(names: str) -> None:
+    from wsgi_proxy.config import ConfigError, ProxySettings
+
+    with pytest.raises(ConfigError, match="WSGI_PROXY_FORWARD_HEADERS is invalid: .* cannot be forwarded"):
+        ProxySettings.load({"forward_headers": names})

@@ -5,7 +5,8 @@ relayed as they are and never become one. The tree::
 
     ProxyError                        500  server_error
     ├── InvalidRequest                400  invalid_request_error   (bad query, path or body; names `param`)
-    │   └── RequestTooLarge           413
+    │   ├── RequestTooLarge           413
+    │   └── HeadersTooLarge           431
     ├── AuthenticationFailed          401  invalid_request_error   (missing or unknown client key)
     ├── ModelNotFound                 404  invalid_request_error   (not routed, or not for this key)
     ├── ResponseNotFound              404  invalid_request_error   (unknown id, or another team's response)
@@ -33,6 +34,7 @@ import typing as t
 
 __all__ = [
     "AuthenticationFailed",
+    "HeadersTooLarge",
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelNotFound",
@@ -92,6 +94,13 @@ class RequestTooLarge(InvalidRequest):
 
     status = 413
     code = "request_too_large"
+
+
+class HeadersTooLarge(InvalidRequest):
+    """The client's headers to forward exceed the proxy's bound."""
+
+    status = 431
+    code = "request_headers_too_large"
 
 
 class AuthenticationFailed(ProxyError):

@@ -19,6 +19,28 @@ __all__ = ["ConfigError", "ProxySettings", "ENV_PREFIX"]
 
 ENV_PREFIX = "WSGI_PROXY_"
 
+#: Headers an operator may not add to the forwarded ones: credentials, framing, proxies' own.
+_NEVER_FORWARDED = frozenset(
+    {
+        "authorization", "api-key", "x-api-key", "cookie", "proxy-authorization", "host", "connection",
+        "content-length", "transfer-encoding", "upgrade", "te", "trailer", "keep-alive", "expect",
+        "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+        "openai-organization", "openai-project", "accept-encoding", "",
+    }
+)  # fmt: skip
+
+
+def _check_forwardable(name: str) -> None:
+    """Refuse a header name (or ``prefix*``) that could forward a credential or framing header."""
+    prefix = name[:-1] if name.endswith("*") else None
+    covers = [n for n in _NEVER_FORWARDED if n == name or (prefix is not None and n.startswith(prefix))]
+    if not re.fullmatch(r"[a-z0-9-]+\*?", name) or covers:
+        raise ValueError(
+            f"{name!r} cannot be forwarded: name headers by letters, digits and '-' (a trailing '*' for"
+            " a prefix), and never a credential, hop-by-hop or forwarding header"
+        )
+
+
 #: The fewest characters a client key may have (a digest in the file is trusted to hide a long one).
 MIN_CLIENT_KEY = 16
 
@@ -78,6 +100,10 @@ class ProxySettings(BaseSettings):
 
     upstream_headers: dict[str, str] = {}
     """Extra headers sent upstream with every request, as a JSON object (vendor-specific needs)."""
+
+    forward_headers: t.Annotated[tuple[str, ...], NoDecode] = ()
+    """Client request headers to forward upstream besides the SDKs' and Codex's own (comma-separated
+    names; ``x-vendor-*`` matches a prefix). Credentials and hop-by-hop headers are never forwarded."""
 
     upstream_api_key: SecretStr | None = Field(
         default=None,
@@ -163,6 +189,18 @@ class ProxySettings(BaseSettings):
                 except ValueError:
                     raise ValueError("it looks like a JSON list but is not valid JSON") from None
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("forward_headers", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (tuple, list)):
+            names = tuple(str(name).lower() for name in value)
+            for name in names:
+                _check_forwardable(name)
+            return names
         return value
 
     @field_validator("upstream_api_key", mode="before")

@@ -175,6 +175,7 @@ class Gateway:
             credentials=client.credentials(call.headers),
             pass_through=client.pass_through,
             stream=call.stream,
+            also=self.state.settings.forward_headers,
         )
         headers["X-Request-ID"] = record.request_id
         body = call.body
