@@ -50,6 +50,12 @@ _DELTA = (
 )
 
 
+_COMPLETED = (
+    b'event: response.completed\ndata: {"type":"response.completed","sequence_number":1235,'
+    b'"response":{"id":"resp_0123","status":"completed"}}\n\n'
+)
+
+
 def _per_call_us(operation: t.Callable[[], object], calls: int) -> float:
     # Warmed up first: series created, caches filled.
     return round(per_call_us(lambda _: operation(), calls, warmup=min(calls, 1000)), 2)
@@ -65,7 +71,7 @@ def run(calls: int) -> dict[str, t.Any]:
 
 
 class _StoredBody:
-    """An upstream body that hands out one stored event per read, with no I/O."""
+    """An upstream body that hands out one stored event per read, then the terminal one, with no I/O."""
 
     framed = True
 
@@ -76,10 +82,10 @@ class _StoredBody:
         return True
 
     def read(self) -> bytes:
-        if not self._left:
+        if self._left < 0:
             return b""
         self._left -= 1
-        return _DELTA
+        return _DELTA if self._left >= 0 else _COMPLETED
 
     def close(self) -> None:
         pass

@@ -321,7 +321,8 @@ class FakeBody:
 
     def wait(self, timeout: float) -> bool:
         if self._items and self._items[0] is SILENCE:
-            self._items.pop(0)
+            if timeout > 0:  # a whole interval of silence passes; a zero wait only looks
+                self._items.pop(0)
             return False
         return True
 

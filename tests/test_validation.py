@@ -274,3 +274,21 @@ def test_parse_json_object_refuses_what_a_stricter_reader_would_read_differently
 )
 def test_with_model_replaces_the_model_and_writes_valid_json(body: bytes, expected: bytes) -> None:
     assert with_model(body, "b") == expected
+
+
+@pytest.mark.parametrize(
+    "unit", [b"{},", b"[],", b"1,", b'"a",'], ids=["objects", "arrays", "numbers", "strings"]
+)
+def test_a_body_of_more_json_values_than_any_model_takes_is_refused_before_parsing(unit: bytes) -> None:
+    from wsgi_proxy.errors import RequestTooLarge
+    from wsgi_proxy.wire.validation import MAX_JSON_VALUES
+
+    body = b'{"model":"m","input":[' + unit * (MAX_JSON_VALUES + 1) + b"1]}"
+    with pytest.raises(RequestTooLarge, match="more than 2,000,000 JSON values") as info:
+        parse_json_object(body)
+    assert info.value.status == 413
+
+
+def test_a_large_body_of_few_values_is_parsed() -> None:
+    body = b'{"model":"m","input":"' + b"x" * (32 * 1024 * 1024) + b'"}'
+    assert len(parse_json_object(body)["input"]) == 32 * 1024 * 1024

@@ -144,6 +144,7 @@ KEEPALIVE = b": keep-alive\n\n"
 #: what may still follow (``response.failed`` after an ``error``, the ``\n`` of a CRLF split
 #: across reads, the end of the body), too short for an upstream that neither ends nor speaks.
 END_GRACE = 2.0
+_NEVER = float("inf")
 
 
 class _Quiet(enum.Enum):
@@ -235,7 +236,6 @@ class StreamRelay:
         return self
 
     def __next__(self) -> bytes:
-        self._started = True
         return next(self._gen)
 
     def stats(self) -> StreamStats:
@@ -324,7 +324,9 @@ class StreamRelay:
         heard_at = spoke_at = time.monotonic()  # the upstream's last bytes; the last bytes sent
         while True:
             try:
-                if self._ended_at is not None or (self._keepalive and not self._splitter.pending):
+                waits = self._ended_at is not None or (self._keepalive and not self._splitter.pending)
+                # On a busy stream the bytes are there already: one poll, and no deadlines to work out.
+                if waits and not self._body.wait(0):
                     quiet = self._quiet(heard_at, spoke_at)
                     if quiet is _Quiet.END:
                         return None
@@ -344,7 +346,10 @@ class StreamRelay:
                 return exc.reason
             except EventTooLarge as exc:
                 return str(exc)
-            if events:
+            if self._replayed_through is None:
+                for event in events:
+                    self._observe(event)
+            else:  # after a resume: what the upstream replays is not forwarded twice
                 events = [event for event in events if self._observe(event)]
             if events:
                 data = events[0] if len(events) == 1 else b"".join(events)
@@ -363,22 +368,23 @@ class StreamRelay:
         the grace after the terminal event); a string is a failure: the upstream was silent for
         ``silence_limit`` seconds.
         """
-        now = time.monotonic()
-        deadlines: list[tuple[float, _Quiet | str]] = []
-        if self._keepalive and not self._splitter.pending:
-            deadlines.append((spoke_at + self._keepalive, _Quiet.KEEPALIVE))
+        due: _Quiet | str = _Quiet.KEEPALIVE
+        deadline = spoke_at + self._keepalive if self._keepalive and not self._splitter.pending else _NEVER
         if self._ended_at is not None:
-            deadlines.append((self._ended_at + END_GRACE, _Quiet.END))
-        if self._silence_limit and self._ended_at is None:  # once over, the grace alone decides
-            failure = f"the upstream was silent for {self._silence_limit:g} s (its read timeout)"
-            deadlines.append((heard_at + self._silence_limit, failure))
-        deadline, due = min(deadlines, key=lambda pair: pair[0])
-        if deadline > now and self._body.wait(deadline - now):
+            if self._ended_at + END_GRACE < deadline:
+                due, deadline = _Quiet.END, self._ended_at + END_GRACE
+        elif self._silence_limit and heard_at + self._silence_limit < deadline:
+            # Once the response is over, the grace alone decides.
+            due = f"the upstream was silent for {self._silence_limit:g} s (its read timeout)"
+            deadline = heard_at + self._silence_limit
+        wait = deadline - time.monotonic()
+        if wait > 0 and self._body.wait(wait):
             return _Quiet.DATA
         return due
 
     def _run(self) -> t.Generator[bytes, None, None]:
         try:
+            self._started = True
             yield b""
             attempt = 0
             while True:
