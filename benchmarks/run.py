@@ -8,7 +8,8 @@ non-stream call, also through floor_app.py's minimal forwarder; per-event delay;
 events/s), locator.py (the cost of the config-file gateway's store), observation.py (the cost of
 metrics, log lines and per-event notes), capacity.py (1,000 concurrent streams on one worker, 100
 in quick mode: RSS per stream), soak.py (streams cut upstream and resumed, clients that leave)
-and restart.py (SIGHUP during open streams), each in the mode its own script runs with (``--quick`` or not).
+restart.py (SIGHUP during open streams) and faults.py (silent upstreams, a Redis outage, lost
+records, idle sockets, dense bodies), each in the mode its own script runs with (``--quick`` or not).
 
 When LiteLLM is installed (it is not a dependency of this project), its proxy (``litellm --config``)
 is started in front of the same simulator, and the same non-stream calls and one streamed create are
@@ -45,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import capacity
+import faults
 import locator
 import observation
 import overhead
@@ -731,6 +733,34 @@ def _md_observation(r: Result) -> list[str]:
     ) + ["", f"Timed in one process over {r['calls']:,} calls each, on the code the workers run."]
 
 
+def _md_faults(r: Result) -> list[str]:
+    silent, outage, lost = r["silent_upstream"], r["store_outage"], r["lost_records"]
+    rows = [
+        (
+            "upstream silent after 3 events, keep-alives every 1 s, read timeout 3 s",
+            f"the client's stream {silent['ending']} after {silent['stream_ended_after_s']} s",
+        ),
+        (
+            f"Redis frozen {outage['outage_s']:g} s under 8 clients of creates",
+            f"answers {outage['answers']}; of {outage['created']} created, {outage['records_lost']} without"
+            f" a locator, {outage['responses_not_counted']} not counted",
+        ),
+        ("a locator lost (FLUSHALL), tried by another team and the owner", f"{lost['answers']}"),
+        (
+            "100 sockets asking Connection: close and never reading",
+            f"slowest health check {r['idle_closers']['slowest_health_check_s']} s",
+        ),
+        (
+            "bodies of tiny JSON items",
+            "; ".join(
+                f"{b['body_mib']} MiB: {b['status']}, worker RSS +{b['worker_rss_growth_mib']} MiB"
+                for b in r["dense_body"]["bodies"]
+            ),
+        ),
+    ]
+    return _table(("fault", "what happened"), rows)
+
+
 SECTIONS: dict[str, tuple[str, t.Callable[[Result], list[str]]]] = {
     "overhead": ("Overhead against the direct simulator (`overhead.py`)", _md_overhead),
     "litellm": ("Side by side with LiteLLM", _md_litellm),
@@ -742,6 +772,7 @@ SECTIONS: dict[str, tuple[str, t.Callable[[Result], list[str]]]] = {
     "capacity": ("Concurrent streams on one worker (`capacity.py`)", _md_capacity),
     "soak": ("Soak: cut streams resumed, clients that leave (`soak.py`)", _md_soak),
     "restart": ("Restart: SIGHUP during open streams (`restart.py`)", _md_restart),
+    "faults": ("Faults and attacks (`faults.py`)", _md_faults),
 }
 
 
@@ -830,6 +861,7 @@ def run(quick: bool, out: Path, log: t.TextIO = sys.stderr) -> tuple[Result, boo
         ("capacity", capacity.bench),
         ("soak", soak.bench),
         ("restart", restart.bench),
+        ("faults", faults.bench),
     ]
     for name, bench in steps:
         time.sleep(1.0)  # let the previous benchmark's processes go
@@ -839,6 +871,9 @@ def run(quick: bool, out: Path, log: t.TextIO = sys.stderr) -> tuple[Result, boo
         and soak.ok(benchmarks["soak"]),
         "restart: every background stream whole across the SIGHUP": "error" not in benchmarks["restart"]
         and restart.ok(benchmarks["restart"]),
+        "faults: streams cut, no record lost or uncounted, lost ids refused": "error"
+        not in benchmarks["faults"]
+        and faults.ok(benchmarks["faults"]),
     }
     summary: Result = {
         "command": "python benchmarks/run.py" + (" --quick" if quick else ""),

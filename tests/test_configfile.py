@@ -199,3 +199,15 @@ def test_a_default_store_directory_open_to_others_is_refused(
     path.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n')
     with pytest.raises(ConfigError, match="not a directory of this user's alone"):
         GatewayConfig.from_settings(ProxySettings(config=path))
+
+
+@pytest.mark.parametrize("variable", ["WSGI_PROXY_READ_TIMEOUT", "WSGI_PROXY_CONNECT_TIMEOUT"])
+def test_timeouts_of_the_variables_are_refused_with_a_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text('allow_anonymous = true\n[[upstreams]]\nname = "u"\nurl = "http://u.test/v1"\n')
+    monkeypatch.setenv("WSGI_PROXY_CONFIG", str(path))
+    monkeypatch.setenv(variable, "20")
+    with pytest.raises(ConfigError, match=f"{variable} would be ignored: .*read_timeout\\) in the file"):
+        ProxySettings.load()

@@ -15,6 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from wsgi_proxy import ProxySettings, create_app
+from wsgi_proxy.store import ResponseRecord
 
 from .envelope import assert_error
 
@@ -437,3 +438,44 @@ def test_forwarding_unknown_ids_with_several_teams_is_refused_at_start_up(
     monkeypatch.setenv("RED_KEY", KEYS["RED"])
     with pytest.raises(ConfigError, match=r'unknown_ids = "forward".*2 teams.*"auto" or "reject"'):
         create_app(ProxySettings(config=config))
+
+
+def test_a_create_whose_record_cannot_be_written_is_kept_until_the_store_takes_it(
+    app: Flask, mocked: responses.RequestsMock
+) -> None:
+    from wsgi_proxy.web.hooks import EXTENSION_KEY
+
+    state = app.extensions[EXTENSION_KEY].state
+    store, pending = state.store, state.pending
+    usage = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
+    mocked.add(
+        responses.POST,
+        f"{ALPHA}/responses",
+        json={**_response("resp_full1"), "model": "gpt-a", "usage": usage},
+    )
+    mocked.add(responses.GET, f"{ALPHA}/responses/resp_full1", json=_response("resp_full1"))
+    conn = store._connection()  # the test client serves requests on this thread: its connection
+    (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
+    with pytest.raises(Exception, match="full"):
+        for n in range(10_000):  # fill what is left of the file's pages
+            store.put_response(ResponseRecord(f"resp_pad{n}", "alpha", "red", None, 0.0, False), 60)
+    store._failed_at = None  # the gateway has not seen the failure yet: the create goes upstream
+
+    assert _create(app, "RED", {"model": "gpt-a", "input": "x"}).status_code == 200
+    assert pending.response("resp_full1") is not None  # the locator, kept (usage too if it did not fit)
+    client, red = _as(app, "RED")
+    assert client.get("/v1/responses/resp_full1", headers=red).status_code == 200  # answered from the queue
+    _, blue = _as(app, "BLUE")
+    assert_error(client.get("/v1/responses/resp_full1", headers=blue), 404)  # still the owner's only
+    calls = len(mocked.calls)
+    refused = _create(app, "RED", {"model": "gpt-a", "input": "y"})  # the store is failing: refused first
+    assert_error(refused, 503, code="store_unavailable")
+    assert len(mocked.calls) == calls  # it never reached the upstream
+
+    conn.execute(f"PRAGMA max_page_count = {pages * 1000}")  # the disk is freed
+    assert pending.flush() == 0
+    located = store.get_response("resp_full1")
+    assert located is not None and (located.upstream, located.team) == ("alpha", "red")
+    (row,) = [r for r in store.usage_totals() if r.total_tokens]
+    assert (row.responses, row.total_tokens) == (1, 3)

@@ -231,13 +231,15 @@ class ProxySettings(BaseSettings):
             single = sorted(
                 f
                 for f in self.model_fields_set
-                if f.startswith("upstream_") or f in ("api_keys", "allow_anonymous")
+                if f.startswith("upstream_")
+                or f in ("api_keys", "allow_anonymous", "connect_timeout", "read_timeout")
             )
             if single:
                 names = ", ".join(ENV_PREFIX + f.upper() for f in single)
                 raise ValueError(
                     f"WSGI_PROXY_CONFIG is set, so {names} would be ignored: put the upstreams and keys"
-                    " in the file and unset these variables."
+                    " (and each upstream's connect_timeout and read_timeout) in the file and unset these"
+                    " variables."
                 )
             return self
         if self.upstream_api_version is not None and self.upstream_kind != "azure":

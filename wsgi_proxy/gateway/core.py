@@ -98,6 +98,8 @@ class Gateway:
         if call.routed:
             record.asked_for(call.model)
             tenant.check_model(call.model)
+        if call.creates:
+            tenant.admit_create()
         targets = self._targets(call, tenant)
         release = tenant.open_stream() if call.stream else _nothing
         try:

@@ -14,6 +14,7 @@ from ..upstream.resume import ResumePolicy
 from ..upstream.retries import RetryPolicy
 from .auth import Keyring
 from .leases import LeaseKeeper
+from .pending import PendingWrites
 from .routing import Router
 from .watchdog import DisconnectWatchdog
 
@@ -34,6 +35,7 @@ class GatewayState:
     router: Router
     store: Store
     leases: LeaseKeeper
+    pending: PendingWrites
     watchdog: DisconnectWatchdog
     metrics: Metrics = field(default_factory=Metrics)
     unknown_ids: t.Literal["forward", "reject"] = "forward"
@@ -72,6 +74,7 @@ class GatewayState:
             router=Router(config.models, list(upstreams)),
             store=store,
             leases=LeaseKeeper(store, settings.stream_lease_ttl),
+            pending=PendingWrites(store),
             watchdog=DisconnectWatchdog(send_timeout=settings.send_timeout),
             unknown_ids=config.unknown_ids,
             response_ttl_s=config.response_ttl_s,

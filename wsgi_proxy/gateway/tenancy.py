@@ -18,7 +18,7 @@ import uuid
 
 from ..config.gateway import Identity
 from ..errors import ModelNotFound, RateLimited, ResponseNotFound, StoreUnavailable
-from ..store import ResponseRecord, StoreError
+from ..store import ResponseRecord, Store, StoreError
 from ..upstream.client import UpstreamClient
 from ..wire.responses import Summary
 from .state import GatewayState
@@ -96,11 +96,27 @@ class Tenant:
             leases.hold(key, lease)
         return release
 
+    def admit_create(self) -> None:
+        """Refuse a create before it reaches the upstream when its record could not be written.
+
+        The store failed moments ago (it is down, or its disk is full), or this worker already
+        holds as many unwritten records as it keeps: the response would exist upstream with
+        nobody able to say whose it is.
+        """
+        if self.state.store.failing() or self.state.pending.full:
+            log.warning("refusing a create: the state store cannot record it now")
+            raise StoreUnavailable()
+
     def locate(self, response_id: str) -> UpstreamClient:
         """The upstream holding a response this caller may see, or the 404 of an unknown id."""
         state = self.state
-        with _store_errors():
-            record = state.store.get_response(response_id)
+        try:
+            record = state.store.get_response(response_id) or state.pending.response(response_id)
+        except StoreError as exc:
+            record = state.pending.response(response_id)  # this worker's own, not written yet
+            if record is None:
+                log.error("the state store failed: %s", exc)
+                raise StoreUnavailable() from None
         if record is None:
             if state.unknown_ids == "forward":
                 return state.default_upstream
@@ -122,7 +138,10 @@ class Tenant:
         try:
             self.state.store.put_response(record, self.state.response_ttl_s)
         except StoreError as exc:
-            log.error("could not record response %s in the state store: %s", response_id, exc)
+            log.error(
+                "could not record response %s yet (kept until the store takes it): %s", response_id, exc
+            )
+            self.state.pending.put_response(record, self.state.response_ttl_s)
 
     def record_usage(self, summary: Summary, model: str | None) -> None:
         """Count a finished response's tokens once, whichever path saw them first (best effort).
@@ -130,21 +149,33 @@ class Tenant:
         :param summary: the response's id and usage (nothing is counted without both).
         :param model: the model to count them under when the summary names none.
         """
-        usage = summary.usage
-        if summary.response_id is None or usage is None:
+        usage, response_id = summary.usage, summary.response_id
+        if response_id is None or usage is None:
             return
-        try:
-            self.state.store.record_usage(
-                summary.response_id,
-                key_name=self.identity.key_name,
-                team=self.identity.team,
+        identity = self.identity
+
+        def write(store: Store) -> object:
+            return store.record_usage(
+                response_id,
+                key_name=identity.key_name,
+                team=identity.team,
                 model=summary.model or model,
                 input_tokens=usage["input_tokens"],
                 output_tokens=usage["output_tokens"],
                 total_tokens=usage["total_tokens"],
             )
-        except (StoreError, ValueError) as exc:
-            log.error("could not record the usage of response %s: %s", summary.response_id, exc)
+
+        try:
+            write(self.state.store)
+        except ValueError as exc:  # counts of the wrong type: nothing would ever take them
+            log.error("could not record the usage of response %s: %s", response_id, exc)
+        except StoreError as exc:
+            log.error(
+                "could not record the usage of response %s yet (kept until the store takes it): %s",
+                response_id,
+                exc,
+            )
+            self.state.pending.record_usage(write)
 
     def forget(self, response_id: str) -> None:
         with contextlib.suppress(StoreError):

@@ -186,7 +186,8 @@ class Store(abc.ABC):
         """Remember that an operation failed just now (the backends' error boundary calls this)."""
         self._failed_at = time.monotonic()
 
-    def _failed_recently(self) -> bool:
+    def failing(self) -> bool:
+        """True while an operation failed within the last :attr:`FAILURE_MEMORY_S` seconds."""
         failed = self._failed_at
         return failed is not None and time.monotonic() - failed < self.FAILURE_MEMORY_S
 

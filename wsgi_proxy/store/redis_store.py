@@ -324,7 +324,7 @@ class RedisStore(Store):
 
     def ping(self) -> bool:
         """True when a write lands (a replica, an out-of-memory or a read-only server say False)."""
-        if self._failed_recently():
+        if self.failing():
             return False
         try:
             with self._translate("answer a ping"):

@@ -442,7 +442,7 @@ class SQLiteStore(Store):
         """True when a write lands in the file this store opened (a full disk, a read-only or a
         deleted file or directory all say False): one small transaction."""
         try:
-            if self._failed_recently() or self.path.stat().st_ino != self._inode:
+            if self.failing() or self.path.stat().st_ino != self._inode:
                 return False  # or deleted, perhaps replaced: writes would go to a file nobody reads
             with self._write("answer a ping") as conn:
                 conn.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (time.time(),))
