@@ -15,6 +15,9 @@ simulator on loopback, and reports what a client, the store and the worker saw:
   persistence does), tried by another team and by its owner on every lifecycle route.
 - idle_closers: 100 sockets that send ``Connection: close`` and never read: the slowest of five
   health checks meanwhile.
+- slow_clients: 300 sockets sending their headers a byte every half second, then 300 whose body
+  never arrives, against 2 x 64 threads, direct and through nginx (the README's configuration):
+  the slowest of three health checks meanwhile.
 - dense_body: a body of tiny JSON items of 1, 8 and 60 MiB: the answer, and the worker's RSS growth.
 """
 
@@ -39,7 +42,8 @@ import requests
 from harness import UPSTREAM_KEY, process_status, save_result, worker_pid
 
 from wsgi_proxy.store import open_store
-from wsgi_proxy.tools.launch import ServerProcess, free_port, gunicorn_argv
+from wsgi_proxy.tools.hostile import Dribblers, IdleClosers
+from wsgi_proxy.tools.launch import ServerProcess, free_port, gunicorn_argv, nginx_server
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"RED_KEY": "sk-faults-red-key-0001", "BLUE_KEY": "sk-faults-blue-key-0002"}
@@ -269,23 +273,56 @@ def lost_records(tmp: Path, quick: bool) -> dict[str, t.Any]:
 
 def idle_closers(tmp: Path, quick: bool) -> dict[str, t.Any]:
     gateway = Gateway(tmp)
-    port = int(gateway.root.rsplit(":", 1)[1])
-    sockets = []
     try:
-        for _ in range(100):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            sockets.append(sock)
-        time.sleep(0.5)
-        slowest = 0.0
-        for _ in range(5):
-            started = time.monotonic()
-            requests.get(gateway.root + "/healthz", timeout=300)
-            slowest = max(slowest, time.monotonic() - started)
+        with IdleClosers(gateway.root, 100):
+            time.sleep(0.5)
+            slowest = 0.0
+            for _ in range(5):
+                started = time.monotonic()
+                requests.get(gateway.root + "/healthz", timeout=300)
+                slowest = max(slowest, time.monotonic() - started)
         return {"idle_sockets": 100, "slowest_health_check_s": round(slowest, 3)}
     finally:
-        for sock in sockets:
-            sock.close()
+        gateway.stop()
+
+
+def _slowest_health(root: str, tries: int = 3, limit: float = 20.0) -> float | str:
+    slowest = 0.0
+    for _ in range(tries):
+        started = time.monotonic()
+        try:
+            requests.get(root + "/healthz", timeout=limit)
+        except requests.RequestException:
+            return f"no answer within {limit:g} s"
+        slowest = max(slowest, time.monotonic() - started)
+    return round(slowest, 3)
+
+
+def slow_clients(tmp: Path, quick: bool) -> dict[str, t.Any]:
+    """Slow-header and slow-body clients, more than the gateway's threads, direct and through nginx."""
+    gateway = Gateway(tmp)  # 2 workers x 64 threads
+    count = 300
+    nginx = None
+    if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"):
+        port = free_port()
+        nginx = nginx_server(port, int(gateway.root.rsplit(":", 1)[1]), tmp).start()
+    results: dict[str, t.Any] = {"slow_clients": count, "threads": 128}
+    try:
+        for kind in ("headers", "body"):
+            for front, root in (("direct", gateway.root), ("nginx", nginx and f"http://127.0.0.1:{port}")):
+                if not root:
+                    results[f"{kind}_{front}"] = "nginx not installed"
+                    continue
+                with Dribblers(root, kind, count):
+                    time.sleep(2.0)
+                    results[f"{kind}_{front}_slowest_health_s"] = _slowest_health(
+                        root, limit=5 if quick else 20
+                    )
+                time.sleep(1.0)
+        return results
+    finally:
+        if nginx is not None:
+            nginx.stop()
         gateway.stop()
 
 
@@ -318,6 +355,7 @@ SCENARIOS: dict[str, t.Callable[[Path, bool], dict[str, t.Any]]] = {
     "store_outage": store_outage,
     "lost_records": lost_records,
     "idle_closers": idle_closers,
+    "slow_clients": slow_clients,
     "dense_body": dense_body,
 }
 

@@ -734,7 +734,7 @@ def _md_observation(r: Result) -> list[str]:
 
 
 def _md_faults(r: Result) -> list[str]:
-    silent, outage, lost = r["silent_upstream"], r["store_outage"], r["lost_records"]
+    silent, outage, lost, slow = r["silent_upstream"], r["store_outage"], r["lost_records"], r["slow_clients"]
     rows = [
         (
             "upstream silent after 3 events, keep-alives every 1 s, read timeout 3 s",
@@ -749,6 +749,15 @@ def _md_faults(r: Result) -> list[str]:
         (
             "100 sockets asking Connection: close and never reading",
             f"slowest health check {r['idle_closers']['slowest_health_check_s']} s",
+        ),
+        (
+            f"{slow['slow_clients']} slow-header / slow-body clients, {slow['threads']} threads:"
+            " slowest health check direct / through nginx",
+            " / ".join(
+                str(slow.get(f"{kind}_{front}_slowest_health_s", slow.get(f"{kind}_{front}")))
+                for kind in ("headers", "body")
+                for front in ("direct", "nginx")
+            ),
         ),
         (
             "bodies of tiny JSON items",

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 import typing as t
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import requests
 
 from wsgi_proxy.simulator import Simulator
+from wsgi_proxy.tools.hostile import IdleClosers
 
 from .conftest import CLIENT_KEY, Proxy, start_proxy
 
@@ -21,28 +20,14 @@ pytestmark = pytest.mark.e2e
 IDLE_SOCKETS = 100
 
 
-def _connect(proxy: Proxy) -> socket.socket:
-    parts = urlsplit(proxy.root_url)
-    return socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10)
-
-
 @pytest.fixture
-def idle_closers(proxy: Proxy) -> t.Iterator[list[socket.socket]]:
-    """Clients that ask for ``Connection: close`` and then never read their answer nor close."""
-    sockets = []
-    try:
-        for _ in range(IDLE_SOCKETS):
-            sock = _connect(proxy)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
-            sockets.append(sock)
+def idle_closers(proxy: Proxy) -> t.Iterator[IdleClosers]:
+    with IdleClosers(proxy.root_url, IDLE_SOCKETS) as sockets:
         yield sockets
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def test_idle_connection_close_sockets_do_not_stall_other_requests(
-    proxy: Proxy, idle_closers: list[socket.socket]
+    proxy: Proxy, idle_closers: IdleClosers
 ) -> None:
     # gunicorn 26+ lingers up to 2 s per such close on the worker's event loop: 100 of them kept
     # every new request waiting for minutes. Each request here must be answered well within that.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["ServerProcess", "free_port", "gunicorn_argv"]
+__all__ = ["NGINX_LOCATION", "ServerProcess", "free_port", "gunicorn_argv", "nginx_server"]
 
 
 def free_port() -> int:
@@ -51,6 +52,57 @@ def gunicorn_argv(
     elif config is None:
         argv.append("wsgi_proxy:create_app()")
     return argv
+
+
+#: The README's nginx location block for the proxy, as the tests and benchmarks run it.
+NGINX_LOCATION = """
+        proxy_pass http://wsgi_proxy;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_buffering off;
+        proxy_read_timeout 3600s;
+        proxy_send_timeout 3600s;
+        client_max_body_size 64m;
+"""
+
+
+def nginx_server(port: int, upstream_port: int, directory: Path) -> ServerProcess:
+    """nginx in the foreground on ``port`` in front of a proxy on ``upstream_port``, its files in
+    ``directory``: the README's deployment, with its timeouts for slow clients."""
+    config = directory / "nginx.conf"
+    config.write_text(
+        f"""
+daemon off;
+user root;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    client_header_timeout 10s;
+    client_body_timeout 10s;
+    upstream wsgi_proxy {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{{NGINX_LOCATION}        }}
+    }}
+}}
+"""
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return ServerProcess(
+        [nginx, "-c", str(config), "-p", str(directory)],
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+        cwd=directory,
+        log_path=directory / "nginx.log",
+    )
 
 
 class ServerProcess:
