@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import typing as t
 from pathlib import Path
 
@@ -217,3 +218,42 @@ def test_refuses_to_start_with_upstream_key_but_no_client_keys(tmp_path: Path) -
     assert "WSGI_PROXY_API_KEYS" in log and "WSGI_PROXY_ALLOW_ANONYMOUS" in log
     assert "Traceback" not in log
     assert_no_secret(log, UPSTREAM_KEY)
+
+
+def test_refuses_to_start_with_a_store_its_workers_could_not_open(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'allow_anonymous = true\nstore_url = "sqlite:///{tmp_path}/no-such-directory/state.db"\n'
+        '[[upstreams]]\nname = "u"\nurl = "http://127.0.0.1:9/v1"\n'
+    )
+    port = free_port()
+    server = ServerProcess(
+        gunicorn_argv(f"127.0.0.1:{port}", config=GUNICORN_CONF),
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+        env={"WSGI_PROXY_CONFIG": str(config)},
+        cwd=tmp_path,
+        log_path=tmp_path / "refused.log",
+    )
+    with pytest.raises(RuntimeError, match="exited with status 2"):
+        server.start()
+    log = server.log()
+    assert log.startswith("wsgi-proxy: The SQLite store at ") and "no-such-directory" in log
+    assert "Booting worker" not in log and "Traceback" not in log
+
+
+def test_the_access_log_never_shows_a_basic_auth_user_name(simulator: Simulator, tmp_path: Path) -> None:
+    import base64
+
+    proxy = start_proxy(tmp_path, simulator.base_url, env={"WSGI_PROXY_ACCESS_LOG": "-"})
+    try:
+        basic = base64.b64encode(f"{CLIENT_KEY}:".encode()).decode()
+        answer = requests.get(
+            proxy.base_url + "/models", headers={"Authorization": f"Basic {basic}"}, timeout=5
+        )
+        assert answer.status_code == 401
+        time.sleep(0.3)  # gunicorn writes its access line after the answer
+        log = proxy.log()
+        assert '"GET /v1/models HTTP/1.1" 401' in log  # the access log is on
+        assert_no_secret(log, CLIENT_KEY)
+    finally:
+        proxy.server.stop()
