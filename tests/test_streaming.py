@@ -764,3 +764,18 @@ def test_a_relay_read_to_its_end_is_finished() -> None:
     list(relay)
     relay.close()
     assert stats[0].end is StreamEnd.FINISHED and stats[0].error is None
+
+
+@pytest.mark.parametrize("hostile", ["../models", "resp_1?x=1", "resp 1", "a/b", "resp_\r\nX: 1", "x" * 129])
+def test_an_unsafe_id_from_response_created_never_reaches_a_resume_url(hostile: str) -> None:
+    created = (
+        b'data: {"type":"response.created","sequence_number":0,"response":{"id":'
+        + json.dumps(hostile).encode()
+        + b"}}\n\n"
+    )
+    resumer = FakeResumer([])
+    remembered: list[str] = []
+    relay, _ = _relay(FakeBody([created, CUT]), resumer=resumer, on_response_id=remembered.append)
+    with pytest.raises(StreamAborted, match="before the response id was known"):
+        list(relay)
+    assert resumer.asked == [] and remembered == []  # neither resumed with it nor recorded
