@@ -40,20 +40,13 @@ class GatewayState:
     metrics: Metrics = field(default_factory=Metrics)
     unknown_ids: t.Literal["forward", "reject"] = "forward"
     response_ttl_s: float = 30 * 86400.0
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    resume_policy: ResumePolicy = field(default_factory=ResumePolicy)
 
     @property
     def default_upstream(self) -> UpstreamClient:
         """The first upstream of the configuration."""
         return next(iter(self.upstreams.values()))
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(attempts=self.settings.retry_attempts, max_wait=self.settings.retry_max_wait)
-
-    @property
-    def resume_policy(self) -> ResumePolicy:
-        settings = self.settings
-        return ResumePolicy(settings.resume_attempts, settings.resume_backoff, settings.resume_backoff_max)
 
     @classmethod
     def build(cls, settings: ProxySettings, environ: t.Mapping[str, str] | None = None) -> GatewayState:
@@ -78,6 +71,10 @@ class GatewayState:
             watchdog=DisconnectWatchdog(send_timeout=settings.send_timeout),
             unknown_ids=config.unknown_ids,
             response_ttl_s=config.response_ttl_s,
+            retry_policy=RetryPolicy(attempts=settings.retry_attempts, max_wait=settings.retry_max_wait),
+            resume_policy=ResumePolicy(
+                settings.resume_attempts, settings.resume_backoff, settings.resume_backoff_max
+            ),
         )
 
 

@@ -33,6 +33,7 @@ _CLIENT_CREDENTIALS = {"authorization": "Authorization", "api-key": "api-key"}
 
 #: What the gateway's own key is replaced with wherever an upstream echoes it.
 REDACTED = b"<redacted>"
+_REDACTED_TEXT = REDACTED.decode()
 
 #: The largest error body the proxy relays in answer to a stream request.
 MAX_ERROR_BODY = 1024 * 1024
@@ -159,7 +160,8 @@ class UpstreamClient:
         self.read_timeout = spec.read_timeout
         self.pass_through = spec.api_key is None
         self._gateway_headers = _gateway_headers(spec)
-        self._secret = spec.api_key.encode("utf-8", "surrogateescape") if spec.api_key else None
+        self._secret_text = spec.api_key or None
+        self._secret = self._secret_text.encode("utf-8", "surrogateescape") if self._secret_text else None
         self._pool_size = pool_size
         self._max_answer_bytes = max_answer_bytes
         self._verify: bool | str = ca_bundle or True
@@ -177,11 +179,10 @@ class UpstreamClient:
 
     def scrub_headers(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Response headers without the gateway's own key in any value."""
-        secret = self._secret
-        if secret is None:
+        key = self._secret_text
+        if key is None:
             return headers
-        key = secret.decode("utf-8", "surrogateescape")
-        return [(name, value.replace(key, REDACTED.decode())) for name, value in headers]
+        return [(name, value.replace(key, _REDACTED_TEXT)) for name, value in headers]
 
     def credentials(self, client_headers: t.Iterable[tuple[str, str]]) -> dict[str, str]:
         """Headers that authenticate a request here: the gateway's key, or the client's own."""
