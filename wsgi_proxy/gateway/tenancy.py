@@ -126,7 +126,7 @@ class Tenant:
         return state.upstreams[record.upstream]
 
     def remember(self, response_id: str, upstream: str, *, background: bool) -> None:
-        """Record where a new response lives and whose it is (best effort: the answer goes out anyway)."""
+        """Record where a new response lives and whose it is; kept by the worker until the store takes it."""
         record = ResponseRecord(
             response_id=response_id,
             upstream=upstream,
@@ -144,7 +144,8 @@ class Tenant:
             self.state.pending.put_response(record, self.state.response_ttl_s)
 
     def record_usage(self, summary: Summary, model: str | None) -> None:
-        """Count a finished response's tokens once, whichever path saw them first (best effort).
+        """Count a finished response's tokens once, whichever path saw them first; kept by the worker
+        until the store takes them.
 
         :param summary: the response's id and usage (nothing is counted without both).
         :param model: the model to count them under when the summary names none.
