@@ -82,3 +82,12 @@ def test_extension_leaves_the_hosts_loggers_alone(mocked: responses.RequestsMock
     levels = {name: logging.getLogger(name).level for name in ("urllib3", "wsgi_proxy", "")}
     ResponsesProxy(_host_app(), settings=ProxySettings(upstream_url=UPSTREAM))
     assert {name: logging.getLogger(name).level for name in levels} == levels
+
+
+def test_extension_answers_upgrades_under_its_prefix_and_leaves_the_hosts_alone() -> None:
+    app = _host_app()
+    ResponsesProxy(app, url_prefix="/llm/v1", settings=ProxySettings(upstream_url=UPSTREAM))
+    client = app.test_client()
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+    assert_error(client.get("/llm/v1/responses", headers=upgrade), 426, code="websocket_unavailable")
+    assert client.get("/llm/nope").data == b"host 404 page"  # the host's own error pages stay its own

@@ -13,6 +13,7 @@ relayed as they are and never become one. The tree::
     ├── RateLimited                   429  rate_limit_error        (requests per minute, concurrent streams)
     ├── RouteNotFound                 404  invalid_request_error
     ├── MethodNotAllowed              405  invalid_request_error
+    ├── WebSocketUnavailable          426  invalid_request_error   (an upgrade: clients fall back to HTTP)
     ├── StoreUnavailable              503  server_error            (the shared state store did not answer)
     └── UpstreamError                 502  upstream_error
         ├── UpstreamUnavailable       502  (could not connect, or the connection broke before an answer)
@@ -51,6 +52,7 @@ __all__ = [
     "UpstreamStreamInterrupted",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "WebSocketUnavailable",
     "error_body",
 ]
 
@@ -177,6 +179,20 @@ class MethodNotAllowed(ProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allowed)}
+
+
+class WebSocketUnavailable(ProxyError):
+    """A WebSocket upgrade, which this gateway does not serve: 426, on which clients use HTTP."""
+
+    status = 426
+    type = "invalid_request_error"
+    code = "websocket_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This gateway does not serve the Responses API's WebSocket mode. Use HTTP (POST /v1/responses);"
+            " the OpenAI SDKs and Codex fall back to it on this answer."
+        )
 
 
 class StoreUnavailable(ProxyError):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
 import typing as t
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -74,3 +77,33 @@ def test_new_connections_are_refused_or_served_at_once_while_workers_drain(
         assert {outcome for outcome, _ in outcomes} <= allowed, outcomes
     finally:
         proxy.server.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/realtime", "/responses", "/"])
+def test_a_websocket_upgrade_gets_a_json_426_so_clients_fall_back_to_http(proxy: Proxy, path: str) -> None:
+    parts = urlsplit(proxy.root_url)
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {CLIENT_KEY}\r\n\r\n".encode()
+        )
+        answer = b""
+        while b"}}" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 426 "), head
+    assert b"application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "websocket_unavailable"
+
+
+def test_a_base_url_without_v1_gets_a_json_404_that_says_so(proxy: Proxy) -> None:
+    import openai
+
+    with openai.OpenAI(base_url=proxy.root_url, api_key=CLIENT_KEY, max_retries=0, timeout=10) as client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.responses.create(model="gpt-4o-mini", input="hi")
+    assert "end your client's base URL with it" in caught.value.message and "/v1" in caught.value.message

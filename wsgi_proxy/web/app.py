@@ -8,8 +8,10 @@ import sys
 import typing as t
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
 
 from ..config.settings import ProxySettings
+from ..errors import InvalidRequest, ProxyError, RouteNotFound, WebSocketUnavailable
 from ..gateway.core import Gateway
 from ..observe.record import ACCESS_LOGGER
 from .extension import ResponsesProxy
@@ -93,6 +95,28 @@ def create_app(settings: ProxySettings | None = None, *, url_prefix: str = "/v1"
         text, content_type = state.metrics.render()
         return Response(text, content_type=content_type)
 
+    prefix = "/" + url_prefix.strip("/") if url_prefix.strip("/") else ""
+
+    def not_served(exc: HTTPException) -> Response:
+        # Outside the API's prefix: still JSON, never an HTML page, and a hint for the commonest
+        # mistake, a base URL without its /v1.
+        error: ProxyError
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            error, status = WebSocketUnavailable(), WebSocketUnavailable.status
+        elif exc.code == 404:
+            error, status = (
+                RouteNotFound(
+                    f"Unknown endpoint {request.method} {request.path}. The API is under {prefix or '/'}:"
+                    f" end your client's base URL with it (for example http://{request.host}{prefix})."
+                ),
+                404,
+            )
+        else:
+            error = InvalidRequest(f"The request could not be served: {exc.description}", param=None)
+            status = exc.code or 400
+        return Response(error.body(), status=status, headers=error.headers(), content_type="application/json")
+
+    app.register_error_handler(HTTPException, not_served)
     app.add_url_rule("/metrics", "metrics", metrics)
     app.add_url_rule("/", "health", health)
     app.add_url_rule("/healthz", "healthz", health)

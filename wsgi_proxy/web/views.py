@@ -15,7 +15,7 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from ..errors import InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound
+from ..errors import InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound, WebSocketUnavailable
 from ..gateway.call import Answer, Call, ResumePlan
 from ..gateway.tenancy import Tenant
 from ..upstream.resume import create_resume_query
@@ -170,6 +170,11 @@ def models() -> Response:
     return _response(gateway().list_models(_call("GET", "/models", idempotent=True), tenant, record()))
 
 
+def websocket(rest: str = "") -> Response:
+    """Any WebSocket upgrade under the prefix (werkzeug routes upgrades to these rules only)."""
+    raise WebSocketUnavailable()
+
+
 def not_found(rest: str = "") -> Response:
     raise RouteNotFound(
         f"Unknown endpoint {request.method} {request.path}. The proxy serves /responses, /responses/{{id}}"
@@ -202,5 +207,11 @@ def make_blueprint() -> Blueprint:
     bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
     bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=_METHODS)
+    for rule, endpoint in (
+        ("", "websocket_root"),
+        ("/", "websocket_slash"),
+        ("/<wsgi_proxy_path:rest>", "websocket"),
+    ):
+        bp.add_url_rule(rule, endpoint, websocket, websocket=True)
     hooks.install(bp)
     return bp
