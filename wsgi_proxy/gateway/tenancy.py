@@ -110,13 +110,10 @@ class Tenant:
     def locate(self, response_id: str) -> UpstreamClient:
         """The upstream holding a response this caller may see, or the 404 of an unknown id."""
         state = self.state
-        try:
-            record = state.store.get_response(response_id) or state.pending.response(response_id)
-        except StoreError as exc:
-            record = state.pending.response(response_id)  # this worker's own, not written yet
-            if record is None:
-                log.error("the state store failed: %s", exc)
-                raise StoreUnavailable() from None
+        record = state.pending.response(response_id)  # this worker's own, not written yet
+        if record is None:
+            with _store_errors():
+                record = state.store.get_response(response_id)
         if record is None:
             if state.unknown_ids == "forward":
                 return state.default_upstream
