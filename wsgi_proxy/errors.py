@@ -68,12 +68,14 @@ class ProxyError(Exception):
 
     status: t.ClassVar[int] = 500
     type: t.ClassVar[str] = "server_error"
-    code: t.ClassVar[str | None] = None
+    code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
 
     def body(self) -> bytes:
         """This error as the JSON body of an HTTP response."""
@@ -188,10 +190,12 @@ class WebSocketUnavailable(ProxyError):
     type = "invalid_request_error"
     code = "websocket_unavailable"
 
-    def __init__(self) -> None:
+    def __init__(
+        self, reason: str = "This gateway does not serve the Responses API's WebSocket mode."
+    ) -> None:
         super().__init__(
-            "This gateway does not serve the Responses API's WebSocket mode. Use HTTP (POST /v1/responses);"
-            " the OpenAI SDKs and Codex fall back to it on this answer."
+            f"{reason} Use HTTP (POST /v1/responses); the OpenAI SDKs and Codex fall back to it on this"
+            " answer."
         )
 
 

@@ -81,6 +81,7 @@ class UpstreamEntry(_Strict):
     headers: dict[str, str] = {}
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=600.0, gt=0)
+    websockets: t.Literal["native", "off"] | None = None
 
     _check_name = field_validator("name")(_name)
     _check_env = field_validator("api_key_env")(_env_name)

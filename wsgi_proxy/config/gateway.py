@@ -83,6 +83,16 @@ class UpstreamSpec:
     headers: t.Mapping[str, str] = field(default_factory=dict)
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
+    websockets: t.Literal["native", "off"] = "native"
+    """``native``: client WebSocket connections are relayed to the upstream's own; ``off``: a 426."""
+
+
+def websockets_mode(kind: str, chosen: t.Literal["native", "off"] | None) -> t.Literal["native", "off"]:
+    """An upstream's WebSocket mode: as configured, else ``native`` for OpenAI itself only (Azure and
+    compatible servers may not serve it, and a 426 makes every client fall back to HTTP at once)."""
+    if chosen is not None:
+        return chosen
+    return "native" if kind == "openai" else "off"
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,7 @@ def _from_variables(settings: ProxySettings) -> GatewayConfig:
         headers=dict(settings.upstream_headers),
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
+        websockets=websockets_mode(settings.upstream_kind, settings.upstream_websockets),
     )
     keys = tuple(
         ClientKey(key_digest(secret.get_secret_value()), Identity(key_name=f"key-{n}", team=DEFAULT_TEAM))
@@ -185,6 +196,7 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
             headers=dict(entry.headers),
             connect_timeout=entry.connect_timeout,
             read_timeout=entry.read_timeout,
+            websockets=websockets_mode(entry.kind, entry.websockets),
         )
         for entry in config.upstreams
     )

@@ -105,6 +105,10 @@ class ProxySettings(BaseSettings):
     """Client request headers to forward upstream besides the SDKs' and Codex's own (comma-separated
     names; ``x-vendor-*`` matches a prefix). Credentials and hop-by-hop headers are never forwarded."""
 
+    upstream_websockets: t.Literal["native", "off"] | None = None
+    """Whether the upstream serves the Responses API's WebSocket mode: ``native`` relays client
+    sockets to it, ``off`` answers upgrades with a 426 (clients use HTTP). Unset: ``native`` for
+    ``openai``, ``off`` for the other kinds."""
     upstream_api_key: SecretStr | None = Field(
         default=None,
         # Not the bare field name: pydantic-settings would read it as an unprefixed UPSTREAM_API_KEY
@@ -170,6 +174,15 @@ class ProxySettings(BaseSettings):
     """Seconds a stream's concurrency slot (``max_streams``) is held without a refresh. Open streams
     refresh theirs every third of it, so the slots of a crashed worker are free again this soon."""
 
+    websockets: bool = True
+    """Serve the Responses API's WebSocket mode (``GET /v1/responses`` with ``Upgrade: websocket``)
+    where the upstream has it; false: every upgrade gets a JSON 426, on which clients use HTTP."""
+    websocket_max_age: float = Field(default=3600.0, gt=0)
+    """Seconds a client WebSocket connection may live (OpenAI's own limit is 60 minutes); then it gets
+    a ``websocket_connection_limit_reached`` error and a 1001 close, once its responses have ended."""
+    websocket_ping_interval: float = Field(default=20.0, ge=0)
+    """Seconds of silence on a WebSocket before the proxy pings; a peer that does not answer within
+    as long again is taken for gone (0: never ping)."""
     retry_attempts: int = Field(default=2, ge=0)
     """Extra attempts for a request that failed where a retry is safe (see the README)."""
 

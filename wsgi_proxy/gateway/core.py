@@ -16,20 +16,25 @@ import typing as t
 from dataclasses import dataclass
 
 import requests
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
 
 from ..config.settings import ProxySettings
-from ..errors import UpstreamCredentialsRejected, UpstreamError, UpstreamProtocolError
+from ..errors import UpstreamCredentialsRejected, UpstreamError, UpstreamProtocolError, WebSocketUnavailable
 from ..observe.record import RequestRecord
 from ..upstream.body import UpstreamStream
 from ..upstream.client import UpstreamClient, UpstreamRequest
 from ..upstream.resume import StreamResumer
 from ..upstream.retries import send_with_retries
+from ..upstream.websocket import UpgradeRefused
 from ..wire.headers import client_response_headers, upstream_request_headers
 from ..wire.relay import StreamRelay, StreamStats
 from ..wire.responses import Summary, summary_of
-from ..wire.validation import with_model
+from ..wire.validation import websocket_model, with_model
+from ..wire.websocket import Peer
 from .call import Answer, Call
 from .routing import Target
+from .session import SessionStats, WebSocketSession
 from .state import GatewayState
 from .tenancy import Tenant
 from .watchdog import NoWatch
@@ -120,6 +125,62 @@ class Gateway:
         names = [name for name in router.public_names() if tenant.identity.may_use(name)]
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "wsgi-proxy"} for name in names]
         return Answer.json({"object": "list", "data": data})
+
+    def websocket(
+        self,
+        call: Call,
+        tenant: Tenant,
+        record: RequestRecord,
+        sock: socket.socket,
+        handshake: t.Callable[[list[tuple[str, str]]], None],
+    ) -> SessionStats:
+        """Serve one client WebSocket connection on ``sock`` until it ends.
+
+        Everything that can refuse it is decided before the 101: the mode switched off or served by
+        no upstream (426), the ``?model=`` the key may not use (404), the connection slot
+        (``max_streams``, 429), and, where the upstream is known at once (no model table, or a
+        ``?model=``), its own answer to the upgrade. ``handshake`` then writes the 101 with the
+        given extra headers, and the session runs.
+
+        :raises ~wsgi_proxy.errors.ProxyError: before the 101, for anything the proxy answers itself.
+        :raises ~wsgi_proxy.upstream.websocket.UpgradeRefused: the upstream refused the upgrade.
+        """
+        state, settings = self.state, self.settings
+        if not settings.websockets or all(c.websockets != "native" for c in state.upstreams.values()):
+            raise WebSocketUnavailable()
+        model = websocket_model(call.query)
+        record.asked_for(model)
+        tenant.check_model(model)
+        targets = state.router.route(model) if model is not None or not state.router.has_table else None
+        protocol = ServerProtocol(state=OPEN, max_size=settings.max_request_bytes)
+        client = Peer(sock, protocol, send_timeout=settings.send_timeout)
+        release = tenant.open_stream()
+        watch = None
+        try:
+            session = WebSocketSession(
+                state, tenant, record, client, headers=call.headers, query=call.query, targets=targets
+            )
+            if targets is not None:
+                try:
+                    session.connect(model)
+                except UpgradeRefused as exc:
+                    error = exc.proxy_error()
+                    if error is not None:
+                        raise error from None
+                    raise
+            if settings.watch_disconnects:
+                watch = state.watchdog.watch(sock, session.wake)
+                session.watch = watch
+            handshake([("X-Request-ID", record.request_id)])
+            state.metrics.websocket_opened()
+            try:
+                return session.run()
+            finally:
+                state.metrics.websocket_closed()
+        finally:
+            if watch is not None:
+                watch.cancel()
+            release()
 
     # --- where a call goes ------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import threading
 import time
 import typing as t
 
-__all__ = ["DisconnectWatchdog", "NoWatch", "StopReason", "Watch", "drain_when", "peer_closed"]
+__all__ = ["DisconnectWatchdog", "NoWatch", "StopReason", "Watch", "drain_when", "peer_closed", "stopping"]
 
 log = logging.getLogger("wsgi_proxy.watchdog")
 
@@ -57,6 +57,11 @@ def drain_when(check: t.Callable[[], bool], grace: float) -> None:
     """
     global _drain_check, _drain_grace
     _drain_check, _drain_grace = check, grace
+
+
+def stopping() -> bool:
+    """Whether this worker is stopping (as :func:`drain_when`'s predicate says)."""
+    return _drain_check is not None and _drain_check()
 
 
 def peer_closed(sock: socket.socket) -> bool:

@@ -169,6 +169,24 @@ class Metrics:
                 ("upstream", "kind"),
                 registry=reg,
             )
+            self._open_websockets = Gauge(
+                "wsgi_proxy_open_websockets",
+                "Client WebSocket connections being relayed now.",
+                multiprocess_mode="livesum",
+                registry=reg,
+            )
+            self._websocket_frames = Counter(
+                "wsgi_proxy_websocket_frames_total",
+                "WebSocket messages relayed, by direction (in: from clients, out: to clients).",
+                ("direction",),
+                registry=reg,
+            )
+            self._websocket_errors = Counter(
+                "wsgi_proxy_websocket_errors_total",
+                "Error frames sent to WebSocket clients (the proxy's and the upstream's), by code.",
+                ("code",),
+                registry=reg,
+            )
             self._rate_limited = Counter(
                 "wsgi_proxy_rate_limited_total",
                 "Requests refused by a rate limit, by limit (rpm or streams).",
@@ -216,6 +234,20 @@ class Metrics:
         (``upstream_timeout``, ``upstream_unavailable``, ``upstream_protocol_error``,
         ``upstream_credentials_rejected``), or ``stream_aborted`` for a stream cut after its start."""
         self._labels(self._upstream_errors, _upstream(upstream), kind).inc()
+
+    def websocket_opened(self) -> None:
+        self._open_websockets.inc()
+
+    def websocket_closed(self) -> None:
+        """One client connection fewer; call it exactly once per :meth:`websocket_opened`."""
+        self._open_websockets.dec()
+
+    def websocket_frame(self, direction: t.Literal["in", "out"]) -> None:
+        self._labels(self._websocket_frames, direction).inc()
+
+    def websocket_error(self, code: str) -> None:
+        """Count one error frame; ``code`` is its error code (a small set: OpenAI's and the proxy's)."""
+        self._labels(self._websocket_errors, code).inc()
 
     def rate_limited(self, *, limit: str) -> None:
         """Count one request refused by ``limit`` (``"rpm"`` or ``"streams"``)."""

@@ -19,6 +19,7 @@ import typing as t
 from ..errors import ProxyError, RateLimited, UpstreamError
 
 if t.TYPE_CHECKING:  # pragma: no cover
+    from ..gateway.session import SessionStats
     from ..wire.relay import StreamStats
     from .metrics import Metrics
 
@@ -63,6 +64,7 @@ class RequestRecord:
         self.error: str | None = None
         self.stream: StreamStats | None = None
         self.streaming = False
+        self.connection: SessionStats | None = None
         self._metrics = metrics
         self._error_metric: tuple[str, str] | None = None
         self._finished = False
@@ -118,6 +120,10 @@ class RequestRecord:
                 self._error_metric = ("upstream", "stream_aborted")
         self.finish()
 
+    def connection_ended(self, stats: SessionStats) -> None:
+        """A WebSocket connection the proxy served ended, with ``stats`` (its record closes on the 101)."""
+        self.connection = stats
+
     def sent(self, status: int) -> None:
         """The status line went out; a JSON answer's record closes here."""
         self.status = status
@@ -156,6 +162,17 @@ class RequestRecord:
                 "events": self.stream.events,
                 "bytes": self.stream.bytes,
                 "resumes": self.stream.resumes,
+            }
+        if self.connection is not None:
+            stats = self.connection
+            line |= {
+                "creates": stats.creates,
+                "frames_in": stats.frames_in,
+                "frames_out": stats.frames_out,
+                "resumes": stats.resumes,
+                "upstream_connections": stats.upstream_connections,
+                "close_code": stats.close_code,
+                "ended_by": stats.ended_by,
             }
         if self.usage is not None:
             line["usage"] = self.usage

@@ -153,6 +153,9 @@ class SimulatorConfig:
         exactly once (missing: Azure's 404; another value: Azure's 400). Paths of the other flavors
         get a 404; ``/health`` and ``/_sim/*`` are the same in every flavor.
     :param api_version: the ``api-version`` the Azure flavors accept.
+    :param websockets: serve the WebSocket mode of ``GET /v1/responses`` (``openai`` flavor only); when
+        false, an upgrade is an ordinary GET (a 405), as on a server without the mode.
+    :param websocket_max_age_s: how long a WebSocket connection lives (OpenAI's limit: 60 minutes).
     """
 
     api_key: str | None = None
@@ -164,6 +167,8 @@ class SimulatorConfig:
     max_stored_bytes: int = 256 * 1024 * 1024
     flavor: Flavor = "openai"
     api_version: str = "2025-04-01-preview"
+    websockets: bool = True
+    websocket_max_age_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.flavor not in FLAVOR_PREFIXES:

@@ -41,8 +41,10 @@ from .framing import SseWriter
 from .recording import CloseReason, RecordedRequest, Recorder, StreamClosure
 from .store import CancelRefused, Job, ResponseRecord, Store
 from .watcher import ClientWatcher, Watch, peer_closed
+from .websocket import accept as accept_websocket
+from .websocket import serve_session
 
-__all__ = ["MODELS", "SimulatorServer", "peer_closed"]
+__all__ = ["MODELS", "NewResponse", "SimulatorServer", "peer_closed"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,21 @@ def _model_object(name: str) -> JsonDict:
 
 #: The ``sequence_number`` member of an event's JSON, as the simulator writes it (``sim_no_sequence``).
 _SEQUENCE_NUMBER = re.compile(rb',?"sequence_number":\s*[0-9]+')
+
+
+class NewResponse(t.Protocol):
+    """The handler's builder of a new response (what a WebSocket session creates with)."""
+
+    def __call__(
+        self,
+        body: JsonDict,
+        sim_args: t.Mapping[str, str],
+        *,
+        stream: bool,
+        background: bool,
+        find: t.Callable[[str], ResponseRecord | None],
+        websocket: bool = False,
+    ) -> tuple[ResponseRecord, Job, Faults]: ...
 
 
 @dataclass
@@ -221,7 +238,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             )
             try:
-                self._route(path, query, body)
+                if self._wants_websocket(path):
+                    self._websocket(query)
+                else:
+                    self._route(path, query, body)
             except ApiError as exc:
                 self._send_error(exc)
         except OSError:
@@ -267,6 +287,38 @@ class _Handler(BaseHTTPRequestHandler):
             getattr(self, name)(call)
             return
         raise ApiError(404, f"Invalid URL ({self.command} {path})")
+
+    def _wants_websocket(self, path: str) -> bool:
+        """An upgrade of ``GET /responses`` that this simulator serves (else it is a plain request)."""
+        config = self._server.config
+        return (
+            config.websockets
+            and config.flavor == "openai"
+            and self.command == "GET"
+            and path == FLAVOR_PREFIXES[config.flavor] + "/responses"
+            and self.headers.get("Upgrade", "").lower() == "websocket"
+        )
+
+    def _websocket(self, query: str) -> None:
+        """Check the key and faults, answer 101, then serve the connection on this thread."""
+        self._check_auth()
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        faults = self._faults({k: v for k, v in pairs if k.startswith("sim_")}, self._server.config.faults)
+        if faults.status is not None:
+            raise errors.injected_error(faults)
+        self.close_connection = True
+        if not accept_websocket(
+            self.path, self.headers.items(), t.cast(t.BinaryIO, self.wfile), self.connection
+        ):
+            return
+        server = self._server
+        serve_session(
+            self.connection,
+            self._new_response,
+            server.store,
+            server.recorder,
+            server.config.websocket_max_age_s,
+        )
 
     def _check_api_version(self, versions: list[str]) -> None:
         """``azure-legacy`` needs exactly one ``api-version=<api_version>``; ``azure-v1`` takes none or one
@@ -387,6 +439,50 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create(self, call: _Call) -> None:
         body = self._json_body(call)
+        stream = bool(_optional_bool(body, "stream"))
+        background = bool(_optional_bool(body, "background"))
+        record, job, faults = self._new_response(
+            body, call.sim_args, stream=stream, background=background, find=self._server.store.get
+        )
+        snapshot = record.current()
+        self._gzip = faults.gzip
+        self._server.store.add(record)
+        if background:
+            job.start(self._server.store.pacer)
+            if stream:
+                self._stream(record, 0, faults)
+            else:
+                self._send_json(200, snapshot)
+        elif stream:
+            job.start(self._server.store.pacer)
+            self._stream(record, 0, faults, job=job)
+        else:
+            # A plain JSON reply is generated at once; only an injected gap makes it wait, and then a
+            # client that leaves is noticed and recorded like a stream's.
+            opened = time.monotonic()
+            finished = job.run(poll=self._client_gone, pace=False)
+            record.discard_log()
+            if not finished:
+                self.close_connection = True
+                closure = StreamClosure(record.id, opened, time.monotonic(), "client_gone")
+                self._server.recorder.stream_closed(closure, was_open=False)
+                return
+            self._send_json(200, record.current())
+
+    def _new_response(
+        self,
+        body: JsonDict,
+        sim_args: t.Mapping[str, str],
+        *,
+        stream: bool,
+        background: bool,
+        find: t.Callable[[str], ResponseRecord | None],
+        websocket: bool = False,
+    ) -> tuple[ResponseRecord, Job, Faults]:
+        """The record and job of a new response (not stored yet), and the faults in effect for it.
+
+        :param find: where a ``previous_response_id`` is looked up (a WebSocket connection's cache first).
+        """
         config = self._server.config
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
@@ -395,14 +491,10 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(value, str):
                 raise errors.invalid_type(f"metadata.{key}", "a string", value)
         stored_faults = self._faults(metadata or {}, config.faults)
-        faults = self._faults(call.sim_args, stored_faults)
+        faults = self._faults(sim_args, stored_faults)
         if faults.status is not None:
             raise errors.injected_error(faults)
-        self._gzip = faults.gzip
-
         self._require_model(body)
-        stream = bool(_optional_bool(body, "stream"))
-        background = bool(_optional_bool(body, "background"))
         if background and _optional_bool(body, "store") is False:
             raise ApiError(
                 400,
@@ -417,13 +509,12 @@ class _Handler(BaseHTTPRequestHandler):
         if previous is not None:
             if not isinstance(previous, str):
                 raise errors.invalid_type("previous_response_id", "a string", previous)
-            if self._server.store.get(previous) is None:
+            if find(previous) is None:
                 raise errors.previous_response_not_found(previous)
         stream_options = body.get("stream_options")
         obfuscate = not (
             isinstance(stream_options, dict) and stream_options.get("include_obfuscation") is False
         )
-
         text = input_text(source)
         instructions = body.get("instructions")
         snapshot = response_object(
@@ -454,31 +545,11 @@ class _Handler(BaseHTTPRequestHandler):
             faults=stored_faults.for_replay(config.faults),
             input_items=input_items(source),
             cancel_mode=faults.cancel_mode,
+            websocket=websocket,
         )
         delay_ms = config.delay_ms if faults.delay_ms is None else faults.delay_ms
         job = Job(record, iter_steps(plan), delay_s=delay_ms / 1000, gap_at=faults.gap_at, gap_s=faults.gap_s)
-        self._server.store.add(record)
-        if background:
-            job.start(self._server.store.pacer)
-            if stream:
-                self._stream(record, 0, faults)
-            else:
-                self._send_json(200, snapshot)
-        elif stream:
-            job.start(self._server.store.pacer)
-            self._stream(record, 0, faults, job=job)
-        else:
-            # A plain JSON reply is generated at once; only an injected gap makes it wait, and then a
-            # client that leaves is noticed and recorded like a stream's.
-            opened = time.monotonic()
-            finished = job.run(poll=self._client_gone, pace=False)
-            record.discard_log()
-            if not finished:
-                self.close_connection = True
-                closure = StreamClosure(record.id, opened, time.monotonic(), "client_gone")
-                self._server.recorder.stream_closed(closure, was_open=False)
-                return
-            self._send_json(200, record.current())
+        return record, job, faults
 
     def _record(self, call: _Call) -> ResponseRecord:
         record = self._server.store.get(call.params["id"])
@@ -503,7 +574,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not stream:
             self._send_json(200, record.current())
             return
-        if not record.background:
+        if not (record.background or record.replayable):
             raise errors.stream_refused(
                 "This response cannot be streamed because it was not created with background=true."
             )

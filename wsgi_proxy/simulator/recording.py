@@ -66,6 +66,9 @@ class Recorder:
         self._closures: list[StreamClosure] = []
         self._open_streams = 0
         self._sockets: set[socket.socket] = set()
+        self._open_websockets = 0
+        self._frames: list[bytes] = []
+        self._websocket_closes: list[int | None] = []
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -81,6 +84,36 @@ class Recorder:
     def open_streams(self) -> int:
         with self._lock:
             return self._open_streams
+
+    @property
+    def open_websockets(self) -> int:
+        with self._lock:
+            return self._open_websockets
+
+    @property
+    def frames(self) -> list[bytes]:
+        """Every WebSocket message clients sent, as received, oldest first."""
+        with self._lock:
+            return list(self._frames)
+
+    @property
+    def websocket_closes(self) -> list[int | None]:
+        """How each WebSocket connection ended: the close code the client sent, or None without one."""
+        with self._lock:
+            return list(self._websocket_closes)
+
+    def websocket_opened(self) -> None:
+        with self._lock:
+            self._open_websockets += 1
+
+    def websocket_closed(self, code: int | None) -> None:
+        with self._lock:
+            self._open_websockets -= 1
+            self._websocket_closes.append(code)
+
+    def frame(self, message: bytes) -> None:
+        with self._lock:
+            self._frames.append(message)
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -99,6 +132,8 @@ class Recorder:
         with self._lock:
             self._requests.clear()
             self._closures.clear()
+            self._frames.clear()
+            self._websocket_closes.clear()
 
     def stream_opened(self) -> None:
         with self._lock:

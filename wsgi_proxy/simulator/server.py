@@ -112,6 +112,21 @@ class Simulator:
         return self._recorder.open_streams
 
     @property
+    def open_websockets(self) -> int:
+        """WebSocket connections being served now."""
+        return self._recorder.open_websockets
+
+    @property
+    def frames(self) -> list[bytes]:
+        """Every WebSocket message received from clients, as sent, oldest first."""
+        return self._recorder.frames
+
+    @property
+    def websocket_closes(self) -> list[int | None]:
+        """How WebSocket connections ended: the client's close code, or None when it sent none."""
+        return self._recorder.websocket_closes
+
+    @property
     def stream_closures(self) -> list[StreamClosure]:
         """How SSE connections ended, oldest first. A plain JSON create whose client left during an
         injected gap is recorded here too, as ``client_gone``."""

@@ -51,10 +51,13 @@ class ResponseRecord:
         faults: Faults,
         input_items: list[JsonDict],
         cancel_mode: CancelMode = "fail",
+        websocket: bool = False,
     ) -> None:
         self.id: str = snapshot["id"]
         self.background = background
         self.stream = stream
+        self.websocket = websocket
+        """Created over a WebSocket: streamed by ``GET ?stream=true`` like a background response."""
         self.stored = bool(snapshot.get("store", True))
         self.faults = faults
         """Faults that later ``GET ?stream=true`` replays inherit (see :meth:`Faults.for_replay`)."""
@@ -67,7 +70,7 @@ class ResponseRecord:
         self.finished = False
         self.end_reason: EndReason | None = None
         # Background responses can be retrieved while they run; others only once finished and stored.
-        self.visible = background
+        self.visible = background or (websocket and self.stored)
         self.job: Job | None = None
         self.size = 0
         """Bytes of event data generated so far: a rough measure of the memory this record holds."""
@@ -127,9 +130,14 @@ class ResponseRecord:
         with self.cond:
             return self.snapshot
 
+    @property
+    def replayable(self) -> bool:
+        """Whether ``GET ?stream=true`` may replay this response's events."""
+        return (self.background and self.stream) or (self.websocket and self.stored)
+
     def discard_log(self) -> None:
         """Drop the event log of a response that can never be replayed, to free memory."""
-        if not (self.background and self.stream):
+        if not self.replayable:
             with self.cond:
                 if self.finished:
                     self.events = []

@@ -159,6 +159,8 @@ class UpstreamClient:
         self.timeout = (spec.connect_timeout, spec.read_timeout)
         self.read_timeout = spec.read_timeout
         self.pass_through = spec.api_key is None
+        self.websockets = spec.websockets
+        self.connect_timeout = spec.connect_timeout
         self._gateway_headers = _gateway_headers(spec)
         self._secret_text = spec.api_key or None
         self._secret = self._secret_text.encode("utf-8", "surrogateescape") if self._secret_text else None
@@ -216,15 +218,24 @@ class UpstreamClient:
                     self._pid = pid
         return self._session
 
-    def send(self, call: UpstreamRequest) -> requests.Response:
-        """Send one request and return the answer (read whole unless ``call.stream``)."""
-        url = self.base_url + call.path
-        query = call.query
+    def url(self, path: str, query: bytes = b"") -> str:
+        """The upstream URL of ``path`` (below the base URL) with the client's raw ``query``."""
+        url = self.base_url + path
         if self._api_version is not None:
             # Azure's legacy API wants the version on every call; the operator's choice wins.
             query = replace_param(query, "api-version", self._api_version, first=True)
         if query:
             url += "?" + query.decode("latin-1")
+        return url
+
+    @property
+    def ca_bundle(self) -> str | None:
+        """The CA bundle the upstream's certificate is checked against (None: the system's)."""
+        return self._verify if isinstance(self._verify, str) else None
+
+    def send(self, call: UpstreamRequest) -> requests.Response:
+        """Send one request and return the answer (read whole unless ``call.stream``)."""
+        url = self.url(call.path, call.query)
         adapter = self.session.get_adapter(url)
         with translate_errors(self.name):
             prepared = _prepare(call.method, url, self._extra_headers | dict(call.headers), call.body)

@@ -2,17 +2,20 @@
 
 :func:`translate_errors` wraps everything up to a complete answer (502/504 errors);
 :func:`translate_stream_errors` wraps each read of a started stream (an interruption the relay
-decides about). Messages name the upstream by its configured name, never a header or a key.
+decides about); :func:`translate_socket_errors` wraps the opening of an upstream WebSocket.
+Messages name the upstream by its configured name, never a header or a key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import ssl
 import typing as t
 
 import requests
 import urllib3
+import websockets.exceptions
 
 from ..errors import (
     UpstreamError,
@@ -22,7 +25,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 
-__all__ = ["translate_errors", "translate_stream_errors"]
+__all__ = ["translate_errors", "translate_socket_errors", "translate_stream_errors"]
 
 
 @contextlib.contextmanager
@@ -105,3 +108,25 @@ def translate_stream_errors() -> t.Iterator[None]:
         ValueError,
     ) as exc:
         raise UpstreamStreamInterrupted(f"the upstream connection failed ({type(exc).__name__})") from exc
+
+
+@contextlib.contextmanager
+def translate_socket_errors(upstream: str) -> t.Iterator[None]:
+    """Turn a failure to open a WebSocket connection to ``upstream`` into a 502/504, before any frame."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise UpstreamTimeout(
+            f"The upstream {upstream!r} did not open a WebSocket connection in time. Try again later;"
+            " if it persists, the operator should check the upstream URL and its network path."
+        ) from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise UpstreamUnavailable(
+            f"The upstream {upstream!r} presented a TLS certificate the proxy does not trust; the operator"
+            " should check its URL and WSGI_PROXY_UPSTREAM_CA_BUNDLE."
+        ) from exc
+    except (OSError, websockets.exceptions.InvalidHandshake, websockets.exceptions.InvalidURI) as exc:
+        raise UpstreamUnavailable(
+            f"The upstream {upstream!r} could not be reached for a WebSocket connection"
+            f" ({type(exc).__name__}). Try again later."
+        ) from exc

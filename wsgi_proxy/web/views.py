@@ -19,7 +19,9 @@ from ..errors import InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNot
 from ..gateway.call import Answer, Call, ResumePlan
 from ..gateway.tenancy import Tenant
 from ..upstream.resume import create_resume_query
+from ..upstream.websocket import UpgradeRefused
 from ..wire.validation import parse_create_body, parse_response_path, parse_retrieve_query
+from ..wire.websocket import accept_upgrade
 from . import hooks
 from .hooks import EXTENSION_KEY, gateway, record
 
@@ -170,9 +172,50 @@ def models() -> Response:
     return _response(gateway().list_models(_call("GET", "/models", idempotent=True), tenant, record()))
 
 
+class _HandedOver(Response):
+    """The answer to an upgrade the proxy served on the socket itself: there is nothing left to write.
+
+    gunicorn's workers close the connection, quietly, when the application raises StopIteration (the
+    way WebSocket extensions of Flask hand a socket back); no status line or body goes out.
+    """
+
+    def __call__(self, environ: t.Any, start_response: t.Any) -> t.Any:
+        raise StopIteration
+
+
+def websocket_create() -> Response:
+    """``GET /responses`` with ``Upgrade: websocket``: the Responses API's WebSocket mode."""
+    _require("GET")
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        raise WebSocketUnavailable(
+            "This server does not hand its sockets to the application (run it under gunicorn)."
+        )
+    tenant = _tenant()
+    accept = accept_upgrade(request.full_path.rstrip("?"), list(request.headers.items()))
+    if accept.status_code != 101:
+        raise InvalidRequest(
+            "This is not a valid WebSocket upgrade (RFC 6455): send Connection: Upgrade, Upgrade: websocket,"
+            " Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key.",
+            param=None,
+        )
+
+    def handshake(extra: list[tuple[str, str]]) -> None:
+        for name, value in extra:
+            accept.headers[name] = value
+        sock.sendall(accept.serialize())
+
+    try:
+        stats = gateway().websocket(_call("GET", "/responses"), tenant, record(), sock, handshake)
+    except UpgradeRefused as exc:  # what the upstream answered, relayed (never before a 101)
+        return Response(exc.body, status=exc.status, content_type="application/json")
+    record().connection_ended(stats)
+    return _HandedOver(status=101)
+
+
 def websocket(rest: str = "") -> Response:
-    """Any WebSocket upgrade under the prefix (werkzeug routes upgrades to these rules only)."""
-    raise WebSocketUnavailable()
+    """Any other WebSocket upgrade under the prefix (werkzeug routes upgrades to these rules only)."""
+    raise WebSocketUnavailable(f"The proxy serves WebSocket mode on /responses only, not on {request.path}.")
 
 
 def not_found(rest: str = "") -> Response:
@@ -207,6 +250,7 @@ def make_blueprint() -> Blueprint:
     bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
     bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=_METHODS)
+    bp.add_url_rule("/responses", "websocket_create", websocket_create, websocket=True)
     for rule, endpoint in (
         ("", "websocket_root"),
         ("/", "websocket_slash"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .sse import data_of
 from .validation import RESPONSE_ID
 
-__all__ = ["Summary", "completed_summary", "created_id", "summary_of", "usage_of"]
+__all__ = ["Summary", "completed_summary", "created_id", "event_summary", "summary_of", "usage_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +63,18 @@ def summary_of(content: bytes) -> Summary:
     return _summary(_load(content))
 
 
-def _response_of(event: bytes) -> object:
-    payload = _load(data_of(event))
-    return payload.get("response") if isinstance(payload, dict) else None
+def event_summary(data: bytes | None) -> Summary:
+    """The summary of the response an event object carries (``response.created``, ``.completed``):
+    an SSE event's data, or a WebSocket frame."""
+    payload = _load(data)
+    return _summary(payload.get("response") if isinstance(payload, dict) else None)
 
 
 def completed_summary(event: bytes) -> Summary:
-    """The summary of the response a ``response.completed`` event carries (parsed once per stream)."""
-    return _summary(_response_of(event))
+    """The summary of the response a ``response.completed`` SSE event carries (parsed once per stream)."""
+    return event_summary(data_of(event))
 
 
 def created_id(event: bytes) -> str | None:
-    """The response id carried by a ``response.created`` event, if it is a safe one."""
-    return _summary(_response_of(event)).response_id
+    """The response id carried by a ``response.created`` SSE event, if it is a safe one."""
+    return event_summary(data_of(event)).response_id

@@ -21,10 +21,12 @@ __all__ = [
     "ResponsePath",
     "RetrieveQuery",
     "check_response_id",
+    "create_fields",
     "parse_create_body",
     "parse_json_object",
     "parse_response_path",
     "parse_retrieve_query",
+    "websocket_model",
     "with_model",
 ]
 
@@ -114,6 +116,14 @@ def parse_retrieve_query(query_string: bytes) -> RetrieveQuery:
             )
         starting_after = int(after_raw)
     return RetrieveQuery(stream=stream, starting_after=starting_after)
+
+
+def websocket_model(query_string: bytes) -> str | None:
+    """The ``model`` a WebSocket handshake names in its query (``?model=``), if any."""
+    model = _single(_parse_pairs(query_string), "model")
+    if model is not None and not model.strip():
+        raise InvalidRequest("Invalid value for 'model': it must not be empty.", param="model")
+    return model
 
 
 #: The most JSON values (counted by their separators and containers) a request body may make: the
@@ -216,7 +226,11 @@ _EXPECTED = {
 
 def parse_create_body(body: bytes) -> CreateFields:
     """Check the create body: a JSON object whose proxy-relevant fields have the right types."""
-    obj = parse_json_object(body)
+    return create_fields(parse_json_object(body))
+
+
+def create_fields(obj: dict[str, t.Any]) -> CreateFields:
+    """The proxy-relevant fields of a create (a body, or a WebSocket ``response.create``), checked."""
     try:
         return CreateFields.model_validate(obj)
     except ValidationError as exc:
