@@ -79,7 +79,7 @@ def test_new_connections_are_refused_or_served_at_once_while_workers_drain(
         proxy.server.stop()
 
 
-@pytest.mark.parametrize("path", ["/v1/responses", "/v1/realtime", "/responses", "/"])
+@pytest.mark.parametrize("path", ["/v1/realtime", "/v1/responses/input_tokens", "/responses", "/"])
 def test_a_websocket_upgrade_gets_a_json_426_so_clients_fall_back_to_http(proxy: Proxy, path: str) -> None:
     parts = urlsplit(proxy.root_url)
     with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10) as sock:
