@@ -6,6 +6,7 @@ import pytest
 from pydantic import SecretStr
 
 from wsgi_proxy.config import ConfigError, ProxySettings
+from wsgi_proxy.config.gateway import GatewayConfig
 
 CANARY = "sk-CANARY-config-123"
 
@@ -275,3 +276,23 @@ def test_weak_or_repeated_client_keys_are_refused(
     error = _load_error(monkeypatch, {"WSGI_PROXY_UPSTREAM_API_KEY": "sk-up", "WSGI_PROXY_API_KEYS": keys})
     assert "WSGI_PROXY_API_KEYS" in str(error) and says in str(error)
     assert "client-key-0123456789" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("kind", "chosen", "expected"),
+    [
+        ("openai", None, "native"),
+        ("azure", None, "off"),
+        ("openai-compatible", None, "off"),
+        ("openai-compatible", "native", "native"),
+        ("openai", "off", "off"),
+    ],
+)
+def test_an_upstreams_websocket_mode_defaults_by_its_kind(
+    kind: str, chosen: str | None, expected: str
+) -> None:
+    settings = ProxySettings(
+        upstream_url="http://127.0.0.1:9/v1", upstream_kind=kind, upstream_websockets=chosen
+    )
+    (upstream,) = GatewayConfig.from_settings(settings, {}).upstreams
+    assert upstream.websockets == expected

@@ -9,6 +9,7 @@ import pytest
 
 from wsgi_proxy.config import ConfigError, ProxySettings
 from wsgi_proxy.config.file import load_config_file
+from wsgi_proxy.config.gateway import GatewayConfig
 from wsgi_proxy.tools.cli import main
 
 UPSTREAM = '[[upstreams]]\nname = "main"\nurl = "https://api.openai.com/v1"\napi_key_env = "UP_KEY"\n'
@@ -211,3 +212,15 @@ def test_timeouts_of_the_variables_are_refused_with_a_config_file(
     monkeypatch.setenv(variable, "20")
     with pytest.raises(ConfigError, match=f"{variable} would be ignored: .*read_timeout\\) in the file"):
         ProxySettings.load()
+
+
+def test_an_upstream_names_its_websocket_mode(tmp_path: Path) -> None:
+    azure = '[[upstreams]]\nname = "az"\nkind = "azure"\nurl = "https://az.example/openai/v1"\n'
+    azure += 'api_key_env = "UP_KEY"\nwebsockets = "native"\n'
+    path = tmp_path / "gateway.toml"
+    path.write_text('store_url = "sqlite:///' + str(tmp_path / "s.db") + '"\n' + UPSTREAM + azure + KEY)
+    config = GatewayConfig.from_settings(ProxySettings(config=path), ENV)
+    assert [(u.name, u.websockets) for u in config.upstreams] == [("main", "native"), ("az", "native")]
+    path.write_text(UPSTREAM + azure.replace('"native"', '"sometimes"') + KEY)
+    with pytest.raises(ConfigError, match="websockets"):
+        GatewayConfig.from_settings(ProxySettings(config=path), ENV)

@@ -89,5 +89,9 @@ def test_extension_answers_upgrades_under_its_prefix_and_leaves_the_hosts_alone(
     ResponsesProxy(app, url_prefix="/llm/v1", settings=ProxySettings(upstream_url=UPSTREAM))
     client = app.test_client()
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
-    assert_error(client.get("/llm/v1/responses", headers=upgrade), 426, code="websocket_unavailable")
+    # No gunicorn socket to serve the mode on (the test client, the werkzeug server): a 426 saying so.
+    answer = client.get("/llm/v1/responses", headers=upgrade)
+    assert_error(answer, 426, code="websocket_unavailable")
+    assert "gunicorn" in answer.get_json()["error"]["message"]
+    assert_error(client.get("/llm/v1/models", headers=upgrade), 426, code="websocket_unavailable")
     assert client.get("/llm/nope").data == b"host 404 page"  # the host's own error pages stay its own

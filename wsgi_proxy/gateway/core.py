@@ -171,10 +171,9 @@ class Gateway:
             if settings.watch_disconnects:
                 watch = state.watchdog.watch(sock, session.wake)
                 session.watch = watch
-            handshake([("X-Request-ID", record.request_id)])
             state.metrics.websocket_opened()
             try:
-                return session.run()
+                return session.run(lambda: handshake([("X-Request-ID", record.request_id)]))
             finally:
                 state.metrics.websocket_closed()
         finally:

@@ -167,16 +167,22 @@ class WebSocketSession:
         self._feeds: queue.SimpleQueue[tuple[str | None, bytes | None]] = queue.SimpleQueue()
         self._feed_threads: list[threading.Thread] = []
         self._done = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = self._wake_w = -1  # the pipe other threads wake the loop with, while it runs
         self._poll = select.poll()
-        self._poll.register(client.fileno(), _POLL_IN)
-        self._poll.register(self._wake_r, select.POLLIN)
 
     # --- the loop ---------------------------------------------------------------------------------
 
-    def run(self) -> SessionStats:
-        """Relay until the connection ends; never raises for anything a peer does."""
-        self._set_resumable()
+    def run(self, handshake: t.Callable[[], None]) -> SessionStats:
+        """Send the 101 with ``handshake``, then relay until the connection ends; never raises for
+        anything a peer does. Everything the session holds is released when it returns."""
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._poll.register(self.client.fileno(), _POLL_IN)
+            self._poll.register(self._wake_r, select.POLLIN)
+            self._set_resumable()
+            handshake()
+        except OSError:
+            self._end("client_gone", None)
         try:
             while not self._over:
                 timeout = self._next_tick() - time.monotonic()
@@ -205,8 +211,9 @@ class WebSocketSession:
 
     def wake(self) -> None:
         """Make :meth:`run` look at its state now (from another thread)."""
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"!")
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"!")
 
     def _next_tick(self) -> float:
         interval = self._settings.websocket_ping_interval
@@ -428,6 +435,7 @@ class WebSocketSession:
 
     def _attach(self, target: Target, opened: UpstreamSocket) -> None:
         self._target = target
+        self.targets = [target]  # the connection stays with its upstream, reconnects included
         self._upstream_client = self.state.upstreams[target.upstream]
         self._upstream = opened.peer
         self._poll.register(opened.peer.fileno(), _POLL_IN)
@@ -572,16 +580,22 @@ class WebSocketSession:
             self.state.metrics.resumed(upstream=self._name)
             thread = threading.Thread(
                 target=self._resume,
-                args=(key, lane.response_id, lane.last_sequence, lane.resume_query),
+                args=(self._upstream_client, key, lane.response_id, lane.last_sequence, lane.resume_query),
                 name="wsgi-proxy-ws-resume",
                 daemon=True,
             )
             self._feed_threads.append(thread)
             thread.start()
 
-    def _resume(self, lane_key: str | None, response_id: str, after: int | None, query: bytes) -> None:
+    def _resume(
+        self,
+        client: UpstreamClient | None,
+        lane_key: str | None,
+        response_id: str,
+        after: int | None,
+        query: bytes,
+    ) -> None:
         """Stream a running response over HTTP after ``after`` into this session (a helper thread)."""
-        client = self._upstream_client
         assert client is not None
         headers = self._upstream_headers(client)
         resumer = StreamResumer(client, headers, query, self.state.resume_policy)
@@ -668,8 +682,10 @@ class WebSocketSession:
             with contextlib.suppress(OSError):
                 self._upstream.sock.close()
         for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
         for lane in self._lanes.values():
             while lane.records:
                 record = lane.records.popleft()
