@@ -291,8 +291,8 @@ def test_weak_or_repeated_client_keys_are_refused(
 def test_an_upstreams_websocket_mode_defaults_by_its_kind(
     kind: str, chosen: str | None, expected: str
 ) -> None:
-    settings = ProxySettings(
-        upstream_url="http://127.0.0.1:9/v1", upstream_kind=kind, upstream_websockets=chosen
+    settings = ProxySettings.load(
+        {"upstream_url": "http://127.0.0.1:9/v1", "upstream_kind": kind, "upstream_websockets": chosen}
     )
     (upstream,) = GatewayConfig.from_settings(settings, {}).upstreams
     assert upstream.websockets == expected
