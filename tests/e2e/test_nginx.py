@@ -74,3 +74,18 @@ def test_a_stream_through_nginx_arrives_whole_and_resumes(nginx: str) -> None:
         rest = list(client.responses.retrieve(head[0].response.id, stream=True, starting_after=4))
     numbers = [e.sequence_number for e in head + rest]
     assert numbers == list(range(len(numbers))) and rest[-1].type == "response.completed"
+
+
+def test_websocket_mode_through_nginx_with_the_sdk(nginx: str) -> None:
+    # The README's block forwards Upgrade and Connection: without that nginx turns the upgrade into a
+    # plain GET (a 405), and Codex spends seconds retrying before it falls back to HTTP.
+    with OpenAI(base_url=nginx + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as client:
+        with client.responses.connect() as conn:
+            conn.response.create(model="gpt-4o-mini", input="a turn via nginx")
+            first = next(e for e in conn if e.type == "response.completed").response
+            conn.response.create(model="gpt-4o-mini", input="and the next", previous_response_id=first.id)
+            second = next(e for e in conn if e.type in ("response.completed", "error"))
+        # Plain requests still reuse nginx's keep-alive connections to gunicorn.
+        assert client.responses.retrieve(first.id).status == "completed"
+    assert second.type == "response.completed"
+    assert second.response.previous_response_id == first.id

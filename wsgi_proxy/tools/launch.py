@@ -54,11 +54,18 @@ def gunicorn_argv(
     return argv
 
 
+#: The README's nginx ``http``-level map: WebSocket upgrades get ``Connection: upgrade``, every other
+#: request an empty Connection header (keep-alive to gunicorn).
+NGINX_HTTP = """
+    map $http_upgrade $connection_upgrade { default upgrade; "" ""; }
+"""
+
 #: The README's nginx location block for the proxy, as the tests and benchmarks run it.
 NGINX_LOCATION = """
         proxy_pass http://wsgi_proxy;
         proxy_http_version 1.1;
-        proxy_set_header Connection "";
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
         proxy_set_header Host $host;
         proxy_buffering off;
         proxy_read_timeout 3600s;
@@ -88,7 +95,7 @@ http {{
     scgi_temp_path {directory}/scgi;
     client_header_timeout 10s;
     client_body_timeout 10s;
-    upstream wsgi_proxy {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+{NGINX_HTTP}    upstream wsgi_proxy {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{{NGINX_LOCATION}        }}
