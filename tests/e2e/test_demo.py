@@ -24,4 +24,5 @@ def test_demo_plays_the_resume_scenario_and_passes() -> None:
     assert "starting_after=6" in out
     assert "none missing, none repeated" in out
     assert "equals the text of response.completed" in out
+    assert "two turns on one connection, the second chained to the first: yes" in out
     assert "Traceback" not in out + done.stderr

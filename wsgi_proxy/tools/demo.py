@@ -3,7 +3,9 @@
 It starts the bundled simulator (a fake OpenAI upstream, no key and no network needed) and the proxy
 under gunicorn on free loopback ports, then speaks the same wire the OpenAI SDK speaks: a background
 streamed create, a connection dropped mid-stream, a resume with ``starting_after``, and a check that
-the text assembled from both parts is whole, with no event missing or repeated.
+the text assembled from both parts is whole, with no event missing or repeated. Then one WebSocket
+turn (the Responses API's WebSocket mode, as Codex speaks it): a create and a chained create on one
+connection.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 import typing as t
 
 import requests
+import websockets.exceptions
+from websockets.sync.client import connect as ws_connect
 
 from ..simulator import Simulator, SimulatorConfig
 from ..wire.sse import EventSplitter
@@ -112,6 +116,33 @@ def _play(base_url: str, key: str, cut_after: int) -> bool:
     return complete and matches
 
 
+def _websocket_turn(base_url: str, key: str) -> bool:
+    url = base_url.replace("http://", "ws://", 1) + "/responses"
+    _say(f"4. WebSocket mode: GET {url} upgraded; two chained response.create frames")
+    finals: list[dict[str, t.Any]] = []
+    with ws_connect(url, additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=10) as ws:
+        previous = None
+        for text in ("Hello over a WebSocket.", "And a second turn."):
+            create = {"type": "response.create", "model": "gpt-4o-mini", "input": text, "store": False}
+            if previous is not None:
+                create["previous_response_id"] = previous
+            ws.send(json.dumps(create))
+            while True:
+                event = json.loads(ws.recv(timeout=30))
+                if event.get("type") in ("response.created", "response.completed", "error"):
+                    _show(event)
+                if event.get("type") in ("response.completed", "error"):
+                    break
+            finals.append(event)
+            previous = event.get("response", {}).get("id")
+    chained = (
+        all(e.get("type") == "response.completed" for e in finals)
+        and finals[1]["response"].get("previous_response_id") == finals[0]["response"]["id"]
+    )
+    _say("   two turns on one connection, the second chained to the first: " + ("yes" if chained else "NO"))
+    return chained
+
+
 def run_demo(*, serve: bool = False, cut_after: int = 8) -> int:
     """Play the scenario; with ``serve``, keep the proxy running until Ctrl-C. Returns an exit status."""
     upstream_key = "sk-sim-" + secrets.token_hex(12)
@@ -137,6 +168,8 @@ def run_demo(*, serve: bool = False, cut_after: int = 8) -> int:
         _say()
         ok = _play(base_url, client_key, cut_after)
         _say()
+        ok = _websocket_turn(base_url, client_key) and ok
+        _say()
         if serve:
             _say("The proxy is running. Point an openai client at it:")
             _say()
@@ -157,7 +190,12 @@ def run_demo(*, serve: bool = False, cut_after: int = 8) -> int:
         if not ok:
             _say("The demo's checks FAILED. The proxy log follows:\n" + proxy.log())
         return 0 if ok else 1
-    except (RuntimeError, requests.RequestException) as exc:
+    except (
+        RuntimeError,
+        OSError,
+        requests.RequestException,
+        websockets.exceptions.WebSocketException,
+    ) as exc:
         _say(f"The demo failed: {exc}")
         return 1
     finally:
