@@ -8,8 +8,9 @@ non-stream call, also through floor_app.py's minimal forwarder; per-event delay;
 events/s), locator.py (the cost of the config-file gateway's store), observation.py (the cost of
 metrics, log lines and per-event notes), capacity.py (1,000 concurrent streams on one worker, 100
 in quick mode: RSS per stream), soak.py (streams cut upstream and resumed, clients that leave)
-restart.py (SIGHUP during open streams) and faults.py (silent upstreams, a Redis outage, lost
-records, idle sockets, dense bodies), each in the mode its own script runs with (``--quick`` or not).
+restart.py (SIGHUP during open streams), faults.py (silent upstreams, a Redis outage, lost
+records, idle sockets, dense bodies) and wsmode.py (WebSocket mode: the delay added per frame,
+sessions per worker), each in the mode its own script runs with (``--quick`` or not).
 
 When LiteLLM is installed (it is not a dependency of this project), its proxy (``litellm --config``)
 is started in front of the same simulator, and the same non-stream calls and one streamed create are
@@ -53,6 +54,7 @@ import overhead
 import requests
 import restart
 import soak
+import wsmode
 from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed
 
 from wsgi_proxy.tools.launch import ServerProcess, free_port
@@ -461,6 +463,16 @@ def targets(benchmarks: t.Mapping[str, Result], quick: bool) -> list[Result]:
         else:
             met = cap["streams"] >= 1000 and cap["streams_receiving_events"] == cap["streams"]
             rows.append(_target("concurrent streams, one worker", goal, live, met))
+    ws = benchmarks.get("websocket", {})
+    if "frame_delay" in ws:
+        added = ws["frame_delay"]["added_p99_ms"]
+        rows.append(
+            _target("WebSocket delay added per frame, p99", "<= 1 ms", f"+{added:.2f} ms", added <= 1)
+        )
+    else:
+        rows.append(
+            _target("WebSocket delay added per frame, p99", "<= 1 ms", "websocket benchmark failed", None)
+        )
     return rows
 
 
@@ -601,6 +613,45 @@ def _md_capacity(r: Result) -> list[str]:
             )
         ],
     )
+
+
+def _md_websocket(r: Result) -> list[str]:
+    d, s = r["frame_delay"], r["sessions"]
+    lines = _table(
+        ("one-way delay per frame", "p50", "p99"),
+        [
+            ("direct to the simulator", f"{d['direct_p50_ms']:.3f} ms", f"{d['direct_p99_ms']:.3f} ms"),
+            ("through the proxy", f"{d['proxied_p50_ms']:.3f} ms", f"{d['proxied_p99_ms']:.3f} ms"),
+            ("added by the proxy", f"+{d['added_p50_ms']:.3f} ms", f"+{d['added_p99_ms']:.3f} ms"),
+        ],
+    )
+    before, after = s["worker_before"], s["worker_after_close"]
+    lines += [""] + _table(
+        (
+            "sessions, one worker",
+            "receiving frames",
+            "worker RSS (before: " + _mib(before["rss_kb"]) + ")",
+            "RSS per session",
+            "worker threads",
+        ),
+        [
+            (
+                f"{s['idle']['sessions']:,} idle",
+                f"{s['idle']['sessions_receiving']:,}",
+                _mib(s["idle"]["rss_kb"]),
+                f"{s['rss_per_idle_session_kb']} KB",
+                f"{s['idle']['threads']:,}",
+            ),
+            (
+                f"{s['active']['sessions']:,} active",
+                f"{s['active']['sessions_receiving']:,}",
+                _mib(s["active"]["rss_kb"]),
+                f"{s['rss_per_active_session_kb']} KB",
+                f"{s['active']['threads']:,}",
+            ),
+        ],
+    )
+    return lines + ["", f"After they closed: {_mib(after['rss_kb'])}, {after['threads']:,} threads."]
 
 
 def _md_soak(r: Result) -> list[str]:
@@ -782,6 +833,7 @@ SECTIONS: dict[str, tuple[str, t.Callable[[Result], list[str]]]] = {
     "soak": ("Soak: cut streams resumed, clients that leave (`soak.py`)", _md_soak),
     "restart": ("Restart: SIGHUP during open streams (`restart.py`)", _md_restart),
     "faults": ("Faults and attacks (`faults.py`)", _md_faults),
+    "websocket": ("WebSocket mode: delay per frame, sessions per worker (`wsmode.py`)", _md_websocket),
 }
 
 
@@ -871,6 +923,7 @@ def run(quick: bool, out: Path, log: t.TextIO = sys.stderr) -> tuple[Result, boo
         ("soak", soak.bench),
         ("restart", restart.bench),
         ("faults", faults.bench),
+        ("websocket", wsmode.bench),
     ]
     for name, bench in steps:
         time.sleep(1.0)  # let the previous benchmark's processes go

@@ -11,7 +11,7 @@ returns an id without output; ``background`` is refused; a connection lives at m
 
 Faults: a create's ``metadata`` takes the same ``sim_*`` options as HTTP; ``sim_cut_after=K``
 drops the whole connection after K events of that response (``sim_cut_mode=clean``: a 1000 close
-instead of a TCP drop). A stored response made here can be streamed by ``GET ?stream=true``
+instead of a TCP drop), and ``sim_stamp=1`` ends each frame with the time it was sent. A stored response made here can be streamed by ``GET ?stream=true``
 (``starting_after`` included) like a background one: an assumption of the simulator, which the
 proxy's resume of a dropped connection relies on and falls back from when an upstream refuses.
 """
@@ -215,7 +215,10 @@ class _Session:
         while True:
             events, finished = record.wait_from(index, timeout=_POLL_S, interrupted=self.closed.is_set)
             for event in events:
-                if not self.send(_with_lane(event.data, lane)):
+                data = _with_lane(event.data, lane)
+                if faults.stamp:
+                    data = data[:-1] + b',"sim_sent_at":%.6f}' % time.monotonic()
+                if not self.send(data):
                     if not record.stored:
                         job.stop()
                     return
