@@ -342,3 +342,20 @@ def test_names_are_what_dashboards_expect() -> None:
         "wsgi_proxy_rate_limited",
     }
     assert expected <= families
+
+
+def test_websocket_metrics_count_sockets_frames_and_error_codes() -> None:
+    metrics = Metrics()
+    metrics.websocket_opened()
+    metrics.websocket_frame("in")
+    metrics.websocket_frame("out")
+    metrics.websocket_frame("out")
+    metrics.websocket_error("previous_response_not_found")
+    metrics.websocket_error("Made Up <code> " * 9)
+    text = metrics.render()[0].decode()
+    assert "wsgi_proxy_open_websockets 1.0" in text
+    assert 'wsgi_proxy_websocket_frames_total{direction="out"} 2.0' in text
+    assert 'wsgi_proxy_websocket_errors_total{code="previous_response_not_found"} 1.0' in text
+    assert 'wsgi_proxy_websocket_errors_total{code="other"} 1.0' in text
+    metrics.websocket_closed()
+    assert "wsgi_proxy_open_websockets 0.0" in metrics.render()[0].decode()

@@ -169,7 +169,7 @@ class Gateway:
                         raise error from None
                     raise
             if settings.watch_disconnects:
-                watch = state.watchdog.watch(sock, session.wake)
+                watch = state.watchdog.watch(sock, session.interrupt)
                 session.watch = watch
             state.metrics.websocket_opened()
             try:

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import threading
 import time
 import typing as t
@@ -167,7 +168,7 @@ class WebSocketSession:
         self._feeds: queue.SimpleQueue[tuple[str | None, bytes | None]] = queue.SimpleQueue()
         self._feed_threads: list[threading.Thread] = []
         self._done = threading.Event()
-        self._wake_r = self._wake_w = -1  # the pipe other threads wake the loop with, while it runs
+        self._wake_r = self._wake_w = -1  # the pipe resume threads wake the loop with (made when needed)
         self._poll = select.poll()
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -176,9 +177,7 @@ class WebSocketSession:
         """Send the 101 with ``handshake``, then relay until the connection ends; never raises for
         anything a peer does. Everything the session holds is released when it returns."""
         try:
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._poll.register(self.client.fileno(), _POLL_IN)
-            self._poll.register(self._wake_r, select.POLLIN)
             self._set_resumable()
             handshake()
         except OSError:
@@ -209,11 +208,21 @@ class WebSocketSession:
         """
         self._ensure_upstream(model, None)
 
-    def wake(self) -> None:
-        """Make :meth:`run` look at its state now (from another thread)."""
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"!")
+    def interrupt(self) -> None:
+        """The watchdog stopped this connection (the worker stops, or the client is gone): wake
+        :meth:`run` by shutting the client socket's reading side, which it then reads as the
+        watchdog's word, never as the client's. Costs no descriptor per connection."""
+        with contextlib.suppress(OSError):
+            self.client.sock.shutdown(socket.SHUT_RD)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"!")
+
+    def _open_wake_pipe(self) -> None:
+        if self._wake_r < 0:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._poll.register(self._wake_r, select.POLLIN)
 
     def _next_tick(self) -> float:
         interval = self._settings.websocket_ping_interval
@@ -262,6 +271,7 @@ class WebSocketSession:
         return ConnectionLimitReached(self._settings.websocket_max_age / 60)
 
     def _woken(self) -> None:
+        """Events from resume threads."""
         with contextlib.suppress(OSError):
             os.read(self._wake_r, 4096)
         while True:
@@ -273,11 +283,6 @@ class WebSocketSession:
                 self._resume_failed(lane_key)
             else:
                 self._from_upstream_message((Opcode.TEXT, data), resumed=True)
-        reason = self.watch.stop_reason() if self.watch is not None else None
-        if reason == "shutdown":
-            self._shutdown()
-        elif reason is not None:
-            self._end("client_gone", None)
 
     def _shutdown(self) -> None:
         """The worker is stopping: 1012 now (the watchdog waits for idle sessions, or its deadline)."""
@@ -287,6 +292,13 @@ class WebSocketSession:
     # --- client to upstream -----------------------------------------------------------------------
 
     def _from_client(self) -> None:
+        reason = self.watch.stop_reason() if self.watch is not None else None
+        if reason == "shutdown":
+            self._shutdown()
+            return
+        if reason is not None:
+            self._end("client_gone", None)
+            return
         try:
             messages = self.client.receive()
         except OSError:
@@ -571,6 +583,7 @@ class WebSocketSession:
             "closed the WebSocket" if code is not None else "dropped the WebSocket",
             len(running),
         )
+        self._open_wake_pipe()
         for key, lane in running.items():
             if lane.response_id is None or not lane.stored or not self._settings.resume_attempts:
                 self._resume_failed(key)
@@ -633,7 +646,7 @@ class WebSocketSession:
 
     def _feed(self, lane_key: str | None, data: bytes | None) -> None:
         self._feeds.put((lane_key, data))
-        self.wake()
+        self._wake()
 
     def _resume_failed(self, lane_key: str | None) -> None:
         lane = self._lanes.get(lane_key)
@@ -696,9 +709,11 @@ class WebSocketSession:
         """Give the client a moment to answer our close frame, as RFC 6455 asks."""
         client = self.client
         deadline = time.monotonic() + _CLOSE_WAIT
+        waiting = select.poll()  # not select(): descriptors run past FD_SETSIZE with many sessions
+        waiting.register(client.fileno(), _POLL_IN)
         while client.protocol.close_sent is not None and not client.ended:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([client.sock], [], [], remaining)[0]:
+            if remaining <= 0 or not waiting.poll(remaining * 1000):
                 return
             try:
                 client.receive()

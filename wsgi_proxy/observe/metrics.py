@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import threading
 import typing as t
 
@@ -246,8 +247,9 @@ class Metrics:
         self._labels(self._websocket_frames, direction).inc()
 
     def websocket_error(self, code: str) -> None:
-        """Count one error frame; ``code`` is its error code (a small set: OpenAI's and the proxy's)."""
-        self._labels(self._websocket_errors, code).inc()
+        """Count one error frame by its error code (OpenAI's and the proxy's: a small set); a code an
+        upstream made up that does not look like one is counted as ``other``."""
+        self._labels(self._websocket_errors, code if _ERROR_CODE.fullmatch(code) else "other").inc()
 
     def rate_limited(self, *, limit: str) -> None:
         """Count one request refused by ``limit`` (``"rpm"`` or ``"streams"``)."""
@@ -281,6 +283,9 @@ def _installed(cls: type[t.Any]) -> t.Iterator[None]:
     with _value_class_lock:
         values.ValueClass = cls
         yield
+
+
+_ERROR_CODE = re.compile(r"[a-z0-9_.]{1,64}")
 
 
 def _upstream(name: str | None) -> str:

@@ -11,9 +11,11 @@ returns an id without output; ``background`` is refused; a connection lives at m
 
 Faults: a create's ``metadata`` takes the same ``sim_*`` options as HTTP; ``sim_cut_after=K``
 drops the whole connection after K events of that response (``sim_cut_mode=clean``: a 1000 close
-instead of a TCP drop), and ``sim_stamp=1`` ends each frame with the time it was sent. A stored response made here can be streamed by ``GET ?stream=true``
-(``starting_after`` included) like a background one: an assumption of the simulator, which the
-proxy's resume of a dropped connection relies on and falls back from when an upstream refuses.
+instead of a TCP drop), and ``sim_stamp=1`` ends each frame with the time it was sent.
+
+A stored response made here can be streamed by ``GET ?stream=true`` (``starting_after`` included)
+like a background one: an assumption of the simulator, which the proxy's resume of a dropped
+connection relies on and falls back from when an upstream refuses.
 """
 
 from __future__ import annotations
