@@ -339,6 +339,7 @@ KEYS = {
     "RED_KEY": "sk-red-ws-team-key-01",
     "BLUE_KEY": "sk-blue-ws-team-key-2",
     "SLOW_KEY": "sk-red-limited-ws-k3",
+    "ONE_KEY": "sk-red-one-socket-k4",
 }
 
 
@@ -374,6 +375,12 @@ name = "slow"
 team = "red"
 key_env = "SLOW_KEY"
 rpm = 2
+
+[[keys]]
+name = "one"
+team = "red"
+key_env = "ONE_KEY"
+max_streams = 1
 """
     )
     env = {"WSGI_PROXY_CONFIG": str(path), "UPSTREAM_KEY": UPSTREAM_KEY, **KEYS}
@@ -445,6 +452,25 @@ def test_creates_count_against_the_keys_requests_per_minute(gateway: tuple[Proxy
     assert _types(first)[-1] == "response.completed"
     assert limited["type"] == "error" and limited["status"] == 429
     assert "Retry-After" in limited["error"]["headers"]
+
+
+def test_an_open_connection_holds_one_of_the_keys_stream_slots(gateway: tuple[Proxy, str]) -> None:
+    proxy, _ = gateway
+    with _raw(proxy, key=KEYS["ONE_KEY"]):
+        with pytest.raises(InvalidStatus) as caught:
+            _raw(proxy, key=KEYS["ONE_KEY"])
+        assert caught.value.response.status_code == 429
+        assert json.loads(caught.value.response.body)["error"]["type"] == "rate_limit_error"
+    # Closed, the slot is free again (released when the session ends).
+    assert _wait(lambda: _opens(proxy, KEYS["ONE_KEY"]))
+
+
+def _opens(proxy: Proxy, key: str) -> bool:
+    try:
+        with _raw(proxy, key=key):
+            return True
+    except InvalidStatus:
+        return False
 
 
 def test_a_bad_create_gets_an_error_frame_naming_the_field(
