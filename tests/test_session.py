@@ -22,6 +22,7 @@ from wsgi_proxy.errors import WebSocketUnavailable
 from wsgi_proxy.gateway.call import Call
 from wsgi_proxy.gateway.core import Gateway
 from wsgi_proxy.gateway.session import SessionStats
+from wsgi_proxy.gateway.state import GatewayState
 from wsgi_proxy.observe.record import RequestRecord
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
 
@@ -44,10 +45,12 @@ def _gateway(sim: Simulator, **settings: t.Any) -> Gateway:
 class _Served:
     """A session served on a thread, and the client's end of it."""
 
-    def __init__(self, gateway: Gateway, query: bytes = b"", *, reading: bool = True) -> None:
+    def __init__(
+        self, gateway: Gateway, query: bytes = b"", *, reading: bool = True, anonymous: bool = False
+    ) -> None:
         server_end, self.client_end = socket.socketpair()
         self.record = RequestRecord("req_session", "GET", "websocket_create")
-        tenant = gateway.authenticate(f"Bearer {CLIENT}", self.record)
+        tenant = gateway.authenticate(None if anonymous else f"Bearer {CLIENT}", self.record)
         call = Call("GET", "/responses", query, (("Authorization", f"Bearer {CLIENT}"),))
         self.stats: SessionStats | None = None
         self.handshakes: list[list[tuple[str, str]]] = []
@@ -148,3 +151,27 @@ def test_the_mode_off_or_an_upstream_without_it_is_a_426_before_anything(
         server_end, client_end = socket.socketpair()
         with server_end, client_end, pytest.raises(WebSocketUnavailable):
             gateway.websocket(Call("GET", "/responses"), tenant, record, server_end, lambda extra: None)
+
+
+def test_a_connection_stays_with_its_upstream(sim: Simulator, tmp_path: Path) -> None:
+    with Simulator(config=SimulatorConfig(delay_ms=1, words=2)) as other:
+        config = tmp_path / "gw.toml"
+        config.write_text(
+            f'allow_anonymous = true\nstore_url = "sqlite:///{tmp_path / "s.db"}"\n'
+            f'[[upstreams]]\nname = "one"\nurl = "{sim.base_url}"\napi_key_env = "UP"\n'
+            f'[[upstreams]]\nname = "two"\nurl = "{other.base_url}"\n'
+            '[[models]]\nname = "gpt-4o-mini"\nupstream = "one"\n'
+            '[[models]]\nname = "gpt-5"\nupstream = "two"\n'
+        )
+        gateway = Gateway(GatewayState.build(ProxySettings(config=config), {"UP": UPSTREAM_KEY}))
+        elsewhere = _Served(gateway, anonymous=True)
+        on_two = elsewhere.turn(model="gpt-5")[-1]["response"]["id"]
+        elsewhere.close()
+        served = _Served(gateway, anonymous=True)
+        assert served.turn()[-1]["type"] == "response.completed"  # gpt-4o-mini: bound to "one"
+        other_model = served.turn(model="gpt-5")[-1]
+        other_previous = served.turn(previous_response_id=on_two)[-1]
+        served.close()
+    assert (other_model["type"], other_model["error"]["param"]) == ("error", "model")
+    assert (other_previous["type"], other_previous["error"]["param"]) == ("error", "previous_response_id")
+    assert "new WebSocket connection" in other_model["error"]["message"]
