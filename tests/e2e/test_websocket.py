@@ -53,6 +53,16 @@ def _frames_until_end(ws: ClientConnection, ends: int = 1) -> list[bytes]:
     return frames
 
 
+def _sdk_events(conn: t.Iterable[t.Any]) -> list[t.Any]:
+    """The SDK connection's events up to the end of one response (or an error)."""
+    events = []
+    for event in conn:
+        events.append(event)
+        if event.type in ("response.completed", "error"):
+            break
+    return events
+
+
 def _types(frames: list[bytes]) -> list[str]:
     return [json.loads(f)["type"] for f in frames]
 
@@ -93,11 +103,7 @@ def test_two_chained_turns_with_the_sdk(client: OpenAI) -> None:
         first = next(e for e in conn if e.type == "response.completed").response
         # store=false: only the upstream connection's cache holds the first turn.
         conn.response.create(model=MODEL, input="second turn", previous_response_id=first.id, store=False)
-        events = []
-        for event in conn:
-            events.append(event)
-            if event.type in ("response.completed", "error"):
-                break
+        events = _sdk_events(conn)
     assert events[-1].type == "response.completed", events[-1]
     assert events[-1].response.previous_response_id == first.id
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -155,11 +161,7 @@ def test_an_upstream_drop_mid_response_is_resumed_into_the_same_socket(
 ) -> None:
     with client.responses.connect() as conn:
         conn.response.create(model=MODEL, input="cut me " * 3, metadata={"sim_cut_after": "4"})
-        events = []
-        for event in conn:
-            events.append(event)
-            if event.type in ("response.completed", "error"):
-                break
+        events = _sdk_events(conn)
         # The connection is still usable: the next create opens a new upstream socket.
         conn.response.create(model=MODEL, input="after the cut")
         after = next(e for e in conn if e.type in ("response.completed", "error"))

@@ -206,7 +206,7 @@ class WebSocketSession:
         :raises ~wsgi_proxy.errors.ProxyError: no upstream could be reached.
         :raises UpgradeRefused: the upstream refused the upgrade.
         """
-        self._ensure_upstream(model, None)
+        self._ensure_upstream(model)
 
     def interrupt(self) -> None:
         """The watchdog stopped this connection (the worker stops, or the client is gone): wake
@@ -334,9 +334,7 @@ class WebSocketSession:
     def _create(self, frame: ClientFrame, payload: bytes) -> None:
         fields = frame.create
         assert fields is not None
-        record = RequestRecord(request_id_from(None), "WS", "ws_create", metrics=self.state.metrics)
-        record.identified(self.tenant.identity.key_name, self.tenant.identity.team)
-        record.asked_for(fields.model)
+        record = self._create_record(fields.model)
         self.stats.creates += 1
         try:
             if self._expiring:
@@ -348,17 +346,24 @@ class WebSocketSession:
             if frame.previous_response_id is not None:
                 self._check_previous(frame.previous_response_id)
             payload = self._to_upstream((Opcode.TEXT, payload), model=fields.model, record=record)
-        except (ProxyError, UpgradeRefused) as exc:
-            if isinstance(exc, UpgradeRefused):
-                self._refused_upgrade(exc, frame.stream_id, record)
-            else:
-                self._refuse(exc, frame.stream_id, record)
+        except ProxyError as exc:
+            self._refuse(exc, frame.stream_id, record)
+            return
+        except UpgradeRefused as exc:
+            self._refused_upgrade(exc, frame.stream_id, record)
             return
         lane = self._lanes.setdefault(frame.stream_id, _Lane())
         lane.records.append(record)
         lane.resume_query = create_resume_query(fields)
         lane.stored = fields.store is not False and frame.generate
         self._set_resumable()
+
+    def _create_record(self, model: str | None) -> RequestRecord:
+        """The record of one response on this connection (its own JSON line when it ends)."""
+        record = RequestRecord(request_id_from(None), "WS", "ws_create", metrics=self.state.metrics)
+        record.identified(self.tenant.identity.key_name, self.tenant.identity.team)
+        record.asked_for(model)
+        return record
 
     def _check_previous(self, response_id: str) -> None:
         """A response this connection made, or one the team owns on this connection's upstream."""
@@ -379,7 +384,7 @@ class WebSocketSession:
     ) -> bytes:
         """Send ``message`` upstream (connecting first if needed); returns the payload sent."""
         opcode, payload = message
-        target = self._ensure_upstream(model, record)
+        target = self._ensure_upstream(model)
         if model is not None and self.state.router.has_table:
             routes = self.state.router.route(model)
             match = next((r for r in routes if r.upstream == target.upstream), None)
@@ -405,7 +410,7 @@ class WebSocketSession:
             ) from None
         return payload
 
-    def _ensure_upstream(self, model: str | None, record: RequestRecord | None) -> Target:
+    def _ensure_upstream(self, model: str | None) -> Target:
         if self._upstream is not None and self._target is not None:
             return self._target
         targets = self.targets or self.state.router.route(model)
@@ -415,8 +420,6 @@ class WebSocketSession:
             if client.websockets != "native":
                 last = WebSocketUnavailable()
                 continue
-            if record is not None:
-                record.attempt(client.name)
             try:
                 opened = open_upstream_socket(
                     client,
@@ -497,10 +500,7 @@ class WebSocketSession:
             if response_id is not None:
                 self._mine.add(response_id)
                 if not lane.records:  # a steered response's successor
-                    successor = RequestRecord(
-                        request_id_from(None), "WS", "ws_create", metrics=self.state.metrics
-                    )
-                    successor.identified(self.tenant.identity.key_name, self.tenant.identity.team)
+                    successor = self._create_record(None)
                     successor.attempt(self._name)
                     lane.records.append(successor)
                 self.tenant.remember(response_id, self._name, background=False)
