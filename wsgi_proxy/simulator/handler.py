@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import errors
 from .config import FLAVOR_PREFIXES, FaultError, Faults, SimulatorConfig, parse_faults
+from .conversations import Conversations, page
 from .errors import ApiError
 from .events import (
     JsonDict,
@@ -61,6 +62,16 @@ _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/responses/(?P<id>[^/]+)"), {"GET": "_retrieve", "DELETE": "_delete"}),
     (re.compile(r"/responses/(?P<id>[^/]+)/cancel"), {"POST": "_cancel"}),
     (re.compile(r"/responses/(?P<id>[^/]+)/input_items"), {"GET": "_input_items"}),
+    (re.compile(r"/conversations"), {"POST": "_conversation_create"}),
+    (
+        re.compile(r"/conversations/(?P<id>[^/]+)"),
+        {"GET": "_conversation_get", "POST": "_conversation_update", "DELETE": "_conversation_delete"},
+    ),
+    (re.compile(r"/conversations/(?P<id>[^/]+)/items"), {"POST": "_items_create", "GET": "_items_list"}),
+    (
+        re.compile(r"/conversations/(?P<id>[^/]+)/items/(?P<item>[^/]+)"),
+        {"GET": "_item_get", "DELETE": "_item_delete"},
+    ),
     (re.compile(r"/models"), {"GET": "_models"}),
     (re.compile(r"/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
 ]
@@ -109,6 +120,15 @@ def _model_object(name: str) -> JsonDict:
 
 #: The ``sequence_number`` member of an event's JSON, as the simulator writes it (``sim_no_sequence``).
 _SEQUENCE_NUMBER = re.compile(rb',?"sequence_number":\s*[0-9]+')
+
+
+def _conversation_id(value: object) -> str | None:
+    """A create's ``conversation``: an id, or an object with one."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if value is None or isinstance(value, str):
+        return value
+    raise errors.invalid_type("conversation", "a string or an object with an id", value)
 
 
 class NewResponse(t.Protocol):
@@ -164,6 +184,7 @@ class SimulatorServer(ThreadingHTTPServer):
         self.recorder = recorder
         self.watcher = ClientWatcher()
         """Notices the clients of waiting SSE connections leaving."""
+        self.conversations = Conversations()
         super().__init__(address, _Handler)
 
     def server_close(self) -> None:
@@ -511,6 +532,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise errors.invalid_type("previous_response_id", "a string", previous)
             if find(previous) is None:
                 raise errors.previous_response_not_found(previous)
+        conversation = _conversation_id(body.get("conversation"))
+        if conversation is not None:
+            if previous is not None:
+                raise ApiError(
+                    400,
+                    "Cannot use both 'previous_response_id' and 'conversation'. Use one of them.",
+                    param="conversation",
+                )
+            self._server.conversations.add_items(conversation, input_items(source), "conversation")
         stream_options = body.get("stream_options")
         obfuscate = not (
             isinstance(stream_options, dict) and stream_options.get("include_obfuscation") is False
@@ -538,6 +568,8 @@ class _Handler(BaseHTTPRequestHandler):
             error=faults.error,
             error_at=faults.error_at,
         )
+        if conversation is not None:
+            snapshot["conversation"] = {"id": conversation}
         record = ResponseRecord(
             snapshot=snapshot,
             background=background,
@@ -547,6 +579,11 @@ class _Handler(BaseHTTPRequestHandler):
             cancel_mode=faults.cancel_mode,
             websocket=websocket,
         )
+        if conversation is not None:
+            conversations = self._server.conversations
+            record.on_complete = lambda final: conversations.append_output(
+                conversation, final.get("output", [])
+            )
         delay_ms = config.delay_ms if faults.delay_ms is None else faults.delay_ms
         job = Job(record, iter_steps(plan), delay_s=delay_ms / 1000, gap_at=faults.gap_at, gap_s=faults.gap_s)
         return record, job, faults
@@ -604,37 +641,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"id": record.id, "object": "response", "deleted": True})
 
     def _input_items(self, call: _Call) -> None:
-        args = call.args
-        raw_limit = args.get("limit", "20")
-        if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
-            raise errors.invalid_value(
-                "limit",
-                f"Invalid value for 'limit': expected an integer between 1 and 100, but got {raw_limit!r}.",
-            )
-        limit = int(raw_limit)
-        order = args.get("order", "desc")
-        if order not in ("asc", "desc"):
-            raise errors.invalid_value(
-                "order", f"Invalid value for 'order': expected one of 'asc', 'desc', but got {order!r}."
-            )
-        items = list(self._record(call).input_items)
-        if order == "desc":
-            items.reverse()
-        after = args.get("after")
-        if after:
-            ids = [item["id"] for item in items]
-            items = items[ids.index(after) + 1 :] if after in ids else []
-        page = items[:limit]
-        self._send_json(
-            200,
-            {
-                "object": "list",
-                "data": page,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": len(items) > limit,
-            },
-        )
+        self._send_json(200, page(list(self._record(call).input_items), call.args))
 
     def _input_tokens(self, call: _Call) -> None:
         body = self._json_body(call)
@@ -669,6 +676,31 @@ class _Handler(BaseHTTPRequestHandler):
                 "usage": usage(tokens, max(1, tokens // 4)),
             },
         )
+
+    def _conversation_create(self, call: _Call) -> None:
+        self._send_json(200, self._server.conversations.create(self._json_body(call)))
+
+    def _conversation_get(self, call: _Call) -> None:
+        self._send_json(200, self._server.conversations.retrieve(call.params["id"]))
+
+    def _conversation_update(self, call: _Call) -> None:
+        self._send_json(200, self._server.conversations.update(call.params["id"], self._json_body(call)))
+
+    def _conversation_delete(self, call: _Call) -> None:
+        self._send_json(200, self._server.conversations.delete(call.params["id"]))
+
+    def _items_create(self, call: _Call) -> None:
+        added = self._server.conversations.add_items(call.params["id"], self._json_body(call).get("items"))
+        self._send_json(200, page(added, {"limit": "100"}, default_order="asc"))
+
+    def _items_list(self, call: _Call) -> None:
+        self._send_json(200, page(self._server.conversations.items(call.params["id"]), call.args))
+
+    def _item_get(self, call: _Call) -> None:
+        self._send_json(200, self._server.conversations.item(call.params["id"], call.params["item"]))
+
+    def _item_delete(self, call: _Call) -> None:
+        self._send_json(200, self._server.conversations.delete_item(call.params["id"], call.params["item"]))
 
     def _models(self, call: _Call) -> None:
         self._send_json(200, {"object": "list", "data": [_model_object(m) for m in MODELS]})

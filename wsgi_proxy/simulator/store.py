@@ -74,6 +74,8 @@ class ResponseRecord:
         self.job: Job | None = None
         self.size = 0
         """Bytes of event data generated so far: a rough measure of the memory this record holds."""
+        self.on_complete: t.Callable[[JsonDict], None] | None = None
+        """Called with the final snapshot when the response completes (a conversation takes its output)."""
 
     def append(self, step: Step) -> bool:
         """Log one generated event; return ``False`` when the response already ended."""
@@ -106,6 +108,8 @@ class ResponseRecord:
         self.end_reason = reason
         if reason == "complete" and self.stored:
             self.visible = True
+        if reason == "complete" and self.on_complete is not None:
+            self.on_complete(self.snapshot)
 
     def wait_from(
         self, index: int, timeout: float | None = None, interrupted: t.Callable[[], bool] | None = None
