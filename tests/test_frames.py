@@ -50,44 +50,30 @@ def test_frame_info(payload: bytes, expected: FrameInfo) -> None:
     assert frame_info(payload) == expected
 
 
-@pytest.mark.parametrize(
-    ("payload", "kind", "lane", "previous", "generate"),
-    [
-        (b'{"type":"response.create","model":"m","input":"x"}', "response.create", None, None, True),
-        (
-            b'{"type":"response.create","model":"m","stream_id":"a.b_c-1","generate":false}',
-            "response.create",
-            "a.b_c-1",
-            None,
-            False,
-        ),
-        (
-            b'{"type":"response.create","model":"m","previous_response_id":"resp_1"}',
-            "response.create",
-            None,
-            "resp_1",
-            True,
-        ),
-        (
-            b'{"type":"response.steer","previous_response_id":"resp_2","input":"x"}',
-            "response.steer",
-            None,
-            "resp_2",
-            True,
-        ),
-        (b'{"type":"something.new","anything":[1]}', "something.new", None, None, True),
-    ],
-)
+CREATE = b'{"type":"response.create","model":"m"'
+ACCEPTED: list[tuple[bytes, str, str | None, tuple[str, ...], bool]] = [
+    (CREATE + b',"input":"x"}', "response.create", None, (), True),
+    (CREATE + b',"stream_id":"a.b_c-1","generate":false}', "response.create", "a.b_c-1", (), False),
+    (CREATE + b',"previous_response_id":"resp_1"}', "response.create", None, ("resp_1",), True),
+    (CREATE + b',"conversation":{"id":"conv_1"}}', "response.create", None, ("conv_1",), True),
+    (
+        CREATE + b',"conversation":"conv_2","prompt_cache_options":{"comparison_response_id":"resp_3"}}',
+        "response.create",
+        None,
+        ("conv_2", "resp_3"),
+        True,
+    ),
+    (b'{"type":"response.steer","previous_response_id":"resp_2"}', "response.steer", None, ("resp_2",), True),
+    (b'{"type":"something.new","anything":[1]}', "something.new", None, (), True),
+]
+
+
+@pytest.mark.parametrize(("payload", "kind", "lane", "owned", "generate"), ACCEPTED)
 def test_parse_client_frame_accepts(
-    payload: bytes, kind: str, lane: str | None, previous: str | None, generate: bool
+    payload: bytes, kind: str, lane: str | None, owned: tuple[str, ...], generate: bool
 ) -> None:
     frame = parse_client_frame(payload)
-    assert (frame.type, frame.stream_id, frame.previous_response_id, frame.generate) == (
-        kind,
-        lane,
-        previous,
-        generate,
-    )
+    assert (frame.type, frame.stream_id, frame.owned, frame.generate) == (kind, lane, owned, generate)
     assert (frame.create is not None) == (kind == "response.create")
 
 
@@ -103,7 +89,13 @@ def test_parse_client_frame_accepts(
         (b'{"type":"response.create","stream_id":"' + b"a" * 257 + b'"}', "stream_id", "invalid_stream_id"),
         (b'{"type":"response.create","model":3}', "model", None),
         (b'{"type":"response.create","model":"m","background":true}', "background", None),
-        (b'{"type":"response.create","model":"m","conversation":"conv_1"}', "conversation", None),
+        (b'{"type":"response.create","model":"m","conversation":"conv/1"}', "conversation", None),
+        (b'{"type":"response.create","model":"m","conversation":{"id":3}}', "conversation", None),
+        (
+            b'{"type":"response.create","model":"m","prompt_cache_options":{"comparison_response_id":"a b"}}',
+            "prompt_cache_options",
+            None,
+        ),
         (b'{"type":"response.create","model":"m","generate":"no"}', "generate", None),
         (
             b'{"type":"response.create","model":"m","previous_response_id":"../x"}',

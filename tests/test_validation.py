@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from wsgi_proxy.errors import InvalidRequest
+from wsgi_proxy.errors import InvalidRequest, RouteNotFound
 from wsgi_proxy.wire.validation import (
+    ConversationPath,
     CreateFields,
     ResponsePath,
     RetrieveQuery,
     check_response_id,
+    parse_conversation_path,
     parse_create_body,
     parse_json_object,
     parse_response_path,
@@ -292,3 +294,70 @@ def test_a_body_of_more_json_values_than_any_model_takes_is_refused_before_parsi
 def test_a_large_body_of_few_values_is_parsed() -> None:
     body = b'{"model":"m","input":"' + b"x" * (32 * 1024 * 1024) + b'"}'
     assert len(parse_json_object(body)["input"]) == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("subpath", "expected"),
+    [
+        ("conv_1", ConversationPath("conv_1")),
+        ("conv_1/items", ConversationPath("conv_1", items=True)),
+        ("conv_1/items/msg_2", ConversationPath("conv_1", items=True, item_id="msg_2")),
+    ],
+)
+def test_parse_conversation_path_valid(subpath: str, expected: ConversationPath) -> None:
+    assert parse_conversation_path(subpath) == expected
+
+
+@pytest.mark.parametrize(
+    ("subpath", "param"),
+    [
+        ("conv..1", "conversation_id"),
+        ("conv_1%0d%0a", "conversation_id"),
+        ("conv_1/items/", "item_id"),
+        ("conv_1/items/a b", "item_id"),
+    ],
+)
+def test_parse_conversation_path_invalid_names_param(subpath: str, param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_conversation_path(subpath)
+    assert caught.value.param == param
+
+
+@pytest.mark.parametrize("subpath", ["conv_1/", "conv_1/other", "conv_1/items/msg_2/more"])
+def test_parse_conversation_path_unknown_route(subpath: str) -> None:
+    with pytest.raises(RouteNotFound):
+        parse_conversation_path(subpath)
+
+
+@pytest.mark.parametrize(
+    ("body", "owned"),
+    [
+        (b'{"model":"m"}', ()),
+        (b'{"previous_response_id":"resp_1"}', ("resp_1",)),
+        (b'{"conversation":"conv_1"}', ("conv_1",)),
+        (b'{"conversation":{"id":"conv_1"}}', ("conv_1",)),
+        (
+            b'{"conversation":"conv_1","prompt_cache_options":{"comparison_response_id":"resp_2"}}',
+            ("conv_1", "resp_2"),
+        ),
+        (b'{"prompt_cache_options":{"retention":"24h"}}', ()),
+    ],
+)
+def test_a_create_names_the_ids_its_team_must_own(body: bytes, owned: tuple[str, ...]) -> None:
+    assert parse_create_body(body).owned_ids == owned
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"conversation":"../conv"}',
+        b'{"conversation":{"id":null}}',
+        b'{"conversation":7}',
+        b'{"prompt_cache_options":{"comparison_response_id":"resp/x"}}',
+        b'{"prompt_cache_options":"no"}',
+    ],
+)
+def test_a_create_naming_an_unsafe_id_is_refused(body: bytes) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_create_body(body)
+    assert caught.value.param in ("conversation", "prompt_cache_options")

@@ -9,7 +9,7 @@ relayed as they are and never become one. The tree::
     │   └── HeadersTooLarge           431
     ├── AuthenticationFailed          401  invalid_request_error   (missing or unknown client key)
     ├── ModelNotFound                 404  invalid_request_error   (not routed, or not for this key)
-    ├── ResponseNotFound              404  invalid_request_error   (unknown id, or another team's response)
+    ├── ResponseNotFound              404  invalid_request_error   (unknown id, or another team's object)
     ├── RateLimited                   429  rate_limit_error        (requests per minute, concurrent streams)
     ├── RouteNotFound                 404  invalid_request_error
     ├── MethodNotAllowed              405  invalid_request_error
@@ -135,13 +135,15 @@ class ModelNotFound(ProxyError):
 
 
 class ResponseNotFound(ProxyError):
-    """No response with this id is visible to the caller (the same answer as for an unknown id)."""
+    """No response (or conversation) with this id is visible to the caller: the same answer as for an
+    unknown id, in OpenAI's words for the kind of object its prefix names (``conv_``: a conversation)."""
 
     status = 404
     type = "invalid_request_error"
 
-    def __init__(self, response_id: str) -> None:
-        super().__init__(f"Response with id '{response_id}' not found.", param=None)
+    def __init__(self, object_id: str) -> None:
+        kind = "Conversation" if object_id.startswith("conv_") else "Response"
+        super().__init__(f"{kind} with id '{object_id}' not found.", param=None)
 
 
 class RateLimited(ProxyError):

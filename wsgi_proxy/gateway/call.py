@@ -34,9 +34,11 @@ class Call:
     :param idempotent: the call may be sent again whatever happened to an earlier try.
     :param routed: the call goes where its ``model`` is routed (with failover to its next routes).
     :param model: the model the body names.
-    :param owner_id: a response id the call must be served by the holder of (and only for its team).
+    :param owner_id: a response or conversation id the call must be served by the holder of (and only
+        for its team).
+    :param owned: more ids the call names that its team must own, on the same holder.
     :param resume: how a broken stream is re-opened, or None when it cannot be (not background).
-    :param creates: a 2xx answer creates a response, to record with its upstream and team.
+    :param creates: a 2xx answer creates a response (or a conversation), to record with its upstream and team.
     :param background: the response created is a background one.
     :param counts_usage: a 2xx answer carries the token usage to count.
     :param forgets: a 2xx answer deleted ``owner_id``, which the store then forgets.
@@ -52,6 +54,7 @@ class Call:
     routed: bool = False
     model: str | None = None
     owner_id: str | None = None
+    owned: tuple[str, ...] = ()
     resume: ResumePlan | None = None
     creates: bool = False
     background: bool = False

@@ -20,7 +20,13 @@ from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
 from ..config.settings import ProxySettings
-from ..errors import UpstreamCredentialsRejected, UpstreamError, UpstreamProtocolError, WebSocketUnavailable
+from ..errors import (
+    InvalidRequest,
+    UpstreamCredentialsRejected,
+    UpstreamError,
+    UpstreamProtocolError,
+    WebSocketUnavailable,
+)
 from ..observe.record import RequestRecord
 from ..upstream.body import UpstreamStream
 from ..upstream.client import UpstreamClient, UpstreamRequest
@@ -193,6 +199,13 @@ class Gateway:
             return routes or [Target(state.default_upstream.name)]
         # A call about a response goes where it lives, and only if the caller may see it.
         holder = tenant.locate(call.owner_id).name
+        for other in call.owned:
+            if tenant.locate(other).name != holder:
+                raise InvalidRequest(
+                    f"{other!r} and {call.owner_id!r} are held by different upstreams, so no upstream can"
+                    " serve this request. Name objects of one upstream.",
+                    param=None,
+                )
         return [next((tg for tg in routes or () if tg.upstream == holder), Target(holder))]
 
     def _send(self, call: Call, targets: list[Target], record: RequestRecord) -> _Sent:
@@ -273,11 +286,11 @@ class Gateway:
         self, call: Call, sent: _Sent, tenant: Tenant, record: RequestRecord, content: bytes
     ) -> None:
         """Record what a successful whole answer means: a new response, its usage, a deletion."""
+        summary = summary_of(content) if call.counts_usage or call.creates else Summary()
+        if call.creates and summary.response_id is not None:
+            tenant.remember(summary.response_id, sent.target.upstream, background=call.background)
         if call.counts_usage:
-            summary = summary_of(content)
             record.used(summary.usage)
-            if call.creates and summary.response_id is not None:
-                tenant.remember(summary.response_id, sent.target.upstream, background=call.background)
             tenant.record_usage(summary, record.model)
         if call.forgets and call.owner_id is not None:
             tenant.forget(call.owner_id)

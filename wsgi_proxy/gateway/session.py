@@ -323,8 +323,7 @@ class WebSocketSession:
             if frame.type == "response.create":
                 self._create(frame, payload)
                 return
-            if frame.previous_response_id is not None:  # a steer: only of a response this team owns
-                self._check_previous(frame.previous_response_id)
+            self._check_owned(frame.owned)  # a steer: only of a response this team owns
             self._to_upstream(message, model=None)
         except ProxyError as exc:
             self._refuse(exc, lane_hint)
@@ -343,8 +342,7 @@ class WebSocketSession:
             tenant.charge_request()
             tenant.check_model(fields.model)
             tenant.admit_create()
-            if frame.previous_response_id is not None:
-                self._check_previous(frame.previous_response_id)
+            self._check_owned(frame.owned)
             payload = self._to_upstream((Opcode.TEXT, payload), model=fields.model, record=record)
         except ProxyError as exc:
             self._refuse(exc, frame.stream_id, record)
@@ -365,18 +363,22 @@ class WebSocketSession:
         record.asked_for(model)
         return record
 
-    def _check_previous(self, response_id: str) -> None:
-        """A response this connection made, or one the team owns on this connection's upstream."""
-        if response_id in self._mine:
-            return
-        holder = self.tenant.locate(response_id).name
-        if self._upstream_client is not None and holder != self._upstream_client.name:
-            raise InvalidRequest(
-                f"The response {response_id!r} is held by another upstream than this connection's."
-                " Open a new WebSocket connection to continue it.",
-                param="previous_response_id",
-            )
-        if self._upstream_client is None:
+    def _check_owned(self, ids: tuple[str, ...]) -> None:
+        """Each id a frame names: one this connection made, or one the team owns on this connection's
+        upstream (which, before the first create, the first such id chooses)."""
+        for object_id in ids:
+            if object_id in self._mine:
+                continue
+            holder = self.tenant.locate(object_id).name
+            bound = self._upstream_client.name if self._upstream_client is not None else None
+            if bound is None and self.targets is not None and len(self.targets) == 1:
+                bound = self.targets[0].upstream
+            if bound is not None and holder != bound:
+                raise InvalidRequest(
+                    f"{object_id!r} is held by another upstream than this connection's. Open a new"
+                    " WebSocket connection to use it.",
+                    param=None,
+                )
             self.targets = [Target(holder)]
 
     def _to_upstream(

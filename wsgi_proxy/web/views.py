@@ -20,7 +20,13 @@ from ..gateway.call import Answer, Call, ResumePlan
 from ..gateway.tenancy import Tenant
 from ..upstream.resume import create_resume_query
 from ..upstream.websocket import UpgradeRefused
-from ..wire.validation import parse_create_body, parse_response_path, parse_retrieve_query
+from ..wire.validation import (
+    parse_conversation_path,
+    parse_create_body,
+    parse_json_object,
+    parse_response_path,
+    parse_retrieve_query,
+)
 from ..wire.websocket import accept_upgrade
 from . import hooks
 from .hooks import EXTENSION_KEY, gateway, record
@@ -106,7 +112,8 @@ def create() -> Response:
         stream=stream,
         routed=True,
         model=fields.model,
-        owner_id=fields.previous_response_id,
+        owner_id=next(iter(fields.owned_ids), None),
+        owned=fields.owned_ids[1:],
         # A background stream can be resumed; nothing else can (OpenAI's rule).
         resume=ResumePlan(create_resume_query(fields)) if stream and background else None,
         creates=True,
@@ -128,7 +135,8 @@ def json_post(endpoint: str) -> Response:
         body=body,
         routed=True,
         model=fields.model,
-        owner_id=fields.previous_response_id,
+        owner_id=next(iter(fields.owned_ids), None),
+        owned=fields.owned_ids[1:],
     )
     return _forward(call, tenant)
 
@@ -163,6 +171,47 @@ def response_item(subpath: str) -> Response:
             # A background response polled to its end carries its usage: count it (once) here too.
             counts_usage=True,
         )
+    return _forward(call, tenant)
+
+
+def _json_body() -> bytes:
+    """The request body, checked to be a JSON object (and forwarded as its original bytes)."""
+    body = _read_body()
+    parse_json_object(body)
+    return body
+
+
+def conversations() -> Response:
+    """``POST /conversations``: a new conversation, recorded with the caller's team. A conversation
+    has no model, so it is made on the first upstream; creates that name it go there."""
+    _require("POST")
+    tenant = _tenant()
+    return _forward(_call("POST", "/conversations", body=_json_body(), creates=True), tenant)
+
+
+def conversation_item(subpath: str) -> Response:
+    """A conversation, its items or one item: served by its upstream, for its team only."""
+    tenant = _tenant()  # before validation: an unauthenticated client learns nothing more
+    target = parse_conversation_path(subpath)
+    cid = target.conversation_id
+    path = f"/conversations/{cid}"
+    if target.item_id is not None:
+        record().renamed("conversation_item")
+        _require("GET", "DELETE")
+        call = _call(request.method, f"{path}/items/{target.item_id}", idempotent=True, owner_id=cid)
+    elif target.items:
+        record().renamed("conversation_items")
+        _require("GET", "POST")
+        if request.method == "POST":
+            call = _call("POST", f"{path}/items", body=_json_body(), owner_id=cid)
+        else:
+            call = _call("GET", f"{path}/items", idempotent=True, owner_id=cid)
+    elif request.method == "POST":  # its metadata
+        call = _call("POST", path, body=_json_body(), owner_id=cid)
+    else:
+        _require("GET", "DELETE")
+        deletes = request.method == "DELETE"
+        call = _call(request.method, path, idempotent=True, owner_id=cid, forgets=deletes)
     return _forward(call, tenant)
 
 
@@ -221,7 +270,8 @@ def websocket(rest: str = "") -> Response:
 def not_found(rest: str = "") -> Response:
     raise RouteNotFound(
         f"Unknown endpoint {request.method} {request.path}. The proxy serves /responses, /responses/{{id}}"
-        " (with /cancel and /input_items), /responses/input_tokens, /responses/compact and /models."
+        " (with /cancel and /input_items), /responses/input_tokens, /responses/compact, /conversations"
+        " (with /{id}, /{id}/items and /{id}/items/{item_id}) and /models."
     )
 
 
@@ -246,6 +296,10 @@ def make_blueprint() -> Blueprint:
             f"/responses/{endpoint}", endpoint, json_post, methods=_METHODS, defaults={"endpoint": endpoint}
         )
     bp.add_url_rule("/responses/<wsgi_proxy_path:subpath>", "response", response_item, methods=_METHODS)
+    bp.add_url_rule("/conversations", "conversations", conversations, methods=_METHODS)
+    bp.add_url_rule(
+        "/conversations/<wsgi_proxy_path:subpath>", "conversation", conversation_item, methods=_METHODS
+    )
     bp.add_url_rule("/models", "models", models, methods=_METHODS)
     bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)

@@ -89,14 +89,15 @@ class ClientFrame:
         does not know, relayed as it is).
     :param stream_id: the lane it names, or None for the unnamed one.
     :param create: the create's fields, for ``response.create``.
-    :param previous_response_id: the response a create continues or a steer steers.
+    :param owned: the ids the frame names that the caller must own: the response a create continues
+        or a steer steers, a conversation, a comparison response.
     :param generate: False for a warm-up create (no output).
     """
 
     type: str
     stream_id: str | None = None
     create: CreateFields | None = None
-    previous_response_id: str | None = None
+    owned: tuple[str, ...] = ()
     generate: bool = True
 
 
@@ -125,9 +126,7 @@ def parse_client_frame(payload: bytes) -> ClientFrame:
                 "A 'response.steer' names the running response it steers in 'previous_response_id'.",
                 param="previous_response_id",
             )
-        return ClientFrame(
-            kind, lane, previous_response_id=check_response_id(previous, "previous_response_id")
-        )
+        return ClientFrame(kind, lane, owned=(check_response_id(previous, "previous_response_id"),))
     return ClientFrame(kind, lane)
 
 
@@ -139,22 +138,10 @@ def _create_frame(obj: dict[str, t.Any], lane: str | None) -> ClientFrame:
             " (POST /v1/responses).",
             param="background",
         )
-    if obj.get("conversation") is not None:
-        raise InvalidRequest(
-            "This gateway does not relay 'conversation' over a WebSocket yet. Send creates that use a"
-            " conversation over HTTP (POST /v1/responses).",
-            param="conversation",
-        )
     generate = obj.get("generate", True)
     if not isinstance(generate, bool):
         raise InvalidRequest("Invalid value for 'generate': expected true or false.", param="generate")
-    return ClientFrame(
-        "response.create",
-        lane,
-        create=fields,
-        previous_response_id=fields.previous_response_id,
-        generate=generate,
-    )
+    return ClientFrame("response.create", lane, create=fields, owned=fields.owned_ids, generate=generate)
 
 
 def error_frame(error: ProxyError, stream_id: str | None = None) -> bytes:

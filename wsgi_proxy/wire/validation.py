@@ -14,14 +14,16 @@ from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError, field_validator
 
-from ..errors import InvalidRequest, RequestTooLarge
+from ..errors import InvalidRequest, RequestTooLarge, RouteNotFound
 
 __all__ = [
+    "ConversationPath",
     "CreateFields",
     "ResponsePath",
     "RetrieveQuery",
     "check_response_id",
     "create_fields",
+    "parse_conversation_path",
     "parse_create_body",
     "parse_json_object",
     "parse_response_path",
@@ -40,13 +42,16 @@ _STARTING_AFTER = re.compile(r"[0-9]{1,19}")
 _SUB_ACTIONS = {"cancel": "cancel", "input_items": "input_items"}
 
 
-def check_response_id(value: str, param: str = "response_id") -> str:
-    """Return ``value`` if it is a safe response id, else raise naming ``param``."""
+def check_response_id(value: str, param: str = "response_id", kind: str = "response") -> str:
+    """Return ``value`` if it is a safe id (of a ``kind`` of object), else raise naming ``param``."""
     if not RESPONSE_ID.fullmatch(value):
         shown = value if len(value) <= 64 and value.isprintable() else "the given value"
+        example = {"response": "resp_abc123", "conversation": "conv_abc123", "item": "msg_abc123"}.get(
+            kind, "x_1"
+        )
         raise InvalidRequest(
-            f"Invalid '{param}': {shown!r} is not a response id. Response ids are 1 to 128 letters,"
-            " digits, '_' or '-' (for example 'resp_abc123').",
+            f"Invalid '{param}': {shown!r} is not a {kind} id. Such ids are 1 to 128 letters,"
+            f" digits, '_' or '-' (for example '{example}').",
             param=param,
         )
     return value
@@ -66,6 +71,30 @@ def parse_response_path(subpath: str) -> ResponsePath:
     if sep and tail in _SUB_ACTIONS:
         return ResponsePath(t.cast(t.Any, _SUB_ACTIONS[tail]), check_response_id(head))
     return ResponsePath("item", check_response_id(subpath))
+
+
+@dataclass(frozen=True)
+class ConversationPath:
+    """What a path below ``/conversations/`` asks for: the conversation, its items, or one item."""
+
+    conversation_id: str
+    items: bool = False
+    item_id: str | None = None
+
+
+def parse_conversation_path(subpath: str) -> ConversationPath:
+    """Parse ``{id}``, ``{id}/items`` or ``{id}/items/{item_id}`` (the part after ``/conversations/``)."""
+    parts = subpath.split("/")
+    conversation_id = check_response_id(parts[0], "conversation_id", "conversation")
+    if len(parts) == 1:
+        return ConversationPath(conversation_id)
+    if parts[1] == "items" and len(parts) <= 3:
+        item = check_response_id(parts[2], "item_id", "item") if len(parts) == 3 else None
+        return ConversationPath(conversation_id, items=True, item_id=item)
+    raise RouteNotFound(
+        "Unknown conversation route. The routes are /conversations/{id}, /conversations/{id}/items and"
+        " /conversations/{id}/items/{item_id}."
+    )
 
 
 @dataclass(frozen=True)
@@ -195,8 +224,29 @@ class CreateFields(BaseModel):
     background: StrictBool | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
+    conversation: StrictStr | dict[str, t.Any] | None = None
+    prompt_cache_options: dict[str, t.Any] | None = None
     include: list[StrictStr] | None = None
     stream_options: dict[str, t.Any] | None = None
+
+    @property
+    def conversation_id(self) -> str | None:
+        """The conversation the create reads and extends (``conversation`` is an id or ``{"id": ...}``)."""
+        value = self.conversation
+        return value.get("id") if isinstance(value, dict) else value
+
+    @property
+    def comparison_response_id(self) -> str | None:
+        """``prompt_cache_options.comparison_response_id``: another response the create names."""
+        options = self.prompt_cache_options or {}
+        value = options.get("comparison_response_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def owned_ids(self) -> tuple[str, ...]:
+        """Every id the create names that the caller must own, the one it continues first."""
+        ids = (self.previous_response_id, self.conversation_id, self.comparison_response_id)
+        return tuple(i for i in ids if i is not None)
 
     @field_validator("model")
     @classmethod
@@ -212,6 +262,22 @@ class CreateFields(BaseModel):
             raise ValueError("must be a response id such as 'resp_abc123'")
         return value
 
+    @field_validator("conversation")
+    @classmethod
+    def _safe_conversation(cls, value: str | dict[str, t.Any] | None) -> str | dict[str, t.Any] | None:
+        named = value.get("id") if isinstance(value, dict) else value
+        if value is not None and not (isinstance(named, str) and RESPONSE_ID.fullmatch(named)):
+            raise ValueError("must be a conversation id such as 'conv_abc123', or an object with one as 'id'")
+        return value
+
+    @field_validator("prompt_cache_options")
+    @classmethod
+    def _safe_comparison_id(cls, value: dict[str, t.Any] | None) -> dict[str, t.Any] | None:
+        named = (value or {}).get("comparison_response_id")
+        if named is not None and not (isinstance(named, str) and RESPONSE_ID.fullmatch(named)):
+            raise ValueError("its comparison_response_id must be a response id such as 'resp_abc123'")
+        return value
+
 
 _EXPECTED = {
     "model": "a model name (string)",
@@ -219,6 +285,8 @@ _EXPECTED = {
     "background": "a boolean (true or false)",
     "store": "a boolean (true or false)",
     "previous_response_id": "a response id (string)",
+    "conversation": "a conversation id (string) or an object with one",
+    "prompt_cache_options": "an object",
     "include": "a list of strings",
     "stream_options": "an object",
 }
