@@ -44,7 +44,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .settings import ConfigError, check_api_version, check_base_url
+from .settings import ConfigError, check_api_version, check_base_url, check_endpoints
 
 __all__ = ["FileConfig", "KeyEntry", "ModelEntry", "Route", "TeamEntry", "UpstreamEntry", "load_config_file"]
 
@@ -129,7 +129,14 @@ class _Limits(_Strict):
 
 
 class TeamEntry(_Limits):
-    """A team: the models its keys may use, and limits counted over all its keys."""
+    """A team: the models and endpoint families its keys may use, and limits counted over all its keys."""
+
+    endpoints: tuple[str, ...] | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _known_endpoints(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else check_endpoints(value)
 
 
 class KeyEntry(_Limits):

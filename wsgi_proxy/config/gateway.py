@@ -101,6 +101,7 @@ class Identity:
 
     ``models`` holds one tuple of ``fnmatch`` patterns per level (team, key); a model must match
     every level. ``rpm`` and ``max_streams`` are ``(counter name, limit)`` pairs, all enforced.
+    ``endpoints`` narrows the gateway's endpoint families for this team (None: all of them).
     """
 
     key_name: str | None
@@ -108,6 +109,7 @@ class Identity:
     models: tuple[tuple[str, ...], ...] = ()
     rpm: tuple[tuple[str, int], ...] = ()
     max_streams: tuple[tuple[str, int], ...] = ()
+    endpoints: tuple[str, ...] | None = None
 
     def may_use(self, model: str) -> bool:
         return all(any(fnmatch.fnmatchcase(model, p) for p in patterns) for patterns in self.models)
@@ -257,5 +259,6 @@ def _file_key(key: KeyEntry, config: FileConfig, environ: t.Mapping[str, str]) -
         max_streams=tuple(
             (counter, entry.max_streams) for counter, entry in levels if entry.max_streams is not None
         ),
+        endpoints=team.endpoints,
     )
     return ClientKey(digest, identity)

@@ -41,6 +41,22 @@ def _check_forwardable(name: str) -> None:
         )
 
 
+#: The ``/v1`` endpoint families beyond Responses, Conversations and Models that a gateway may serve.
+ENDPOINT_FAMILIES = ("chat/completions", "completions", "embeddings", "moderations")
+#: Those served unless the operator says otherwise: stateless, routed by their model.
+DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings", "moderations")
+
+
+def check_endpoints(names: t.Iterable[str]) -> tuple[str, ...]:
+    """Endpoint family names, checked against :data:`ENDPOINT_FAMILIES`, or ValueError."""
+    chosen = tuple(dict.fromkeys(name.strip().strip("/") for name in names if name.strip()))
+    unknown = [name for name in chosen if name not in ENDPOINT_FAMILIES]
+    if unknown:
+        known = ", ".join(ENDPOINT_FAMILIES)
+        raise ValueError(f"{unknown[0]!r} is not an endpoint family the proxy serves; choose from {known}")
+    return chosen
+
+
 #: The fewest characters a client key may have (a digest in the file is trusted to hide a long one).
 MIN_CLIENT_KEY = 16
 
@@ -183,6 +199,9 @@ class ProxySettings(BaseSettings):
     websocket_ping_interval: float = Field(default=20.0, ge=0)
     """Seconds of silence on a WebSocket before the proxy pings; a peer that does not answer within
     as long again is taken for gone (0: never ping)."""
+    endpoints: t.Annotated[tuple[str, ...], NoDecode] = DEFAULT_ENDPOINTS
+    """The ``/v1`` endpoint families served besides Responses, Conversations and Models (comma-separated;
+    empty: none); a team of the file may be narrowed further with its own ``endpoints``."""
     retry_attempts: int = Field(default=2, ge=0)
     """Extra attempts for a request that failed where a retry is safe (see the README)."""
 
@@ -215,6 +234,13 @@ class ProxySettings(BaseSettings):
                 _check_forwardable(name)
             return names
         return value
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        return check_endpoints(t.cast(t.Iterable[str], value)) if isinstance(value, (tuple, list)) else value
 
     @field_validator("upstream_api_key", mode="before")
     @classmethod

@@ -6,7 +6,7 @@ import json
 import typing as t
 from dataclasses import dataclass
 
-from ..wire.relay import StreamRelay
+from ..wire.relay import Dialect, StreamRelay
 
 __all__ = ["Answer", "Call", "ResumePlan"]
 
@@ -42,6 +42,7 @@ class Call:
     :param background: the response created is a background one.
     :param counts_usage: a 2xx answer carries the token usage to count.
     :param forgets: a 2xx answer deleted ``owner_id``, which the store then forgets.
+    :param dialect: how a streamed answer's events read (the Responses API's, or chat completions').
     """
 
     method: str
@@ -60,6 +61,7 @@ class Call:
     background: bool = False
     counts_usage: bool = False
     forgets: bool = False
+    dialect: Dialect = "responses"
 
     @property
     def label(self) -> str:

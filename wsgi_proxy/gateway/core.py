@@ -336,6 +336,7 @@ class Gateway:
             on_close=finished,
             on_forward=lambda events, nbytes: metrics.events_forwarded(events=events, nbytes=nbytes),
             scrub=sent.client.scrub,
+            dialect=call.dialect,
         )
         upstream_headers = sent.answer.headers
         relayed = client_response_headers(upstream_headers.items())

@@ -17,7 +17,7 @@ import typing as t
 import uuid
 
 from ..config.gateway import Identity
-from ..errors import ModelNotFound, RateLimited, ResponseNotFound, StoreUnavailable
+from ..errors import ModelNotFound, RateLimited, ResponseNotFound, RouteNotFound, StoreUnavailable
 from ..store import ResponseRecord, Store, StoreError
 from ..upstream.client import UpstreamClient
 from ..wire.responses import Summary
@@ -48,6 +48,20 @@ class Tenant:
         """Refuse a routed model this caller's key or team may not use (the 404 of an unknown one)."""
         if self.state.router.has_table and model is not None and not self.identity.may_use(model):
             raise ModelNotFound(model)
+
+    def check_endpoint(self, family: str) -> None:
+        """Refuse an endpoint family the gateway, or this caller's team, does not serve (a 404)."""
+        if family not in self.state.settings.endpoints:
+            raise RouteNotFound(
+                f"/{family} is not served by this gateway. Its operator can add {family!r} to"
+                " WSGI_PROXY_ENDPOINTS."
+            )
+        allowed = self.identity.endpoints
+        if allowed is not None and family not in allowed:
+            raise RouteNotFound(
+                f"/{family} is not served to your team. Its operator can add {family!r} to the team's"
+                " endpoints in the gateway's configuration file."
+            )
 
     def charge_request(self) -> None:
         """Count this request against every requests-per-minute limit, or raise :class:`RateLimited`."""

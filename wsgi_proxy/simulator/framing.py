@@ -98,6 +98,11 @@ class SseWriter:
                 time.sleep(self._split_pause)
             self._write(piece)
 
+    def data(self, payload: bytes) -> None:
+        """An event of one ``data:`` line and no type (chat completion chunks, ``[DONE]``)."""
+        nl = TERMINATORS[self._framing]
+        self._write(b"data: " + payload + nl + nl)
+
     def comment(self, text: str = "ping") -> None:
         self._write(comment_frame(text, self._framing))
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import errors
+from .chat import ChatPlan, embeddings, moderations
 from .config import FLAVOR_PREFIXES, FaultError, Faults, SimulatorConfig, parse_faults
 from .conversations import Conversations, page
 from .errors import ApiError
@@ -72,6 +73,10 @@ _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
         re.compile(r"/conversations/(?P<id>[^/]+)/items/(?P<item>[^/]+)"),
         {"GET": "_item_get", "DELETE": "_item_delete"},
     ),
+    (re.compile(r"/chat/completions"), {"POST": "_chat_completions"}),
+    (re.compile(r"/completions"), {"POST": "_completions"}),
+    (re.compile(r"/embeddings"), {"POST": "_embeddings"}),
+    (re.compile(r"/moderations"), {"POST": "_moderations"}),
     (re.compile(r"/models"), {"GET": "_models"}),
     (re.compile(r"/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
 ]
@@ -701,6 +706,57 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _item_delete(self, call: _Call) -> None:
         self._send_json(200, self._server.conversations.delete_item(call.params["id"], call.params["item"]))
+
+    def _chat_completions(self, call: _Call) -> None:
+        self._chat(call, legacy=False)
+
+    def _completions(self, call: _Call) -> None:
+        self._chat(call, legacy=True)
+
+    def _chat(self, call: _Call, *, legacy: bool) -> None:
+        body = self._json_body(call)
+        self._require_model(body)
+        config = self._server.config
+        faults = self._faults(call.sim_args, config.faults)
+        plan = ChatPlan(body, config.words if faults.words is None else faults.words, legacy=legacy)
+        if not _optional_bool(body, "stream"):
+            self._send_json(200, plan.completion())
+            return
+        recorder = self._server.recorder
+        opened = time.monotonic()
+        recorder.stream_opened()
+        reason: CloseReason = "client_gone"
+        delay = (config.delay_ms if faults.delay_ms is None else faults.delay_ms) / 1000
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self._common_headers()
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            writer = SseWriter(self.wfile.write, framing=faults.framing, split=faults.split)
+            for index, data in enumerate(plan.chunks()):
+                if faults.cut_after is not None and index >= faults.cut_after:
+                    reason = self._cut(faults, writer)
+                    return
+                if index:
+                    time.sleep(delay)
+                writer.data(data)
+            writer.finish()
+            reason = "complete"
+        except OSError:
+            reason = "client_gone"
+        finally:
+            if reason != "complete":
+                self.close_connection = True
+            recorder.stream_closed(StreamClosure(plan.id, opened, time.monotonic(), reason))
+
+    def _embeddings(self, call: _Call) -> None:
+        body = self._json_body(call)
+        self._require_model(body)
+        self._send_json(200, embeddings(body))
+
+    def _moderations(self, call: _Call) -> None:
+        self._send_json(200, moderations(self._json_body(call)))
 
     def _models(self, call: _Call) -> None:
         self._send_json(200, {"object": "list", "data": [_model_object(m) for m in MODELS]})

@@ -15,6 +15,7 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
+from ..config.settings import ENDPOINT_FAMILIES
 from ..errors import InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound, WebSocketUnavailable
 from ..gateway.call import Answer, Call, ResumePlan
 from ..gateway.tenancy import Tenant
@@ -215,6 +216,31 @@ def conversation_item(subpath: str) -> Response:
     return _forward(call, tenant)
 
 
+#: Endpoint families whose answers stream when ``stream`` is true (as chat completion chunks).
+_STREAMING = frozenset({"chat/completions", "completions"})
+
+
+def family_endpoint(family: str) -> Response:
+    """A model-routed endpoint family (``/chat/completions``, ``/embeddings``, ...), if the gateway
+    and the caller's team serve it: a JSON object in, JSON or a chunk stream out, usage counted."""
+    _require("POST")
+    tenant = _tenant()
+    tenant.check_endpoint(family)
+    body = _read_body()
+    fields = parse_create_body(body)
+    call = _call(
+        "POST",
+        f"/{family}",
+        body=body,
+        stream=fields.stream is True and family in _STREAMING,
+        routed=True,
+        model=fields.model,
+        counts_usage=True,
+        dialect="chat",
+    )
+    return _forward(call, tenant)
+
+
 def models() -> Response:
     _require("GET")
     tenant = _tenant()
@@ -300,6 +326,9 @@ def make_blueprint() -> Blueprint:
     bp.add_url_rule(
         "/conversations/<wsgi_proxy_path:subpath>", "conversation", conversation_item, methods=_METHODS
     )
+    for family in ENDPOINT_FAMILIES:
+        name = family.replace("/", "_")
+        bp.add_url_rule(f"/{family}", name, family_endpoint, methods=_METHODS, defaults={"family": family})
     bp.add_url_rule("/models", "models", models, methods=_METHODS)
     bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)

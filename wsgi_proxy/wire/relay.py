@@ -15,10 +15,11 @@ import typing as t
 from dataclasses import dataclass
 
 from ..errors import StreamAborted, UpstreamStreamInterrupted
-from .responses import completed_summary, created_id
-from .sse import TERMINAL_TYPES, EventSplitter, EventTooLarge, parse_event
+from .responses import chunk_summary, completed_summary, created_id
+from .sse import TERMINAL_TYPES, EventSplitter, EventTooLarge, data_of, parse_event
 
 __all__ = [
+    "Dialect",
     "KEEPALIVE",
     "Control",
     "Resume",
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("wsgi_proxy.stream")
+
+#: How a stream's events are read: the Responses API's, or chat completions' (see :class:`StreamRelay`).
+Dialect = t.Literal["responses", "chat"]
 
 
 class StreamEnd(enum.Enum):
@@ -180,6 +184,9 @@ class StreamRelay:
     :param on_close: called once with the stream's statistics when the relay ends, however it ends.
     :param on_forward: called with the number of events and bytes of each write (metrics).
     :param scrub: applied to each write, to remove a secret an upstream should never have echoed.
+    :param dialect: ``responses`` (typed events, over at their terminal event) or ``chat`` (chat
+        completions and completions: untyped ``data:`` chunks, over at ``data: [DONE]``, the usage
+        in a chunk of its own).
     """
 
     def __init__(
@@ -197,8 +204,10 @@ class StreamRelay:
         on_close: t.Callable[[StreamStats], None] | None = None,
         on_forward: t.Callable[[int, int], None] | None = None,
         scrub: t.Callable[[bytes], bytes] | None = None,
+        dialect: Dialect = "responses",
     ) -> None:
         self._body = body
+        self._chat = dialect == "chat"
         self._label = label
         self._control = control
         self._resumer = resumer
@@ -277,6 +286,9 @@ class StreamRelay:
 
     def _observe(self, event: bytes) -> bool:
         """Note what ``event`` says; False when it must not be forwarded (a replayed duplicate)."""
+        if self._chat:
+            self._observe_chunk(event)
+            return True
         info = parse_event(event)
         seq = info.sequence_number
         if self._replayed_through is not None and seq is not None:
@@ -303,6 +315,27 @@ class StreamRelay:
             if self._response_id is not None and self._on_response_id is not None:
                 self._on_response_id(self._response_id)
         return True
+
+    def _observe_chunk(self, event: bytes) -> None:
+        """Note a chat completion chunk: ``[DONE]`` ends the stream, a chunk with usage counts."""
+        data = data_of(event)
+        if data is None:
+            return
+        self._events += 1
+        if self._first_event_at is None:
+            self._first_event_at = time.monotonic()
+        if data.strip() == b"[DONE]":
+            self._terminal = "[DONE]"
+            if self._ended_at is None:
+                self._ended_at = time.monotonic()
+        elif b'"usage"' in data:
+            summary = chunk_summary(data)
+            if summary.usage is not None:
+                self._usage, self._model, self._response_id = (
+                    summary.usage,
+                    summary.model,
+                    summary.response_id,
+                )
 
     def _failure_at_eof(self) -> str | None:
         if self._splitter.pending:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from .sse import data_of
 from .validation import RESPONSE_ID
 
-__all__ = ["Summary", "completed_summary", "created_id", "event_summary", "summary_of", "usage_of"]
+__all__ = [
+    "Summary",
+    "chunk_summary",
+    "completed_summary",
+    "created_id",
+    "event_summary",
+    "summary_of",
+    "usage_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +38,17 @@ _EMPTY = Summary()
 
 
 def usage_of(payload: t.Mapping[str, t.Any]) -> dict[str, int] | None:
-    """Token counts from a Response object's ``usage`` (input, output, total), if it has them."""
+    """Token counts from an object's ``usage`` (input, output, total), if it has them: a Response's,
+    or a chat completion's or an embedding's (``prompt_tokens``, ``completion_tokens``), renamed."""
     usage = payload.get("usage")
     if not isinstance(usage, dict):
         return None
+    if "input_tokens" not in usage and "prompt_tokens" in usage:
+        usage = {
+            "input_tokens": usage.get("prompt_tokens"),
+            "output_tokens": usage.get("completion_tokens", 0),
+            "total_tokens": usage.get("total_tokens"),
+        }
     counts = {k: usage.get(k) for k in ("input_tokens", "output_tokens", "total_tokens")}
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
         return None
@@ -61,6 +76,11 @@ def _load(data: bytes | None) -> object:
 def summary_of(content: bytes) -> Summary:
     """The summary of a JSON answer that is a Response object."""
     return _summary(_load(content))
+
+
+def chunk_summary(data: bytes | None) -> Summary:
+    """The summary of a chat completion chunk (an SSE event's data): its id, model and usage."""
+    return _summary(_load(data))
 
 
 def event_summary(data: bytes | None) -> Summary:

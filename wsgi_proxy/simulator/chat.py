@@ -1,0 +1,126 @@
+"""Chat completions, completions, embeddings and moderations: the stateless endpoints, as pure
+functions of a request body (the handler writes them, as JSON or as a chunk stream).
+
+A chat completion's reply cycles through the words of its messages, like a response's; streamed, it
+is one ``chat.completion.chunk`` per word, a last chunk with ``finish_reason``, with
+``stream_options.include_usage`` a chunk with the usage and no choices, then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+import typing as t
+
+from .errors import ApiError
+from .events import JsonDict, count_tokens, delta_texts, dumps, input_text, new_id
+
+__all__ = ["ChatPlan", "embeddings", "moderations"]
+
+
+def _text(messages: object) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(
+            400,
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    return input_text(messages)
+
+
+class ChatPlan:
+    """One chat completion (or completion) to answer: its words, and its shape as JSON or chunks."""
+
+    def __init__(self, body: t.Mapping[str, t.Any], words: int, *, legacy: bool = False) -> None:
+        self.legacy = legacy
+        text = input_text(body.get("prompt")) if legacy else _text(body.get("messages"))
+        self.id = new_id("cmpl-" if legacy else "chatcmpl-")
+        self.model = body.get("model")
+        self.created = int(time.time())
+        self.deltas = delta_texts(text, words)
+        self.prompt_tokens = count_tokens(text)
+        self.completion_tokens = len(self.deltas)
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+    @property
+    def usage(self) -> JsonDict:
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _envelope(self, obj: str) -> JsonDict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def completion(self) -> JsonDict:
+        """The whole answer (``stream`` false)."""
+        text = "".join(self.deltas)
+        if self.legacy:
+            choice: JsonDict = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            return {**self._envelope("text_completion"), "choices": [choice], "usage": self.usage}
+        message = {"role": "assistant", "content": text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+        return {**self._envelope("chat.completion"), "choices": [choice], "usage": self.usage}
+
+    def chunks(self) -> list[bytes]:
+        """The streamed answer: each chunk's JSON, then ``[DONE]``."""
+        obj = "text_completion" if self.legacy else "chat.completion.chunk"
+        out: list[bytes] = []
+        for index, piece in enumerate([*self.deltas, None]):
+            finish = "stop" if piece is None else None
+            if self.legacy:
+                choice: JsonDict = {
+                    "index": 0,
+                    "text": piece or "",
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            else:
+                delta: JsonDict = {} if piece is None else {"content": piece}
+                if index == 0:
+                    delta["role"] = "assistant"
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            out.append(dumps({**self._envelope(obj), "choices": [choice]}))
+        if self.include_usage:
+            out.append(dumps({**self._envelope(obj), "choices": [], "usage": self.usage}))
+        out.append(b"[DONE]")
+        return out
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit-ish vector for ``text``."""
+    seed = hashlib.sha256(text.encode()).digest()
+    raw = (seed * (dimensions * 4 // len(seed) + 1))[: dimensions * 4]
+    return [round(v / 2**32 - 0.5, 6) for v in struct.unpack(f"<{dimensions}I", raw)]
+
+
+def embeddings(body: t.Mapping[str, t.Any]) -> JsonDict:
+    value = body.get("input")
+    given = value if isinstance(value, list) else [value]
+    inputs: list[str] = [i for i in given if isinstance(i, str)]
+    if not inputs or len(inputs) != len(given):
+        raise ApiError(
+            400, "Invalid type for 'input': expected a string or an array of strings.", param="input"
+        )
+    dimensions = body.get("dimensions", 8)
+    if not isinstance(dimensions, int) or not 1 <= dimensions <= 3072:
+        raise ApiError(400, "Invalid value for 'dimensions'.", param="dimensions")
+    data = [
+        {"object": "embedding", "index": n, "embedding": _vector(text, dimensions)}
+        for n, text in enumerate(inputs)
+    ]
+    tokens = sum(count_tokens(text) for text in inputs)
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def moderations(body: t.Mapping[str, t.Any]) -> JsonDict:
+    value = body.get("input")
+    inputs = value if isinstance(value, list) else [value]
+    results = [{"flagged": False, "categories": {}, "category_scores": {}} for _ in inputs]
+    return {"id": new_id("modr-"), "model": body.get("model") or "omni-moderation-latest", "results": results}
