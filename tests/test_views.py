@@ -423,7 +423,7 @@ def test_wrong_method_is_405_envelope_with_allow(
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1", "/v1/", "/v1/nope", "/v1/chat/completions", "/v1/models/gpt-4o/x", "/v1/a%0Ab"]
+    "path", ["/v1", "/v1/", "/v1/nope", "/v1/chat/completions/x", "/v1/models/gpt-4o/x", "/v1/a%0Ab"]
 )
 def test_unknown_path_under_prefix_is_404_envelope(
     make_app: MakeApp, mocked: responses.RequestsMock, path: str

@@ -297,7 +297,8 @@ def not_found(rest: str = "") -> Response:
     raise RouteNotFound(
         f"Unknown endpoint {request.method} {request.path}. The proxy serves /responses, /responses/{{id}}"
         " (with /cancel and /input_items), /responses/input_tokens, /responses/compact, /conversations"
-        " (with /{id}, /{id}/items and /{id}/items/{item_id}) and /models."
+        " (with /{id}, /{id}/items and /{id}/items/{item_id}), /models, and where enabled /chat/completions,"
+        " /completions, /embeddings and /moderations."
     )
 
 
