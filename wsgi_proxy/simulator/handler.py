@@ -39,6 +39,7 @@ from .events import (
     strip_obfuscation,
     usage,
 )
+from .files import Files
 from .framing import SseWriter
 from .recording import CloseReason, RecordedRequest, Recorder, StreamClosure
 from .store import CancelRefused, Job, ResponseRecord, Store
@@ -77,6 +78,9 @@ _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/completions"), {"POST": "_completions"}),
     (re.compile(r"/embeddings"), {"POST": "_embeddings"}),
     (re.compile(r"/moderations"), {"POST": "_moderations"}),
+    (re.compile(r"/files"), {"POST": "_file_upload", "GET": "_file_list"}),
+    (re.compile(r"/files/(?P<id>[^/]+)"), {"GET": "_file_get", "DELETE": "_file_delete"}),
+    (re.compile(r"/files/(?P<id>[^/]+)/content"), {"GET": "_file_content"}),
     (re.compile(r"/models"), {"GET": "_models"}),
     (re.compile(r"/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
 ]
@@ -190,10 +194,12 @@ class SimulatorServer(ThreadingHTTPServer):
         self.watcher = ClientWatcher()
         """Notices the clients of waiting SSE connections leaving."""
         self.conversations = Conversations()
+        self.files = Files()
         super().__init__(address, _Handler)
 
     def server_close(self) -> None:
         super().server_close()
+        self.files.close()
         self.watcher.close()
 
     def handle_error(self, request: t.Any, client_address: t.Any) -> None:
@@ -244,7 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         try:
             try:
-                body = self._read_body()
+                # An upload is copied to disk as it arrives (by its endpoint), never read whole here.
+                uploads = self.command == "POST" and path.endswith("/files")
+                body = b"" if uploads else self._read_body()
             except ValueError:
                 self.close_connection = True
                 self._send_error(ApiError(400, "The request body could not be read."))
@@ -757,6 +765,35 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _moderations(self, call: _Call) -> None:
         self._send_json(200, moderations(self._json_body(call)))
+
+    def _file_upload(self, call: _Call) -> None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "Send uploads with a Content-Length.")
+        length = int(self.headers.get("Content-Length") or 0)
+        files = self._server.files
+        uploaded = files.upload(t.cast(t.BinaryIO, self.rfile), length, self.headers.get("Content-Type", ""))
+        self._send_json(200, uploaded)
+
+    def _file_list(self, call: _Call) -> None:
+        self._send_json(200, self._server.files.listing())
+
+    def _file_get(self, call: _Call) -> None:
+        self._send_json(200, self._server.files.get(call.params["id"]).public())
+
+    def _file_delete(self, call: _Call) -> None:
+        self._send_json(200, self._server.files.delete(call.params["id"]))
+
+    def _file_content(self, call: _Call) -> None:
+        files = self._server.files
+        stored = files.get(call.params["id"])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self._common_headers()
+        self.send_header("Content-Length", str(stored.bytes))
+        self.end_headers()
+        for block in files.content(stored.id):
+            self.wfile.write(block)
 
     def _models(self, call: _Call) -> None:
         self._send_json(200, {"object": "list", "data": [_model_object(m) for m in MODELS]})
