@@ -6,6 +6,7 @@ relayed as they are and never become one. The tree::
     ProxyError                        500  server_error
     ├── InvalidRequest                400  invalid_request_error   (bad query, path or body; names `param`)
     │   ├── RequestTooLarge           413
+    │   ├── LengthRequired            411  (an upload without Content-Length)
     │   └── HeadersTooLarge           431
     ├── AuthenticationFailed          401  invalid_request_error   (missing or unknown client key)
     ├── ModelNotFound                 404  invalid_request_error   (not routed, or not for this key)
@@ -37,6 +38,7 @@ __all__ = [
     "AuthenticationFailed",
     "HeadersTooLarge",
     "InvalidRequest",
+    "LengthRequired",
     "MethodNotAllowed",
     "ModelNotFound",
     "RateLimited",
@@ -98,6 +100,13 @@ class RequestTooLarge(InvalidRequest):
 
     status = 413
     code = "request_too_large"
+
+
+class LengthRequired(InvalidRequest):
+    """An upload without a Content-Length: it could be neither bounded nor streamed upstream whole."""
+
+    status = 411
+    code = "length_required"
 
 
 class HeadersTooLarge(InvalidRequest):

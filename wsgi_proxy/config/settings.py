@@ -42,7 +42,7 @@ def _check_forwardable(name: str) -> None:
 
 
 #: The ``/v1`` endpoint families beyond Responses, Conversations and Models that a gateway may serve.
-ENDPOINT_FAMILIES = ("chat/completions", "completions", "embeddings", "moderations")
+ENDPOINT_FAMILIES = ("chat/completions", "completions", "embeddings", "moderations", "files")
 #: Those served unless the operator says otherwise: stateless, routed by their model.
 DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings", "moderations")
 
@@ -161,6 +161,9 @@ class ProxySettings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest request body accepted (413 above it)."""
 
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    """Largest file upload accepted (``POST /files``, 413 above it): streamed upstream as it arrives,
+    never held in memory. OpenAI's own limit is 512 MB."""
     max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest whole (JSON) upstream answer relayed, decoded; a larger one is a 502 instead of a
     worker's memory. Error bodies answering a stream request are bounded at 1 MiB."""

@@ -6,7 +6,8 @@ import json
 import typing as t
 from dataclasses import dataclass
 
-from ..wire.relay import Dialect, StreamRelay
+from ..upstream.client import StreamedBody
+from ..wire.relay import Dialect
 
 __all__ = ["Answer", "Call", "ResumePlan"]
 
@@ -29,7 +30,7 @@ class Call:
     :param path: below the upstream's base URL, e.g. ``/responses/resp_1/cancel``.
     :param query: the client's raw query string, forwarded unchanged.
     :param headers: the client's headers, as (name, value) pairs.
-    :param body: the client's raw body, or None.
+    :param body: the client's raw body, or an upload streamed from the client, or None.
     :param stream: the answer is expected to be an event stream.
     :param idempotent: the call may be sent again whatever happened to an earlier try.
     :param routed: the call goes where its ``model`` is routed (with failover to its next routes).
@@ -43,13 +44,15 @@ class Call:
     :param counts_usage: a 2xx answer carries the token usage to count.
     :param forgets: a 2xx answer deleted ``owner_id``, which the store then forgets.
     :param dialect: how a streamed answer's events read (the Responses API's, or chat completions').
+    :param downloads: a 2xx answer's body is relayed as it arrives, whatever it is (a file's content).
+    :param lists: a 2xx answer is a list of objects, of which the caller sees only its team's own.
     """
 
     method: str
     path: str
     query: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
-    body: bytes | None = None
+    body: bytes | StreamedBody | None = None
     stream: bool = False
     idempotent: bool = False
     routed: bool = False
@@ -62,6 +65,8 @@ class Call:
     counts_usage: bool = False
     forgets: bool = False
     dialect: Dialect = "responses"
+    downloads: bool = False
+    lists: bool = False
 
     @property
     def label(self) -> str:
@@ -71,15 +76,16 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What goes back to the client: a status, headers, and a whole body or a relayed stream."""
+    """What goes back to the client: a status, headers, and a whole body or one relayed as it
+    arrives (an event stream's relay, a download)."""
 
     status: int
     headers: list[tuple[str, str]]
-    body: bytes | StreamRelay
+    body: bytes | t.Iterable[bytes]
 
     @property
     def streams(self) -> bool:
-        return isinstance(self.body, StreamRelay)
+        return not isinstance(self.body, bytes)
 
     @classmethod
     def json(cls, payload: t.Any) -> Answer:

@@ -22,9 +22,11 @@ from websockets.server import ServerProtocol
 from ..config.settings import ProxySettings
 from ..errors import (
     InvalidRequest,
+    StreamAborted,
     UpstreamCredentialsRejected,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamStreamInterrupted,
     WebSocketUnavailable,
 )
 from ..observe.record import RequestRecord
@@ -117,6 +119,8 @@ class Gateway:
             sent = self._send(call, targets, record)
             if call.stream and sent.is_event_stream:
                 return self._stream(call, sent, tenant, record, release, client)
+            if call.downloads and sent.ok:  # takes no stream slot: release is a no-op
+                return _download(sent)
         except BaseException:
             release()
             raise
@@ -254,9 +258,11 @@ class Gateway:
         )
         headers["X-Request-ID"] = record.request_id
         body = call.body
-        if target.deployment is not None and body is not None:
+        if target.deployment is not None and isinstance(body, bytes):
             body = with_model(body, target.deployment)
-        return UpstreamRequest(call.method, call.path, call.query, headers, body, call.stream)
+        return UpstreamRequest(
+            call.method, call.path, call.query, headers, body, call.stream or call.downloads
+        )
 
     # --- what comes back ----------------------------------------------------------------------------
 
@@ -272,11 +278,15 @@ class Gateway:
                     " instead of an event stream, so there are no events to relay. Check that the upstream"
                     " supports streaming for this request."
                 )
+        elif call.downloads:  # an error instead of the content: bounded, like a stream's
+            content = client.read_body(answer)
         else:
             content = answer.content
         _check_credentials(client, answer)
         if sent.ok:
             self._account(call, sent, tenant, record, content)
+            if call.lists:
+                content = tenant.visible(content, sent.target.upstream)
         headers = client.scrub_headers(client_response_headers(answer.headers.items()))
         if "Content-Type" not in answer.headers:
             headers.append(("Content-Type", "application/json"))
@@ -348,6 +358,42 @@ class Gateway:
 
 def _nothing() -> None:
     pass
+
+
+class _Download:
+    """A file's bytes relayed as they arrive; an upstream that breaks off aborts the client's
+    connection (a short body, never a clean end)."""
+
+    def __init__(self, body: UpstreamStream) -> None:
+        self._body = body
+
+    def __iter__(self) -> _Download:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            data = self._body.read()
+        except UpstreamStreamInterrupted as exc:
+            raise StreamAborted(f"the upstream broke off a download: {exc.reason}") from None
+        if not data:
+            raise StopIteration
+        return data
+
+    def close(self) -> None:
+        self._body.close()
+
+
+#: Headers of a download the client needs besides the usual ones: its length, its name.
+_DOWNLOAD_HEADERS = frozenset({"content-length", "content-disposition"})
+
+
+def _download(sent: _Sent) -> Answer:
+    answer = sent.answer
+    headers = client_response_headers(answer.headers.items())
+    headers += [(k, v) for k, v in answer.headers.items() if k.lower() in _DOWNLOAD_HEADERS]
+    if "Content-Type" not in answer.headers:
+        headers.append(("Content-Type", "application/octet-stream"))
+    return Answer(answer.status_code, sent.client.scrub_headers(headers), _Download(UpstreamStream(answer)))
 
 
 def _check_credentials(client: UpstreamClient, answer: requests.Response) -> None:

@@ -11,13 +11,21 @@ here is the same in every mode.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import typing as t
 import uuid
 
 from ..config.gateway import Identity
-from ..errors import ModelNotFound, RateLimited, ResponseNotFound, RouteNotFound, StoreUnavailable
+from ..errors import (
+    ModelNotFound,
+    RateLimited,
+    ResponseNotFound,
+    RouteNotFound,
+    StoreUnavailable,
+    UpstreamProtocolError,
+)
 from ..store import ResponseRecord, Store, StoreError
 from ..upstream.client import UpstreamClient
 from ..wire.responses import Summary
@@ -135,6 +143,40 @@ class Tenant:
         if record.team != self.identity.team or record.upstream not in state.upstreams:
             raise ResponseNotFound(response_id)
         return state.upstreams[record.upstream]
+
+    def visible(self, listing: bytes, upstream: str) -> bytes:
+        """A list answer (``{"object": "list", "data": [...]}``) of ``upstream``'s objects with only
+        those this caller's team owns. A gateway of one team and one upstream shows it as it is; an
+        answer of another shape is refused rather than shown."""
+        state = self.state
+        if state.unknown_ids == "forward":
+            return listing
+        try:
+            page = json.loads(listing)
+        except (ValueError, RecursionError):
+            page = None
+        data = page.get("data") if isinstance(page, dict) else None
+        if not isinstance(page, dict) or not isinstance(data, list):
+            raise UpstreamProtocolError(
+                f"The upstream {upstream!r} answered a list with something else, so the proxy cannot show"
+                " only your team's objects of it. Try again; if it persists, tell the operator."
+            )
+        kept = [item for item in data if isinstance(item, dict) and self._owns(item.get("id"), upstream)]
+        page["data"] = kept
+        if "first_id" in page:
+            page["first_id"] = kept[0].get("id") if kept else None
+        if "last_id" in page:
+            page["last_id"] = kept[-1].get("id") if kept else None
+        return json.dumps(page, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def _owns(self, object_id: object, upstream: str) -> bool:
+        if not isinstance(object_id, str):
+            return False
+        record = self.state.pending.response(object_id)
+        if record is None:
+            with _store_errors():
+                record = self.state.store.get_response(object_id)
+        return record is not None and record.team == self.identity.team and record.upstream == upstream
 
     def remember(self, response_id: str, upstream: str, *, background: bool) -> None:
         """Record where a new response lives and whose it is; kept by the worker until the store takes it."""

@@ -24,7 +24,7 @@ from ..errors import UpstreamProtocolError
 from ..wire.query import replace_param
 from .translate import translate_errors
 
-__all__ = ["MAX_ERROR_BODY", "UpstreamClient", "UpstreamRequest"]
+__all__ = ["MAX_ERROR_BODY", "StreamedBody", "UpstreamClient", "UpstreamRequest"]
 
 log = logging.getLogger("wsgi_proxy.upstream")
 
@@ -40,6 +40,37 @@ MAX_ERROR_BODY = 1024 * 1024
 _READ_SIZE = 65536
 
 
+class StreamedBody:
+    """A request body sent upstream as it is read from the client (an upload), never held whole.
+
+    Its length is the client's ``Content-Length``, which goes upstream unchanged; a client body that
+    ends short raises, so the upstream never waits for bytes that will not come.
+
+    :param source: the client's body (the WSGI input).
+    :param length: how many bytes it announced.
+    """
+
+    def __init__(self, source: t.BinaryIO, length: int) -> None:
+        self._source = source
+        self._length = length
+        self._left = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        wanted = self._left if size < 0 else min(size, self._left)
+        data = self._source.read(wanted)
+        if not data:
+            raise ConnectionAbortedError(
+                f"the client's body ended {self._left} bytes short of its Content-Length"
+            )
+        self._left -= len(data)
+        return data
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     """One request to an upstream: ``path`` is below its base URL, ``query`` goes as the client sent it,
@@ -49,7 +80,7 @@ class UpstreamRequest:
     path: str
     query: bytes = b""
     headers: t.Mapping[str, str] = field(default_factory=dict)
-    body: bytes | None = None
+    body: bytes | StreamedBody | None = None
     stream: bool = False
 
 
@@ -66,15 +97,19 @@ def _gateway_headers(spec: UpstreamSpec) -> dict[str, str]:
     return headers
 
 
-def _prepare(method: str, url: str, headers: dict[str, str], body: bytes | None) -> requests.PreparedRequest:
+def _prepare(
+    method: str, url: str, headers: dict[str, str], body: bytes | StreamedBody | None
+) -> requests.PreparedRequest:
     """A request ready for the adapter, its URL exactly as given (``prepare`` would re-quote the
     client's query), its headers checked by requests for injected line breaks."""
     prepared = requests.PreparedRequest()
     prepared.method = method
     prepared.url = url
     prepared.prepare_headers(headers)
-    prepared.body = body
-    prepared.prepare_content_length(body)
+    # A StreamedBody goes out a block at a time with its length (requests takes any file-like body;
+    # its type stubs say bytes).
+    prepared.body = t.cast(t.Any, body)
+    prepared.prepare_content_length(t.cast(t.Any, body))
     return prepared
 
 

@@ -15,15 +15,23 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from ..config.settings import ENDPOINT_FAMILIES
-from ..errors import InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound, WebSocketUnavailable
+from ..errors import (
+    InvalidRequest,
+    LengthRequired,
+    MethodNotAllowed,
+    RequestTooLarge,
+    RouteNotFound,
+    WebSocketUnavailable,
+)
 from ..gateway.call import Answer, Call, ResumePlan
 from ..gateway.tenancy import Tenant
+from ..upstream.client import StreamedBody
 from ..upstream.resume import create_resume_query
 from ..upstream.websocket import UpgradeRefused
 from ..wire.validation import (
     parse_conversation_path,
     parse_create_body,
+    parse_file_path,
     parse_json_object,
     parse_response_path,
     parse_retrieve_query,
@@ -218,6 +226,8 @@ def conversation_item(subpath: str) -> Response:
 
 #: Endpoint families whose answers stream when ``stream`` is true (as chat completion chunks).
 _STREAMING = frozenset({"chat/completions", "completions"})
+#: The families served by :func:`family_endpoint` (a JSON object with a model in, routed by it).
+_MODEL_ROUTED = ("chat/completions", "completions", "embeddings", "moderations")
 
 
 def family_endpoint(family: str) -> Response:
@@ -238,6 +248,48 @@ def family_endpoint(family: str) -> Response:
         counts_usage=True,
         dialect="chat",
     )
+    return _forward(call, tenant)
+
+
+def _upload_body() -> StreamedBody:
+    """The body of an upload, streamed upstream as it arrives: it must announce its length."""
+    limit = gateway().settings.max_upload_bytes
+    length = request.content_length
+    if length is None:
+        raise LengthRequired(
+            "Send the upload with a Content-Length (the SDKs do), so the proxy can stream it upstream.",
+            param=None,
+        )
+    if length > limit:
+        raise RequestTooLarge(f"The upload is larger than the proxy's limit of {limit} bytes.")
+    return StreamedBody(t.cast(t.BinaryIO, request.stream), length)
+
+
+def files() -> Response:
+    """``POST /files`` (an upload, streamed; the new file recorded with the caller's team) and
+    ``GET /files`` (only the team's own files)."""
+    _require("GET", "POST")
+    tenant = _tenant()
+    tenant.check_endpoint("files")
+    if request.method == "POST":
+        return _forward(_call("POST", "/files", body=_upload_body(), creates=True), tenant)
+    record().renamed("files_list")
+    return _forward(_call("GET", "/files", idempotent=True, lists=True), tenant)
+
+
+def file_item(subpath: str) -> Response:
+    """``GET`` or ``DELETE /files/{id}`` and ``GET /files/{id}/content``: for its team only."""
+    tenant = _tenant()
+    tenant.check_endpoint("files")
+    target = parse_file_path(subpath)
+    fid, path = target.file_id, f"/files/{target.file_id}"
+    if target.content:
+        record().renamed("file_content")
+        _require("GET")
+        call = _call("GET", f"{path}/content", idempotent=True, owner_id=fid, downloads=True)
+    else:
+        _require("GET", "DELETE")
+        call = _call(request.method, path, idempotent=True, owner_id=fid, forgets=request.method == "DELETE")
     return _forward(call, tenant)
 
 
@@ -327,7 +379,9 @@ def make_blueprint() -> Blueprint:
     bp.add_url_rule(
         "/conversations/<wsgi_proxy_path:subpath>", "conversation", conversation_item, methods=_METHODS
     )
-    for family in ENDPOINT_FAMILIES:
+    bp.add_url_rule("/files", "files", files, methods=_METHODS)
+    bp.add_url_rule("/files/<wsgi_proxy_path:subpath>", "file", file_item, methods=_METHODS)
+    for family in _MODEL_ROUTED:
         name = family.replace("/", "_")
         bp.add_url_rule(f"/{family}", name, family_endpoint, methods=_METHODS, defaults={"family": family})
     bp.add_url_rule("/models", "models", models, methods=_METHODS)

@@ -19,12 +19,14 @@ from ..errors import InvalidRequest, RequestTooLarge, RouteNotFound
 __all__ = [
     "ConversationPath",
     "CreateFields",
+    "FilePath",
     "ResponsePath",
     "RetrieveQuery",
     "check_response_id",
     "create_fields",
     "parse_conversation_path",
     "parse_create_body",
+    "parse_file_path",
     "parse_json_object",
     "parse_response_path",
     "parse_retrieve_query",
@@ -95,6 +97,22 @@ def parse_conversation_path(subpath: str) -> ConversationPath:
         "Unknown conversation route. The routes are /conversations/{id}, /conversations/{id}/items and"
         " /conversations/{id}/items/{item_id}."
     )
+
+
+@dataclass(frozen=True)
+class FilePath:
+    """What a path below ``/files/`` asks for: the file, or its content."""
+
+    file_id: str
+    content: bool = False
+
+
+def parse_file_path(subpath: str) -> FilePath:
+    """Parse ``{id}`` or ``{id}/content`` (the part after ``/files/``)."""
+    head, sep, tail = subpath.partition("/")
+    if sep and tail != "content":
+        raise RouteNotFound("Unknown file route. The routes are /files/{id} and /files/{id}/content.")
+    return FilePath(check_response_id(head, "file_id", "file"), content=bool(sep))
 
 
 @dataclass(frozen=True)
