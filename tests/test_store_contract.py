@@ -139,6 +139,27 @@ class TestResponses:
             store.put_response(record(), ttl_s=ttl)
 
 
+class TestPins:
+    def test_a_pin_is_read_back_replaced_and_expires(self, store: Store) -> None:
+        assert store.pinned("team:session") is None
+        store.pin("team:session", "east", ttl_s=60)
+        assert store.pinned("team:session") == "east"
+        store.pin("team:session", "west", ttl_s=0.15)
+        assert store.pinned("team:session") == "west"
+        time.sleep(0.25)
+        assert store.pinned("team:session") is None
+
+    def test_other_handle_sees_the_pin(self, backend: Backend) -> None:
+        backend.store.pin("k", "east", ttl_s=60)
+        with backend.open() as other:
+            assert other.pinned("k") == "east"
+
+    @pytest.mark.parametrize("ttl", [0, -1, math.inf, math.nan])
+    def test_ttl_must_be_positive(self, store: Store, ttl: float) -> None:
+        with pytest.raises(ValueError, match="ttl_s must be a positive number"):
+            store.pin("k", "east", ttl_s=ttl)
+
+
 class TestRateLimit:
     def test_limit_in_a_window_then_the_next_window(self, store: Store) -> None:
         decisions = [store.hit_rate("k", 3, 60, now=T0 + s) for s in (1, 2, 3)]

@@ -205,6 +205,9 @@ class ProxySettings(BaseSettings):
     endpoints: t.Annotated[tuple[str, ...], NoDecode] = DEFAULT_ENDPOINTS
     """The ``/v1`` endpoint families served besides Responses, Conversations and Models (comma-separated;
     empty: none); a team of the file may be narrowed further with its own ``endpoints``."""
+    affinity_ttl: float = Field(default=3600.0, ge=0)
+    """Seconds a session stays pinned to the upstream that last served it (0: no pins). A session is
+    a team's ``prompt_cache_key``, or Codex's ``Session-Id``; pins apply where a model has several routes."""
     retry_attempts: int = Field(default=2, ge=0)
     """Extra attempts for a request that failed where a retry is safe (see the README)."""
 

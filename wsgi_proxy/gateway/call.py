@@ -46,6 +46,8 @@ class Call:
     :param dialect: how a streamed answer's events read (the Responses API's, or chat completions').
     :param downloads: a 2xx answer's body is relayed as it arrives, whatever it is (a file's content).
     :param lists: a 2xx answer is a list of objects, of which the caller sees only its team's own.
+    :param session: what ties the call to others of one session (a ``prompt_cache_key``, Codex's
+        ``Session-Id``): with several routes, it goes where the session went before.
     """
 
     method: str
@@ -67,6 +69,7 @@ class Call:
     dialect: Dialect = "responses"
     downloads: bool = False
     lists: bool = False
+    session: str | None = None
 
     @property
     def label(self) -> str:

@@ -114,9 +114,12 @@ class Gateway:
         if call.creates:
             tenant.admit_create()
         targets = self._targets(call, tenant)
+        targets, pinned = tenant.pinned_first(targets, call.session)
         release = tenant.open_stream() if call.stream else _nothing
         try:
             sent = self._send(call, targets, record)
+            if call.session is not None and len(targets) > 1:
+                self._keep_session(call.session, tenant, pinned, sent.target.upstream)
             if call.stream and sent.is_event_stream:
                 return self._stream(call, sent, tenant, record, release, client)
             if call.downloads and sent.ok:  # takes no stream slot: release is a no-op
@@ -192,6 +195,14 @@ class Gateway:
             release()
 
     # --- where a call goes ------------------------------------------------------------------------
+
+    def _keep_session(self, session: str, tenant: Tenant, pinned: str | None, served: str) -> None:
+        """Pin the session to the upstream that served it; one that moved off its pin (the pinned
+        upstream failed) is logged and counted."""
+        if pinned is not None and served != pinned:
+            log.warning("a session pinned to upstream %s was served by %s: %s failed", pinned, served, pinned)
+            self.state.metrics.affinity_failover(upstream=pinned)
+        tenant.pin(session, served)
 
     def _targets(self, call: Call, tenant: Tenant) -> list[Target]:
         """The targets to try in order: the model's routes, narrowed to the holder of ``owner_id``."""

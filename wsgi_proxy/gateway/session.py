@@ -165,6 +165,8 @@ class WebSocketSession:
         self._mine: set[str] = set()  # responses created on this connection
         self._expiring = False
         self._over = False
+        # What ties this connection to earlier ones (Codex's Session-Id, else a create's prompt_cache_key).
+        self._session = next((v for k, v in headers if k.lower() == "session-id" and v), None)
         self._feeds: queue.SimpleQueue[tuple[str | None, bytes | None]] = queue.SimpleQueue()
         self._feed_threads: list[threading.Thread] = []
         self._done = threading.Event()
@@ -335,6 +337,7 @@ class WebSocketSession:
         assert fields is not None
         record = self._create_record(fields.model)
         self.stats.creates += 1
+        self._session = self._session or fields.prompt_cache_key
         try:
             if self._expiring:
                 raise self._limit()
@@ -415,7 +418,7 @@ class WebSocketSession:
     def _ensure_upstream(self, model: str | None) -> Target:
         if self._upstream is not None and self._target is not None:
             return self._target
-        targets = self.targets or self.state.router.route(model)
+        targets, _ = self.tenant.pinned_first(self.targets or self.state.router.route(model), self._session)
         last: ProxyError | UpgradeRefused | None = None
         for target in targets:
             client = self.state.upstreams[target.upstream]
@@ -435,6 +438,8 @@ class WebSocketSession:
                 last = exc
                 continue
             self._attach(target, opened)
+            if self._session is not None and len(targets) > 1:
+                self.tenant.pin(self._session, target.upstream)
             return target
         assert last is not None
         raise last

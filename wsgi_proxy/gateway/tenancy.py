@@ -11,6 +11,7 @@ here is the same in every mode.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from ..errors import (
 from ..store import ResponseRecord, Store, StoreError
 from ..upstream.client import UpstreamClient
 from ..wire.responses import Summary
+from .routing import Target
 from .state import GatewayState
 
 __all__ = ["Tenant"]
@@ -128,6 +130,38 @@ class Tenant:
         if self.state.store.failing() or self.state.pending.full:
             log.warning("refusing a create: the state store cannot record it now")
             raise StoreUnavailable()
+
+    def pinned_first(self, targets: list[Target], session: str | None) -> tuple[list[Target], str | None]:
+        """``targets`` with the upstream ``session`` is pinned to first, and that upstream (None: no pin).
+
+        Only where there is a choice (several targets) and pins are on; a store that fails to answer
+        leaves the order as it was (a pin is where a session's cache and reasoning live, not who owns
+        what), and says so in the log.
+        """
+        if session is None or len(targets) < 2 or not self.state.settings.affinity_ttl:
+            return targets, None
+        try:
+            upstream = self.state.store.pinned(self._pin_key(session))
+        except StoreError as exc:
+            log.warning("could not read a session's pin (routing as if it had none): %s", exc)
+            return targets, None
+        first = [tg for tg in targets if tg.upstream == upstream]
+        return first + [tg for tg in targets if tg.upstream != upstream], upstream if first else None
+
+    def pin(self, session: str, upstream: str) -> None:
+        """Pin ``session`` to ``upstream`` for the affinity TTL (from now)."""
+        ttl = self.state.settings.affinity_ttl
+        if not ttl:
+            return
+        try:
+            self.state.store.pin(self._pin_key(session), upstream, ttl)
+        except StoreError as exc:
+            log.warning("could not pin a session to upstream %s: %s", upstream, exc)
+
+    def _pin_key(self, session: str) -> str:
+        # A digest: keys of any length and content, and nothing a client sent stored as it was.
+        digest = hashlib.sha256(f"{self.identity.team}\0{session}".encode("utf-8", "surrogateescape"))
+        return "pin:" + digest.hexdigest()[:40]
 
     def locate(self, response_id: str) -> UpstreamClient:
         """The upstream holding a response this caller may see, or the 404 of an unknown id."""

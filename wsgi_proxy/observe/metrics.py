@@ -188,6 +188,12 @@ class Metrics:
                 ("code",),
                 registry=reg,
             )
+            self._affinity_failovers = Counter(
+                "wsgi_proxy_affinity_failovers_total",
+                "Calls of a session pinned to an upstream served by another, because the pinned one failed.",
+                ("upstream",),
+                registry=reg,
+            )
             self._rate_limited = Counter(
                 "wsgi_proxy_rate_limited_total",
                 "Requests refused by a rate limit, by limit (rpm or streams).",
@@ -250,6 +256,10 @@ class Metrics:
         """Count one error frame by its error code (OpenAI's and the proxy's: a small set); a code an
         upstream made up that does not look like one is counted as ``other``."""
         self._labels(self._websocket_errors, code if _ERROR_CODE.fullmatch(code) else "other").inc()
+
+    def affinity_failover(self, *, upstream: str) -> None:
+        """Count one call that left the upstream its session is pinned to."""
+        self._labels(self._affinity_failovers, _upstream(upstream)).inc()
 
     def rate_limited(self, *, limit: str) -> None:
         """Count one request refused by ``limit`` (``"rpm"`` or ``"streams"``)."""

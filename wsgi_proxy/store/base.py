@@ -89,7 +89,7 @@ class UsageRow:
 
 
 class Store(abc.ABC):
-    """The gateway's shared state: response locators, rate-limit windows and stream slots.
+    """The gateway's shared state: response locators, session pins, rate-limit windows and stream slots.
 
     ``now`` arguments are unix times that default to :func:`time.time`; hosts sharing a store
     should keep their clocks in sync (NTP), since windows and leases are computed from them.
@@ -106,6 +106,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_response(self, response_id: str) -> None:
         """Forget ``response_id`` (nothing happens if it is unknown)."""
+
+    @abc.abstractmethod
+    def pin(self, key: str, upstream: str, ttl_s: float) -> None:
+        """Pin a session (``key``) to ``upstream`` for ``ttl_s`` seconds, replacing any earlier pin."""
+
+    @abc.abstractmethod
+    def pinned(self, key: str) -> str | None:
+        """The upstream ``key`` is pinned to, or None if it is not (or the pin expired)."""
 
     @abc.abstractmethod
     def hit_rate(

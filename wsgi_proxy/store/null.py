@@ -24,6 +24,12 @@ class NullStore(Store):
     def delete_response(self, response_id: str) -> None:
         pass
 
+    def pin(self, key: str, upstream: str, ttl_s: float) -> None:
+        pass
+
+    def pinned(self, key: str) -> str | None:
+        return None
+
     def hit_rate(
         self, key: str, limit: int, window_s: float = 60.0, now: float | None = None
     ) -> RateDecision:

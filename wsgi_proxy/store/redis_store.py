@@ -3,6 +3,7 @@
 Layout, under a key prefix (``wsgi_proxy:`` by default)::
 
     {prefix}response:{response_id}   string: the ResponseRecord as JSON, with a PX expiry
+    {prefix}pin:{key}                string: the upstream a session is pinned to, with a PX expiry
     {prefix}rate:{key}:{window}      integer: INCR per request, expiring after its window ends
     {prefix}slots:{key}              sorted set: lease -> expiry time, changed only by Lua scripts
     {prefix}usage:seen:{response_id} string: "1" with a PX expiry, once the response's usage is counted
@@ -212,6 +213,16 @@ class RedisStore(Store):
     def delete_response(self, response_id: str) -> None:
         with self._translate("delete a response"):
             self._client.delete(self._key("response", response_id))
+
+    def pin(self, key: str, upstream: str, ttl_s: float) -> None:
+        check_positive("ttl_s", ttl_s)
+        with self._translate("pin a session"):
+            self._client.set(self._key("pin", key), upstream, px=_ms(ttl_s))
+
+    def pinned(self, key: str) -> str | None:
+        with self._translate("look up a session's pin"):
+            value = self._client.get(self._key("pin", key))
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
     def hit_rate(
         self, key: str, limit: int, window_s: float = 60.0, now: float | None = None

@@ -55,6 +55,13 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_expires_at ON responses (expires_at);
 
+CREATE TABLE IF NOT EXISTS pins (
+    key TEXT PRIMARY KEY,
+    upstream TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pins_expires_at ON pins (expires_at);
+
 CREATE TABLE IF NOT EXISTS rate_windows (
     key TEXT NOT NULL,
     window_index INTEGER NOT NULL,
@@ -97,7 +104,7 @@ CREATE TABLE IF NOT EXISTS heartbeat (
 """
 
 #: The tables whose rows expire (usage totals are kept until deleted).
-_TABLES = ("responses", "rate_windows", "slot_leases", "usage_seen")
+_TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen")
 
 
 class SQLiteStore(Store):
@@ -324,6 +331,23 @@ class SQLiteStore(Store):
     def delete_response(self, response_id: str) -> None:
         with self._write("delete a response") as conn:
             conn.execute("DELETE FROM responses WHERE response_id = ?", (response_id,))
+
+    def pin(self, key: str, upstream: str, ttl_s: float) -> None:
+        check_positive("ttl_s", ttl_s)
+        with self._write("pin a session") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO pins (key, upstream, expires_at) VALUES (?, ?, ?)",
+                (key, upstream, time.time() + ttl_s),
+            )
+
+    def pinned(self, key: str) -> str | None:
+        with self._translate("look up a session's pin"):
+            row = (
+                self._connection()
+                .execute("SELECT upstream FROM pins WHERE key = ? AND expires_at > ?", (key, time.time()))
+                .fetchone()
+            )
+        return None if row is None else str(row[0])
 
     def hit_rate(
         self, key: str, limit: int, window_s: float = 60.0, now: float | None = None

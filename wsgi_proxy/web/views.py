@@ -88,6 +88,11 @@ def _read_body() -> bytes:
     return body
 
 
+def _session(prompt_cache_key: str | None) -> str | None:
+    """What ties a routed call to its session: its ``prompt_cache_key``, else Codex's ``Session-Id``."""
+    return prompt_cache_key or request.headers.get("Session-Id") or None
+
+
 def _call(method: str, path: str, **fields: t.Any) -> Call:
     """The call for this request: its raw query and headers, and what the view decided."""
     return Call(method, path, request.query_string, tuple(request.headers.items()), **fields)
@@ -123,6 +128,7 @@ def create() -> Response:
         model=fields.model,
         owner_id=next(iter(fields.owned_ids), None),
         owned=fields.owned_ids[1:],
+        session=_session(fields.prompt_cache_key),
         # A background stream can be resumed; nothing else can (OpenAI's rule).
         resume=ResumePlan(create_resume_query(fields)) if stream and background else None,
         creates=True,
@@ -146,6 +152,7 @@ def json_post(endpoint: str) -> Response:
         model=fields.model,
         owner_id=next(iter(fields.owned_ids), None),
         owned=fields.owned_ids[1:],
+        session=_session(fields.prompt_cache_key),
     )
     return _forward(call, tenant)
 
@@ -247,6 +254,7 @@ def family_endpoint(family: str) -> Response:
         model=fields.model,
         counts_usage=True,
         dialect="chat",
+        session=_session(fields.prompt_cache_key),
     )
     return _forward(call, tenant)
 

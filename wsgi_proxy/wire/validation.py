@@ -243,6 +243,7 @@ class CreateFields(BaseModel):
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
     conversation: StrictStr | dict[str, t.Any] | None = None
+    prompt_cache_key: StrictStr | None = None
     prompt_cache_options: dict[str, t.Any] | None = None
     include: list[StrictStr] | None = None
     stream_options: dict[str, t.Any] | None = None
@@ -304,6 +305,7 @@ _EXPECTED = {
     "store": "a boolean (true or false)",
     "previous_response_id": "a response id (string)",
     "conversation": "a conversation id (string) or an object with one",
+    "prompt_cache_key": "a string",
     "prompt_cache_options": "an object",
     "include": "a list of strings",
     "stream_options": "an object",
