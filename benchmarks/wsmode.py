@@ -33,7 +33,8 @@ from pathlib import Path
 
 from harness import CLIENT_KEY, UPSTREAM_KEY, process_status, save_result, start_bed, worker_pid
 from websockets.frames import Frame, Opcode
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
+from websockets.sync.connection import Connection, connect
 
 # (turns for the delay, frames per turn, sessions held)
 QUICK = (10, 20, 100)
@@ -52,7 +53,7 @@ def _open(base: str, key: str) -> ClientConnection:
     )
 
 
-def _turn(ws: ClientConnection, words: int) -> list[float]:
+def _turn(ws: Connection, words: int) -> list[float]:
     """One create; the one-way delay of each frame, in milliseconds."""
     metadata = {"sim_stamp": "1", "sim_words": str(words), "sim_delay_ms": "5"}
     ws.send(

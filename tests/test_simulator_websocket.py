@@ -9,6 +9,7 @@ import pytest
 import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
+from websockets.sync.connection import Connection
 
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
 
@@ -28,7 +29,7 @@ def _open(sim: Simulator, key: str = KEY) -> ClientConnection:
     )
 
 
-def _until_end(ws: ClientConnection) -> list[dict[str, t.Any]]:
+def _until_end(ws: Connection) -> list[dict[str, t.Any]]:
     events: list[dict[str, t.Any]] = []
     while not events or events[-1]["type"] not in ("response.completed", "error"):
         events.append(json.loads(ws.recv(timeout=10)))

@@ -3,6 +3,7 @@ call, creates that name a conversation, and another team refused on every route 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import typing as t
 from pathlib import Path
@@ -174,3 +175,26 @@ def test_the_websocket_mode_continues_a_conversation(gateway: tuple[Proxy, str],
         roles = [getattr(i, "role", None) for i in red.conversations.items.list(conversation.id).data]
     assert done.type == "response.completed"
     assert "assistant" in roles and "user" in roles
+
+
+def test_the_agents_sdk_keeps_its_session_memory_in_a_conversation(gateway: tuple[Proxy, str]) -> None:
+    agents = pytest.importorskip(
+        "agents", reason="the OpenAI Agents SDK (openai-agents) is a test dependency"
+    )
+    proxy, _ = gateway
+    agents.set_tracing_disabled(True)  # no trace export to OpenAI: the tests reach no network
+
+    async def two_runs() -> tuple[str, list[t.Any]]:
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=KEYS["RED_KEY"], max_retries=0)
+        model = agents.OpenAIResponsesModel(model=MODEL, openai_client=client)
+        agent = agents.Agent(name="notes", instructions="Answer briefly.", model=model)
+        session = agents.OpenAIConversationsSession(openai_client=client)
+        await agents.Runner.run(agent, "my colour is teal", session=session)
+        second = await agents.Runner.run(agent, "what is my colour?", session=session)
+        items = await session.get_items()
+        await client.close()
+        return str(second.final_output), items
+
+    final, items = asyncio.run(two_runs())
+    texts = json.dumps(items)
+    assert final and "my colour is teal" in texts and "what is my colour?" in texts

@@ -16,6 +16,7 @@ from openai import OpenAI
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
+from websockets.sync.connection import Connection
 
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
 from wsgi_proxy.store import open_store
@@ -42,7 +43,7 @@ def _raw(proxy: Proxy, key: str = CLIENT_KEY, query: str = "") -> ClientConnecti
     )
 
 
-def _frames_until_end(ws: ClientConnection, ends: int = 1) -> list[bytes]:
+def _frames_until_end(ws: Connection, ends: int = 1) -> list[bytes]:
     """Frames up to the ``ends``-th response end or error."""
     frames: list[bytes] = []
     while ends:
@@ -328,9 +329,9 @@ def test_sighup_closes_open_sessions_with_1012(simulator: Simulator, tmp_path: P
             codes.append(closed.value.rcvd.code if closed.value.rcvd else None)
         assert codes == [1012, 1012, 1012]
         # The new workers serve the reconnect.
-        with _raw(proxy) as ws:
-            ws.send(json.dumps({"type": "response.create", "model": MODEL, "input": "again"}))
-            assert _types(_frames_until_end(ws))[-1] == "response.completed"
+        with _raw(proxy) as again:
+            again.send(json.dumps({"type": "response.create", "model": MODEL, "input": "again"}))
+            assert _types(_frames_until_end(again))[-1] == "response.completed"
     finally:
         proxy.server.stop()
 
