@@ -1,13 +1,14 @@
-"""The cost of multi-tenancy per request: the locator, ownership check and rate counter.
+"""The cost of multi-tenancy per request: the locator, ownership check, rate counter and session pin.
 
     python benchmarks/locator.py           # writes benchmarks/results/locator-<date>.json
     python benchmarks/locator.py --quick   # a few seconds, for CI (nothing written)
 
 Three proxies in front of one simulator, in one run: the single-upstream shorthand (no store), a
 config-file gateway with its store in SQLite, and the same with Redis (when redis-server is
-installed). Each create records where the response lives and counts the key's rate; each retrieve
-looks it up and checks its owner. Reported: p50/p99 of create and retrieve through each, and the
-added cost against the shorthand.
+installed), and a SQLite gateway whose model has two routes, its creates carrying a
+``prompt_cache_key`` (each looks the session's pin up and writes it again). Each create records
+where the response lives and counts the key's rate; each retrieve looks it up and checks its owner.
+Reported: p50/p99 of create and retrieve through each, and the added cost against the shorthand.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ store_url = "{store}"
 name = "main"
 url = "{direct}"
 api_key_env = "BENCH_UPSTREAM_KEY"
-[teams.bench]
+{models}[teams.bench]
 rpm = 1000000
 [[keys]]
 name = "bench"
@@ -46,11 +47,25 @@ def _pct(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
-def _measure(base: str, calls: int) -> dict[str, float]:
+#: A second upstream (the same simulator) and a model routed to both: session pins apply.
+TWO_ROUTES = """[[upstreams]]
+name = "again"
+url = "{direct}"
+api_key_env = "BENCH_UPSTREAM_KEY"
+[[models]]
+name = "gpt-4o-mini"
+routes = [{{ upstream = "main" }}, {{ upstream = "again" }}]
+"""
+PINNED = "config file, sqlite store, two routes and a prompt_cache_key"
+
+
+def _measure(base: str, calls: int, session_key: str | None = None) -> dict[str, float]:
     session = requests.Session()
     session.trust_env = False
     session.headers["Authorization"] = f"Bearer {CLIENT_KEY}"
-    body = {"model": "gpt-4o-mini", "input": "hi", "metadata": {"sim_words": "2"}}
+    body: dict[str, t.Any] = {"model": "gpt-4o-mini", "input": "hi", "metadata": {"sim_words": "2"}}
+    if session_key is not None:
+        body["prompt_cache_key"] = session_key
     create: list[float] = []
     retrieve: list[float] = []
     for i in range(calls + 20):
@@ -87,6 +102,8 @@ def _store_costs(url: str, calls: int) -> dict[str, float]:
             ),
             ("get_response_us", lambda i: store.get_response(f"resp_{i}")),
             ("hit_rate_us", lambda i: store.hit_rate("rpm:bench", 10**9)),
+            ("pin_us", lambda i: store.pin(f"pin:{i % 100}", "main", 3600)),
+            ("pinned_us", lambda i: store.pinned(f"pin:{i % 100}")),
         ):
             timings[name] = round(per_call_us(operation, calls), 1)
     finally:
@@ -113,9 +130,11 @@ def run(calls: int) -> dict[str, t.Any]:
                 time.sleep(0.5)
                 stores["redis"] = f"redis://127.0.0.1:{redis_port}/0"
             gateways = {"shorthand (no store)": bed.proxied}
-            for name, url in stores.items():
-                path = tmp / f"{name}.toml"
-                path.write_text(CONFIG.format(store=url, direct=bed.direct))
+            variants = [(f"config file, {name} store", url, "") for name, url in stores.items()]
+            variants.append((PINNED, f"sqlite:///{tmp / 'pinned.db'}", TWO_ROUTES.format(direct=bed.direct)))
+            for label, url, models in variants:
+                path = tmp / f"{len(gateways)}.toml"
+                path.write_text(CONFIG.format(store=url, direct=bed.direct, models=models))
                 port = free_port()
                 env = {
                     "WSGI_PROXY_CONFIG": str(path),
@@ -123,12 +142,12 @@ def run(calls: int) -> dict[str, t.Any]:
                     "BENCH_CLIENT_KEY": CLIENT_KEY,
                 }
                 servers.append(start_proxy(tmp, port, env))
-                gateways[f"config file, {name} store"] = f"http://127.0.0.1:{port}/v1"
+                gateways[label] = f"http://127.0.0.1:{port}/v1"
             for name, url in stores.items():
                 results[f"store operations, {name}"] = _store_costs(url, calls * 2)
             for _ in range(2):  # interleave rounds so that machine noise hits every proxy alike
                 for name, base in gateways.items():
-                    measured = _measure(base, calls // 2)
+                    measured = _measure(base, calls // 2, "bench-session" if name == PINNED else None)
                     previous = results.get(name)
                     results[name] = (
                         measured

@@ -371,6 +371,10 @@ def _nothing() -> None:
     pass
 
 
+#: The most bytes of a download relayed in one write: fewer, larger writes for bulk bytes.
+_DOWNLOAD_READ = 1024 * 1024
+
+
 class _Download:
     """A file's bytes relayed as they arrive; an upstream that breaks off aborts the client's
     connection (a short body, never a clean end)."""
@@ -383,7 +387,7 @@ class _Download:
 
     def __next__(self) -> bytes:
         try:
-            data = self._body.read()
+            data = self._body.read(_DOWNLOAD_READ)
         except UpstreamStreamInterrupted as exc:
             raise StreamAborted(f"the upstream broke off a download: {exc.reason}") from None
         if not data:
