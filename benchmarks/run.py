@@ -9,8 +9,9 @@ events/s), locator.py (the cost of the config-file gateway's store), observation
 metrics, log lines and per-event notes), capacity.py (1,000 concurrent streams on one worker, 100
 in quick mode: RSS per stream), soak.py (streams cut upstream and resumed, clients that leave)
 restart.py (SIGHUP during open streams), faults.py (silent upstreams, a Redis outage, lost
-records, idle sockets, dense bodies) and wsmode.py (WebSocket mode: the delay added per frame,
-sessions per worker), each in the mode its own script runs with (``--quick`` or not).
+records, idle sockets, dense bodies), wsmode.py (WebSocket mode: the delay added per frame,
+sessions per worker) and uploads.py (files up and down, against direct), each in the mode its own
+script runs with (``--quick`` or not).
 
 When LiteLLM is installed (it is not a dependency of this project), its proxy (``litellm --config``)
 is started in front of the same simulator, and the same non-stream calls and one streamed create are
@@ -54,6 +55,7 @@ import overhead
 import requests
 import restart
 import soak
+import uploads
 import wsmode
 from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed
 
@@ -654,6 +656,29 @@ def _md_websocket(r: Result) -> list[str]:
     return lines + ["", f"After they closed: {_mib(after['rss_kb'])}, {after['threads']:,} threads."]
 
 
+def _md_uploads(r: Result) -> list[str]:
+    rates = r["mb_per_s"]
+    lines = _table(
+        (f"{r['megabytes']} MB, median of {r['rounds']}", "direct", "through the proxy", "share of direct"),
+        [
+            (
+                "upload",
+                f"{rates['upload direct']} MB/s",
+                f"{rates['upload proxied']} MB/s",
+                f"{r['upload_share_of_direct']:.0%}",
+            ),
+            (
+                "download",
+                f"{rates['download direct']} MB/s",
+                f"{rates['download proxied']} MB/s",
+                f"{r['download_share_of_direct']:.0%}",
+            ),
+        ],
+    )
+    before, peak = r["worker_rss_kb_before"], r["worker_rss_kb_peak"]
+    return lines + ["", f"Worker RSS: {_mib(before)} before, {_mib(peak)} at its highest while relaying."]
+
+
 def _md_soak(r: Result) -> list[str]:
     delivered = r["events_delivered"]
     expected = r["streams"] * soak.EVENTS
@@ -834,6 +859,7 @@ SECTIONS: dict[str, tuple[str, t.Callable[[Result], list[str]]]] = {
     "restart": ("Restart: SIGHUP during open streams (`restart.py`)", _md_restart),
     "faults": ("Faults and attacks (`faults.py`)", _md_faults),
     "websocket": ("WebSocket mode: delay per frame, sessions per worker (`wsmode.py`)", _md_websocket),
+    "uploads": ("Files: upload and download throughput (`uploads.py`)", _md_uploads),
 }
 
 
@@ -924,6 +950,7 @@ def run(quick: bool, out: Path, log: t.TextIO = sys.stderr) -> tuple[Result, boo
         ("restart", restart.bench),
         ("faults", faults.bench),
         ("websocket", wsmode.bench),
+        ("uploads", uploads.bench),
     ]
     for name, bench in steps:
         time.sleep(1.0)  # let the previous benchmark's processes go
