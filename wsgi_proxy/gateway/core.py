@@ -387,7 +387,7 @@ class _Download:
 
     def __next__(self) -> bytes:
         try:
-            data = self._body.read(_DOWNLOAD_READ)
+            data = self._body.read_block(_DOWNLOAD_READ)
         except UpstreamStreamInterrupted as exc:
             raise StreamAborted(f"the upstream broke off a download: {exc.reason}") from None
         if not data:

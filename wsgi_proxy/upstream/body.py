@@ -45,19 +45,25 @@ class UpstreamStream:
         self._coalesce = "content-encoding" not in response.headers and hasattr(self._raw, "_fp")
         self._deferred: UpstreamStreamInterrupted | None = None
 
-    def read(self, limit: int = READ_SIZE) -> bytes:
+    def read_block(self, size: int) -> bytes:
+        """The next ``size`` bytes of a bulk body (a file's content), fewer only at its end; b"" after
+        it. Waits for them: for bulk bytes, few large writes matter more than the first byte."""
+        with translate_stream_errors():
+            return self._raw.read(size, decode_content=True) or b""
+
+    def read(self) -> bytes:
         """The next bytes of the body: at least one, or b"" at its end.
 
         One ``read1`` takes at most one HTTP chunk, and upstreams often send an event per chunk; so
         while more of the body has already arrived, it is read on and returned together, up to
-        ``limit`` bytes (``READ_SIZE`` for event streams; downloads take more at a time). Nothing is waited for: the bytes go out as soon as the arrived ones are read.
+        ``READ_SIZE``. Nothing is waited for: the bytes go out as soon as the arrived ones are read.
         A failure after the first bytes is raised by the next call, so that those bytes go out first.
         """
         if self._deferred is not None:
             error, self._deferred = self._deferred, None
             raise error
         with translate_stream_errors():
-            data = self._raw.read1(limit, decode_content=True) or b""
+            data = self._raw.read1(READ_SIZE, decode_content=True) or b""
         size = len(data)
         if not size or not self._coalesce:
             return data
@@ -68,8 +74,8 @@ class UpstreamStream:
         read1 = fp.read1 if self._chunked else lambda n: self._raw.read1(n, decode_content=True)
         try:
             with translate_stream_errors():
-                while size < limit and self._more_arrived(fp):
-                    more = read1(limit - size)
+                while size < READ_SIZE and self._more_arrived(fp):
+                    more = read1(READ_SIZE - size)
                     if not more:
                         break
                     parts.append(more)

@@ -35,6 +35,9 @@ _CLIENT_CREDENTIALS = {"authorization": "Authorization", "api-key": "api-key"}
 REDACTED = b"<redacted>"
 _REDACTED_TEXT = REDACTED.decode()
 
+#: How many bytes of an upload go upstream per send.
+_SEND_BLOCK = 256 * 1024
+
 #: The largest error body the proxy relays in answer to a stream request.
 MAX_ERROR_BODY = 1024 * 1024
 _READ_SIZE = 65536
@@ -124,6 +127,10 @@ class _LeanAdapter(HTTPAdapter):
     def __init__(self, **kwargs: t.Any) -> None:
         super().__init__(**kwargs)
         self._pools: dict[tuple[str, bool | str], t.Any] = {}  # each with its TLS settings applied
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kwargs: t.Any) -> None:
+        # Uploads go out in blocks of this size (urllib3's default is 16 KiB): fewer, larger sends.
+        super().init_poolmanager(connections, maxsize, block, blocksize=_SEND_BLOCK, **kwargs)
 
     def get_connection_with_tls_context(
         self, request: requests.PreparedRequest, verify: t.Any, proxies: t.Any = None, cert: t.Any = None
