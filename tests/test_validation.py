@@ -8,12 +8,15 @@ from wsgi_proxy.errors import InvalidRequest, RouteNotFound
 from wsgi_proxy.wire.validation import (
     ConversationPath,
     CreateFields,
+    ObjectPath,
     ResponsePath,
     RetrieveQuery,
     check_response_id,
+    named_ids,
     parse_conversation_path,
     parse_create_body,
     parse_json_object,
+    parse_object_path,
     parse_response_path,
     parse_retrieve_query,
     with_model,
@@ -361,3 +364,52 @@ def test_a_create_naming_an_unsafe_id_is_refused(body: bytes) -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse_create_body(body)
     assert caught.value.param in ("conversation", "prompt_cache_options")
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b'{"input": "no files"}', ()),
+        (b'{"input": [{"type": "input_file", "file_id": "file-1"}]}', ("file-1",)),
+        (b'{"input": [{"type": "input_file", "file\\u005fid": "file-1"}]}', ("file-1",)),
+        (b'{"tools": [{"type": "file_search", "vector_store_ids": ["vs_1", "vs_2"]}]}', ("vs_1", "vs_2")),
+        (b'{"tools": [{"type": "code_interpreter", "container": "cntr_1"}]}', ("cntr_1",)),
+        (
+            b'{"tools": [{"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file-3"]}}]}',
+            ("file-3",),
+        ),
+        (b'{"input_file_id": "file-4", "metadata": {"file_id": "file-4"}}', ("file-4",)),
+    ],
+)
+def test_a_body_names_the_files_vector_stores_and_containers_its_team_must_own(
+    body: bytes, named: tuple[str, ...]
+) -> None:
+    assert parse_create_body(body).named == named
+    assert named_ids(parse_json_object(body)) == named
+
+
+def test_a_named_id_that_is_not_a_safe_token_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_create_body(b'{"input": [{"type": "input_file", "file_id": "../files"}]}')
+    assert caught.value.param == "file_id"
+
+
+@pytest.mark.parametrize(
+    ("subpath", "expected"),
+    [
+        ("vs_1", ObjectPath("vs_1")),
+        ("vs_1/files/file-2", ObjectPath("vs_1", "/files/file-2")),
+        ("file-1/content", ObjectPath("file-1", "/content")),
+    ],
+)
+def test_parse_object_path(subpath: str, expected: ObjectPath) -> None:
+    assert parse_object_path(subpath) == expected
+
+
+@pytest.mark.parametrize(
+    ("subpath", "param"), [("a b", "id"), ("vs_1/..", None), ("vs_1/a%2Fb", None), ("vs_1//x", None)]
+)
+def test_parse_object_path_refuses(subpath: str, param: str | None) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_object_path(subpath)
+    assert caught.value.param == param

@@ -1,5 +1,6 @@
-"""Files through the gateway: uploads and downloads streamed (a 200 MB file leaves the worker's RSS
-flat), every file owned by the team that uploaded it, lists showing only the team's own."""
+"""Files and batches through the gateway: uploads and downloads streamed (a 200 MB file leaves the
+worker's RSS flat), every object owned by the team that made it, lists showing only the team's own,
+and a body naming another team's file refused wherever it is named."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def gateway(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t
     env = {
         "WSGI_PROXY_CONFIG": str(path),
         "UPSTREAM_KEY": UPSTREAM_KEY,
-        "WSGI_PROXY_ENDPOINTS": "files,embeddings",
+        "WSGI_PROXY_ENDPOINTS": "files,batches,embeddings",
         "WSGI_PROXY_MAX_UPLOAD_BYTES": str((UPLOAD_MB + 1) * 1024 * 1024),
         "WSGI_PROXY_WORKERS": "1",
         **KEYS,
@@ -160,3 +161,37 @@ def test_files_are_off_unless_the_operator_serves_them(proxy: Proxy) -> None:
     with proxy.client() as client, pytest.raises(openai.NotFoundError) as caught:
         client.files.list()
     assert "WSGI_PROXY_ENDPOINTS" in caught.value.message and time.monotonic() - started < 10
+
+
+def test_batches_are_their_teams_own_and_name_only_the_teams_files(
+    gateway: Proxy, simulator: Simulator
+) -> None:
+    with _sdk(gateway, "RED_KEY") as red:
+        red_file = red.files.create(file=("in.jsonl", b'{"custom_id": "1"}\n'), purpose="batch")
+        red_batch = red.batches.create(
+            input_file_id=red_file.id, endpoint="/v1/responses", completion_window="24h"
+        )
+        assert red.batches.retrieve(red_batch.id).input_file_id == red_file.id
+    with _sdk(gateway, "BLUE_KEY") as blue:
+        blue_file = blue.files.create(file=("in.jsonl", b'{"custom_id": "2"}\n'), purpose="batch")
+        blue_batch = blue.batches.create(
+            input_file_id=blue_file.id, endpoint="/v1/responses", completion_window="24h"
+        )
+        before = len(simulator.requests)
+        for call in (
+            lambda: blue.batches.retrieve(red_batch.id),
+            lambda: blue.batches.cancel(red_batch.id),
+            lambda: blue.batches.create(
+                input_file_id=red_file.id, endpoint="/v1/responses", completion_window="24h"
+            ),
+            lambda: blue.responses.create(
+                model="gpt-4o-mini",
+                input=[{"role": "user", "content": [{"type": "input_file", "file_id": red_file.id}]}],
+            ),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert len(simulator.requests) == before  # all refused before the upstream
+        listed = [b.id for b in blue.batches.list().data]
+        assert blue.batches.cancel(blue_batch.id).status == "cancelled"
+    assert blue_batch.id in listed and red_batch.id not in listed

@@ -42,7 +42,17 @@ def _check_forwardable(name: str) -> None:
 
 
 #: The ``/v1`` endpoint families beyond Responses, Conversations and Models that a gateway may serve.
-ENDPOINT_FAMILIES = ("chat/completions", "completions", "embeddings", "moderations", "files")
+ENDPOINT_FAMILIES = (
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "moderations",
+    "files",
+    "uploads",
+    "batches",
+    "vector_stores",
+    "containers",
+)
 #: Those served unless the operator says otherwise: stateless, routed by their model.
 DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings", "moderations")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import errors
+from .batches import Batches
 from .chat import ChatPlan, embeddings, moderations
 from .config import FLAVOR_PREFIXES, FaultError, Faults, SimulatorConfig, parse_faults
 from .conversations import Conversations, page
@@ -81,6 +82,9 @@ _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/files"), {"POST": "_file_upload", "GET": "_file_list"}),
     (re.compile(r"/files/(?P<id>[^/]+)"), {"GET": "_file_get", "DELETE": "_file_delete"}),
     (re.compile(r"/files/(?P<id>[^/]+)/content"), {"GET": "_file_content"}),
+    (re.compile(r"/batches"), {"POST": "_batch_create", "GET": "_batch_list"}),
+    (re.compile(r"/batches/(?P<id>[^/]+)"), {"GET": "_batch_get"}),
+    (re.compile(r"/batches/(?P<id>[^/]+)/cancel"), {"POST": "_batch_cancel"}),
     (re.compile(r"/models"), {"GET": "_models"}),
     (re.compile(r"/models/(?P<id>[^/]+)"), {"GET": "_get_model"}),
 ]
@@ -195,6 +199,7 @@ class SimulatorServer(ThreadingHTTPServer):
         """Notices the clients of waiting SSE connections leaving."""
         self.conversations = Conversations()
         self.files = Files()
+        self.batches = Batches(self.files)
         super().__init__(address, _Handler)
 
     def server_close(self) -> None:
@@ -794,6 +799,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         for block in files.content(stored.id):
             self.wfile.write(block)
+
+    def _batch_create(self, call: _Call) -> None:
+        self._send_json(200, self._server.batches.create(self._json_body(call)))
+
+    def _batch_list(self, call: _Call) -> None:
+        self._send_json(200, self._server.batches.listing())
+
+    def _batch_get(self, call: _Call) -> None:
+        self._send_json(200, self._server.batches.get(call.params["id"]))
+
+    def _batch_cancel(self, call: _Call) -> None:
+        self._send_json(200, self._server.batches.cancel(call.params["id"]))
 
     def _models(self, call: _Call) -> None:
         self._send_json(200, {"object": "list", "data": [_model_object(m) for m in MODELS]})

@@ -29,10 +29,11 @@ from ..upstream.client import StreamedBody
 from ..upstream.resume import create_resume_query
 from ..upstream.websocket import UpgradeRefused
 from ..wire.validation import (
+    named_ids,
     parse_conversation_path,
     parse_create_body,
-    parse_file_path,
     parse_json_object,
+    parse_object_path,
     parse_response_path,
     parse_retrieve_query,
 )
@@ -273,31 +274,57 @@ def _upload_body() -> StreamedBody:
     return StreamedBody(t.cast(t.BinaryIO, request.stream), length)
 
 
-def files() -> Response:
-    """``POST /files`` (an upload, streamed; the new file recorded with the caller's team) and
-    ``GET /files`` (only the team's own files)."""
+#: Families whose objects are their team's own: made by ``POST /{family}``, then found by their id.
+_OWNED = ("files", "uploads", "batches", "vector_stores", "containers")
+
+
+def _object_body() -> tuple[bytes | StreamedBody, tuple[str, ...]]:
+    """A body for an owned family: a multipart upload (streamed), or a JSON object (or nothing) and
+    the ids it names, which the caller must own too."""
+    if request.mimetype == "multipart/form-data":
+        return _upload_body(), ()
+    body = _read_body()
+    return body, (named_ids(parse_json_object(body)) if body.strip() else ())
+
+
+def owned_collection(family: str) -> Response:
+    """``POST /{family}`` (the new object recorded with the caller's team, on the upstream of the
+    objects its body names) and ``GET /{family}`` (only the team's own)."""
     _require("GET", "POST")
     tenant = _tenant()
-    tenant.check_endpoint("files")
-    if request.method == "POST":
-        return _forward(_call("POST", "/files", body=_upload_body(), creates=True), tenant)
-    record().renamed("files_list")
-    return _forward(_call("GET", "/files", idempotent=True, lists=True), tenant)
+    tenant.check_endpoint(family)
+    if request.method == "GET":
+        record().renamed(f"{family}_list")
+        return _forward(_call("GET", f"/{family}", idempotent=True, lists=True), tenant)
+    body, named = _object_body()
+    call = _call(
+        "POST", f"/{family}", body=body, creates=True, owner_id=next(iter(named), None), owned=named[1:]
+    )
+    return _forward(call, tenant)
 
 
-def file_item(subpath: str) -> Response:
-    """``GET`` or ``DELETE /files/{id}`` and ``GET /files/{id}/content``: for its team only."""
+def owned_object(family: str, subpath: str) -> Response:
+    """An object of an owned family and every route below it: served by its upstream, for its
+    team only; a body naming other objects needs them to be the team's too."""
     tenant = _tenant()
-    tenant.check_endpoint("files")
-    target = parse_file_path(subpath)
-    fid, path = target.file_id, f"/files/{target.file_id}"
-    if target.content:
-        record().renamed("file_content")
-        _require("GET")
-        call = _call("GET", f"{path}/content", idempotent=True, owner_id=fid, downloads=True)
-    else:
-        _require("GET", "DELETE")
-        call = _call(request.method, path, idempotent=True, owner_id=fid, forgets=request.method == "DELETE")
+    tenant.check_endpoint(family)
+    target = parse_object_path(subpath)
+    record().renamed(f"{family}_object")
+    _require("GET", "POST", "DELETE")
+    body: bytes | StreamedBody | None = None
+    named: tuple[str, ...] = ()
+    if request.method == "POST":
+        body, named = _object_body()
+    call = _call(
+        request.method,
+        f"/{family}/{target.object_id}{target.rest}",
+        body=body,
+        idempotent=request.method != "POST",
+        owner_id=target.object_id,
+        owned=named,
+        downloads=request.method == "GET" and target.downloads,
+        forgets=request.method == "DELETE" and not target.rest,
+    )
     return _forward(call, tenant)
 
 
@@ -387,8 +414,15 @@ def make_blueprint() -> Blueprint:
     bp.add_url_rule(
         "/conversations/<wsgi_proxy_path:subpath>", "conversation", conversation_item, methods=_METHODS
     )
-    bp.add_url_rule("/files", "files", files, methods=_METHODS)
-    bp.add_url_rule("/files/<wsgi_proxy_path:subpath>", "file", file_item, methods=_METHODS)
+    for family in _OWNED:
+        bp.add_url_rule(f"/{family}", family, owned_collection, methods=_METHODS, defaults={"family": family})
+        bp.add_url_rule(
+            f"/{family}/<wsgi_proxy_path:subpath>",
+            f"{family}_object",
+            owned_object,
+            methods=_METHODS,
+            defaults={"family": family},
+        )
     for family in _MODEL_ROUTED:
         name = family.replace("/", "_")
         bp.add_url_rule(f"/{family}", name, family_endpoint, methods=_METHODS, defaults={"family": family})

@@ -118,7 +118,7 @@ def parse_client_frame(payload: bytes) -> ClientFrame:
             code="invalid_stream_id",
         )
     if kind == "response.create":
-        return _create_frame(obj, lane)
+        return _create_frame(obj, lane, payload)
     if kind == "response.steer":
         previous = obj.get("previous_response_id")
         if not isinstance(previous, str):
@@ -130,8 +130,8 @@ def parse_client_frame(payload: bytes) -> ClientFrame:
     return ClientFrame(kind, lane)
 
 
-def _create_frame(obj: dict[str, t.Any], lane: str | None) -> ClientFrame:
-    fields = create_fields(obj)
+def _create_frame(obj: dict[str, t.Any], lane: str | None, payload: bytes) -> ClientFrame:
+    fields = create_fields(obj, payload)
     if fields.background:
         raise InvalidRequest(
             "Background mode is not supported over a WebSocket. Send background creates over HTTP"

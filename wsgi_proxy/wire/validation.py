@@ -19,14 +19,15 @@ from ..errors import InvalidRequest, RequestTooLarge, RouteNotFound
 __all__ = [
     "ConversationPath",
     "CreateFields",
-    "FilePath",
+    "ObjectPath",
     "ResponsePath",
     "RetrieveQuery",
     "check_response_id",
     "create_fields",
     "parse_conversation_path",
     "parse_create_body",
-    "parse_file_path",
+    "parse_object_path",
+    "named_ids",
     "parse_json_object",
     "parse_response_path",
     "parse_retrieve_query",
@@ -48,9 +49,8 @@ def check_response_id(value: str, param: str = "response_id", kind: str = "respo
     """Return ``value`` if it is a safe id (of a ``kind`` of object), else raise naming ``param``."""
     if not RESPONSE_ID.fullmatch(value):
         shown = value if len(value) <= 64 and value.isprintable() else "the given value"
-        example = {"response": "resp_abc123", "conversation": "conv_abc123", "item": "msg_abc123"}.get(
-            kind, "x_1"
-        )
+        examples = {"conversation": "conv_abc123", "item": "msg_abc123", "object": "file-abc123"}
+        example = examples.get(kind, "resp_abc123")
         raise InvalidRequest(
             f"Invalid '{param}': {shown!r} is not a {kind} id. Such ids are 1 to 128 letters,"
             f" digits, '_' or '-' (for example '{example}').",
@@ -100,19 +100,34 @@ def parse_conversation_path(subpath: str) -> ConversationPath:
 
 
 @dataclass(frozen=True)
-class FilePath:
-    """What a path below ``/files/`` asks for: the file, or its content."""
+class ObjectPath:
+    """What a path below ``/{family}/`` asks for: an object (``vs_1``), and a route below it
+    (``/files/file-2``, ``/content``, ``/cancel``), each segment a safe token."""
 
-    file_id: str
-    content: bool = False
+    object_id: str
+    rest: str = ""
+
+    @property
+    def downloads(self) -> bool:
+        """The route is an object's content (``/files/{id}/content``, a container file's)."""
+        return self.rest.endswith("/content")
 
 
-def parse_file_path(subpath: str) -> FilePath:
-    """Parse ``{id}`` or ``{id}/content`` (the part after ``/files/``)."""
-    head, sep, tail = subpath.partition("/")
-    if sep and tail != "content":
-        raise RouteNotFound("Unknown file route. The routes are /files/{id} and /files/{id}/content.")
-    return FilePath(check_response_id(head, "file_id", "file"), content=bool(sep))
+_SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def parse_object_path(subpath: str) -> ObjectPath:
+    """Parse ``{id}`` and ``{id}/{segment}/...`` (the part after ``/{family}/``)."""
+    head, _, tail = subpath.partition("/")
+    object_id = check_response_id(head, "id", "object")
+    segments = tail.split("/") if tail else []
+    if any(not _SEGMENT.fullmatch(segment) or segment in (".", "..") for segment in segments):
+        raise InvalidRequest(
+            "The path below the object's id has a segment that is not a plain name or id. Use ids and"
+            " names of letters, digits, '_', '.' and '-' only.",
+            param=None,
+        )
+    return ObjectPath(object_id, "".join("/" + segment for segment in segments))
 
 
 @dataclass(frozen=True)
@@ -261,11 +276,14 @@ class CreateFields(BaseModel):
         value = options.get("comparison_response_id")
         return value if isinstance(value, str) else None
 
+    named: tuple[str, ...] = ()
+    """The files, vector stores and containers the body names anywhere (:func:`named_ids`)."""
+
     @property
     def owned_ids(self) -> tuple[str, ...]:
         """Every id the create names that the caller must own, the one it continues first."""
         ids = (self.previous_response_id, self.conversation_id, self.comparison_response_id)
-        return tuple(i for i in ids if i is not None)
+        return tuple(dict.fromkeys([*(i for i in ids if i is not None), *self.named]))
 
     @field_validator("model")
     @classmethod
@@ -314,13 +332,59 @@ _EXPECTED = {
 
 def parse_create_body(body: bytes) -> CreateFields:
     """Check the create body: a JSON object whose proxy-relevant fields have the right types."""
-    return create_fields(parse_json_object(body))
+    return create_fields(parse_json_object(body), body)
 
 
-def create_fields(obj: dict[str, t.Any]) -> CreateFields:
-    """The proxy-relevant fields of a create (a body, or a WebSocket ``response.create``), checked."""
+#: Keys whose values name objects of the caller's team: files, vector stores, containers.
+NAMING_KEYS = frozenset(
+    {
+        "file_id",
+        "input_file_id",
+        "file_ids",
+        "vector_store_id",
+        "vector_store_ids",
+        "container_id",
+        "container",
+    }
+)
+# A key written with an escape (``"file\u005fid"``) is the same key: such bodies are walked too.
+_NAMING_MARKS = (b'"file_id', b'_file_id"', b'"vector_store_id', b'"container', b"\\u")
+
+
+def named_ids(value: object) -> tuple[str, ...]:
+    """Every object id a JSON value names under :data:`NAMING_KEYS`, at any depth, each once.
+
+    A code interpreter's ``container`` may be an id or an object (``{"type": "auto", "file_ids":
+    [...]}``), whose ids count too. An id that is not a safe token is refused, naming its key.
+    """
+    found: dict[str, None] = {}
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+            continue
+        if not isinstance(item, dict):
+            continue
+        for key, inner in item.items():
+            if key in NAMING_KEYS and isinstance(inner, str | list):
+                for candidate in inner if isinstance(inner, list) else [inner]:
+                    if isinstance(candidate, str):
+                        found[check_response_id(candidate, key, "object")] = None
+            elif isinstance(inner, dict | list):
+                stack.append(inner)
+    return tuple(found)
+
+
+def create_fields(obj: dict[str, t.Any], raw: bytes | None = None) -> CreateFields:
+    """The proxy-relevant fields of a create (a body, or a WebSocket ``response.create``), checked.
+
+    :param raw: the object's bytes, when at hand: the ids it names are looked for only where one
+        of :data:`NAMING_KEYS` appears in them (a scan at C speed instead of a walk of the object).
+    """
+    named = named_ids(obj) if raw is None or any(mark in raw for mark in _NAMING_MARKS) else ()
     try:
-        return CreateFields.model_validate(obj)
+        fields = CreateFields.model_validate(obj)
     except ValidationError as exc:
         # One boundary for pydantic errors: the first one, as a sentence naming the field.
         first = exc.errors(include_url=False)[0]
@@ -330,6 +394,7 @@ def create_fields(obj: dict[str, t.Any]) -> CreateFields:
         raise InvalidRequest(
             f"Invalid value for '{field}': {detail}. Expected {expected}.", param=field
         ) from None
+    return fields.model_copy(update={"named": named}) if named else fields
 
 
 def with_model(body: bytes, model: str) -> bytes:
