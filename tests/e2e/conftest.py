@@ -74,6 +74,30 @@ def start_proxy(
     return Proxy(base_url=root + prefix, root_url=root, server=server)
 
 
+def start_red_and_blue(
+    directory: Path,
+    upstream_url: str,
+    keys: t.Mapping[str, str],
+    *,
+    extra: str = "",
+    env: t.Mapping[str, str] | None = None,
+) -> tuple[Proxy, str]:
+    """A config-file gateway in front of ``upstream_url`` for two teams, red and blue (keys named
+    ``red`` and ``blue``, read from ``RED_KEY`` and ``BLUE_KEY`` in ``keys``), with a SQLite store
+    and ``extra`` TOML after them; returns it and its store's URL."""
+    store_url = f"sqlite:///{directory / 'state.db'}"
+    path = directory / "gateway.toml"
+    path.write_text(
+        f'store_url = "{store_url}"\n'
+        f'[[upstreams]]\nname = "main"\nurl = "{upstream_url}"\napi_key_env = "UPSTREAM_KEY"\n'
+        "[teams.red]\n[teams.blue]\n"
+        '[[keys]]\nname = "red"\nteam = "red"\nkey_env = "RED_KEY"\n'
+        '[[keys]]\nname = "blue"\nteam = "blue"\nkey_env = "BLUE_KEY"\n' + extra
+    )
+    settings = {"WSGI_PROXY_CONFIG": str(path), "UPSTREAM_KEY": UPSTREAM_KEY, **keys, **(env or {})}
+    return start_proxy(directory, None, env=settings), store_url
+
+
 def start_background(client: OpenAI, k: int, **metadata: str) -> tuple[str, list[int]]:
     """Create a background stream, read events 0..k, then drop the connection."""
     stream = client.responses.create(

@@ -16,7 +16,7 @@ from websockets.sync.client import connect as ws_connect
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
 from wsgi_proxy.store import open_store
 
-from .conftest import UPSTREAM_KEY, Proxy, start_proxy
+from .conftest import UPSTREAM_KEY, Proxy, start_red_and_blue
 
 pytestmark = pytest.mark.e2e
 
@@ -33,19 +33,7 @@ def simulator() -> t.Iterator[Simulator]:
 
 @pytest.fixture(scope="module")
 def gateway(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[tuple[Proxy, str]]:
-    directory = tmp_path_factory.mktemp("conversations")
-    store_url = f"sqlite:///{directory / 'state.db'}"
-    path = directory / "gateway.toml"
-    path.write_text(
-        f'store_url = "{store_url}"\n'
-        f'[[upstreams]]\nname = "main"\nurl = "{simulator.base_url}"\napi_key_env = "UPSTREAM_KEY"\n'
-        "[teams.red]\n[teams.blue]\n"
-        '[[keys]]\nname = "red"\nteam = "red"\nkey_env = "RED_KEY"\n'
-        '[[keys]]\nname = "blue"\nteam = "blue"\nkey_env = "BLUE_KEY"\n'
-    )
-    proxy = start_proxy(
-        directory, None, env={"WSGI_PROXY_CONFIG": str(path), "UPSTREAM_KEY": UPSTREAM_KEY, **KEYS}
-    )
+    proxy, store_url = start_red_and_blue(tmp_path_factory.mktemp("conversations"), simulator.base_url, KEYS)
     yield proxy, store_url
     proxy.server.stop()
 

@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
 
-from .conftest import UPSTREAM_KEY, Proxy, start_proxy
+from .conftest import UPSTREAM_KEY, Proxy, start_red_and_blue
 
 pytestmark = pytest.mark.e2e
 
@@ -35,24 +35,12 @@ def simulator() -> t.Iterator[Simulator]:
 
 @pytest.fixture(scope="module")
 def gateway(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Proxy]:
-    directory = tmp_path_factory.mktemp("files")
-    path = directory / "gateway.toml"
-    path.write_text(
-        f'store_url = "sqlite:///{directory / "state.db"}"\n'
-        f'[[upstreams]]\nname = "main"\nurl = "{simulator.base_url}"\napi_key_env = "UPSTREAM_KEY"\n'
-        "[teams.red]\n[teams.blue]\n"
-        '[[keys]]\nname = "red"\nteam = "red"\nkey_env = "RED_KEY"\n'
-        '[[keys]]\nname = "blue"\nteam = "blue"\nkey_env = "BLUE_KEY"\n'
-    )
     env = {
-        "WSGI_PROXY_CONFIG": str(path),
-        "UPSTREAM_KEY": UPSTREAM_KEY,
         "WSGI_PROXY_ENDPOINTS": "files,batches,embeddings",
         "WSGI_PROXY_MAX_UPLOAD_BYTES": str((UPLOAD_MB + 1) * 1024 * 1024),
         "WSGI_PROXY_WORKERS": "1",
-        **KEYS,
     }
-    proxy = start_proxy(directory, None, env=env)
+    proxy, _ = start_red_and_blue(tmp_path_factory.mktemp("files"), simulator.base_url, KEYS, env=env)
     yield proxy
     proxy.server.stop()
 

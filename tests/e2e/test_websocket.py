@@ -21,7 +21,7 @@ from websockets.sync.connection import Connection
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
 from wsgi_proxy.store import open_store
 
-from .conftest import CLIENT_KEY, UPSTREAM_KEY, Proxy, start_proxy
+from .conftest import CLIENT_KEY, UPSTREAM_KEY, Proxy, start_proxy, start_red_and_blue
 
 pytestmark = pytest.mark.e2e
 
@@ -348,46 +348,13 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def gateway(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[tuple[Proxy, str]]:
-    directory = tmp_path_factory.mktemp("wsgw")
-    store_url = f"sqlite:///{directory / 'state.db'}"
-    path = directory / "gateway.toml"
-    path.write_text(
-        f"""
-store_url = "{store_url}"
-
-[[upstreams]]
-name = "main"
-url = "{simulator.base_url}"
-api_key_env = "UPSTREAM_KEY"
-
-[teams.red]
-[teams.blue]
-
-[[keys]]
-name = "red"
-team = "red"
-key_env = "RED_KEY"
-
-[[keys]]
-name = "blue"
-team = "blue"
-key_env = "BLUE_KEY"
-
-[[keys]]
-name = "slow"
-team = "red"
-key_env = "SLOW_KEY"
-rpm = 2
-
-[[keys]]
-name = "one"
-team = "red"
-key_env = "ONE_KEY"
-max_streams = 1
-"""
+    extra = (
+        '[[keys]]\nname = "slow"\nteam = "red"\nkey_env = "SLOW_KEY"\nrpm = 2\n'
+        '[[keys]]\nname = "one"\nteam = "red"\nkey_env = "ONE_KEY"\nmax_streams = 1\n'
     )
-    env = {"WSGI_PROXY_CONFIG": str(path), "UPSTREAM_KEY": UPSTREAM_KEY, **KEYS}
-    proxy = start_proxy(directory, None, env=env)
+    proxy, store_url = start_red_and_blue(
+        tmp_path_factory.mktemp("wsgw"), simulator.base_url, KEYS, extra=extra
+    )
     yield proxy, store_url
     proxy.server.stop()
 
