@@ -144,3 +144,63 @@ def test_a_team_narrowed_to_some_families(simulator: Simulator, tmp_path: Path) 
         assert "your team" in caught.value.message
     finally:
         proxy.server.stop()
+
+
+@pytest.fixture(scope="module")
+def media(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Proxy]:
+    proxy = start_proxy(
+        tmp_path_factory.mktemp("media"), simulator.base_url, env={"WSGI_PROXY_ENDPOINTS": "images,audio"}
+    )
+    yield proxy
+    proxy.server.stop()
+
+
+def test_images_and_audio_with_the_sdk(media: Proxy, simulator: Simulator) -> None:
+    with media.client() as client:
+        image = client.images.generate(model="gpt-image-1", prompt="a lighthouse")
+        with client.audio.speech.with_streaming_response.create(
+            model="gpt-4o-mini-tts", voice="alloy", input="three words here"
+        ) as spoken:
+            audio = spoken.read()
+            content_type = spoken.headers["content-type"]
+        text = client.audio.transcriptions.create(model="whisper-1", file=("a.mp3", audio))
+    assert image.data and image.data[0].b64_json
+    assert audio.startswith(b"ID3") and len(audio) == 3 + 32 * 32 * 3 and content_type == "audio/mpeg"
+    assert text.text.startswith("a recording of")
+    upload = [r for r in simulator.requests if r.path.endswith("/audio/transcriptions")][-1]
+    assert upload.headers["content-type"].startswith("multipart/form-data") and audio in upload.body
+
+
+def test_streamed_images_and_audio_are_refused_not_half_relayed(media: Proxy) -> None:
+    with media.client() as client, pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="gpt-image-1", prompt="x", stream=True)
+    body = caught.value.body
+    assert isinstance(body, dict) and body.get("param") == "stream"
+    assert "does not relay streamed answers" in caught.value.message
+
+
+def test_a_multipart_model_is_not_sent_where_a_model_table_would_not_send_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'store_url = "sqlite:///{tmp_path / "s.db"}"\n'
+        f'[[upstreams]]\nname = "main"\nurl = "{simulator.base_url}"\napi_key_env = "UPSTREAM_KEY"\n'
+        '[[models]]\nname = "gpt-4o-mini-tts"\nupstream = "main"\n'
+        '[teams.t]\n[[keys]]\nname = "k"\nteam = "t"\nkey_env = "CLIENT"\n'
+    )
+    env = {
+        "WSGI_PROXY_CONFIG": str(config),
+        "UPSTREAM_KEY": UPSTREAM_KEY,
+        "CLIENT": CLIENT_KEY,
+        "WSGI_PROXY_ENDPOINTS": "audio",
+    }
+    proxy = start_proxy(tmp_path, None, env=env)
+    try:
+        with proxy.client() as client:
+            assert client.audio.speech.create(model="gpt-4o-mini-tts", voice="alloy", input="routed").read()
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.audio.transcriptions.create(model="whisper-1", file=("a.mp3", b"ID3..."))
+        assert "multipart" in caught.value.message
+    finally:
+        proxy.server.stop()

@@ -52,6 +52,8 @@ ENDPOINT_FAMILIES = (
     "batches",
     "vector_stores",
     "containers",
+    "images",
+    "audio",
 )
 #: Those served unless the operator says otherwise: stateless, routed by their model.
 DEFAULT_ENDPOINTS = ("chat/completions", "completions", "embeddings", "moderations")

@@ -1,5 +1,6 @@
-"""Chat completions, completions, embeddings and moderations: the stateless endpoints, as pure
-functions of a request body (the handler writes them, as JSON or as a chunk stream).
+"""Chat completions, completions, embeddings, moderations, images and audio: the stateless
+endpoints, as pure functions of a request body (the handler writes them, as JSON, a chunk stream or
+bytes).
 
 A chat completion's reply cycles through the words of its messages, like a response's; streamed, it
 is one ``chat.completion.chunk`` per word, a last chunk with ``finish_reason``, with
@@ -8,6 +9,7 @@ is one ``chat.completion.chunk`` per word, a last chunk with ``finish_reason``, 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import struct
 import time
@@ -16,7 +18,7 @@ import typing as t
 from .errors import ApiError
 from .events import JsonDict, count_tokens, delta_texts, dumps, input_text, new_id
 
-__all__ = ["ChatPlan", "embeddings", "moderations"]
+__all__ = ["ChatPlan", "embeddings", "image_generation", "moderations", "speech", "transcription"]
 
 
 def _text(messages: object) -> str:
@@ -124,3 +126,37 @@ def moderations(body: t.Mapping[str, t.Any]) -> JsonDict:
     inputs = value if isinstance(value, list) else [value]
     results = [{"flagged": False, "categories": {}, "category_scores": {}} for _ in inputs]
     return {"id": new_id("modr-"), "model": body.get("model") or "omni-moderation-latest", "results": results}
+
+
+def image_generation(body: t.Mapping[str, t.Any]) -> JsonDict:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise ApiError(
+            400, "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
+        )
+    count = body.get("n", 1)
+    pixels = base64.b64encode(hashlib.sha256(prompt.encode()).digest() * 4).decode()
+    tokens = count_tokens(prompt)
+    return {
+        "created": int(time.time()),
+        "data": [
+            {"b64_json": pixels} for _ in range(count if isinstance(count, int) and 0 < count <= 10 else 1)
+        ],
+        "usage": {"input_tokens": tokens, "output_tokens": 0, "total_tokens": tokens},
+    }
+
+
+def speech(body: t.Mapping[str, t.Any]) -> bytes:
+    """Audio bytes for ``input``: an ID3 header and bytes that follow from the text, 1 KiB a word."""
+    text = body.get("input")
+    if not isinstance(text, str) or not text:
+        raise ApiError(
+            400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+        )
+    seed = hashlib.sha256(text.encode()).digest()
+    return b"ID3" + seed * (32 * max(1, len(text.split())))
+
+
+def transcription(body: bytes) -> JsonDict:
+    """The text of an uploaded recording: how many bytes it had (the multipart body's, roughly)."""
+    return {"text": f"a recording of {len(body)} bytes", "usage": {"type": "duration", "seconds": 1}}

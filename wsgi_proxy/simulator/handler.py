@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import errors
 from .batches import Batches
-from .chat import ChatPlan, embeddings, moderations
+from .chat import ChatPlan, embeddings, image_generation, moderations, speech, transcription
 from .config import FLAVOR_PREFIXES, FaultError, Faults, SimulatorConfig, parse_faults
 from .conversations import Conversations, page
 from .errors import ApiError
@@ -79,6 +79,9 @@ _ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/completions"), {"POST": "_completions"}),
     (re.compile(r"/embeddings"), {"POST": "_embeddings"}),
     (re.compile(r"/moderations"), {"POST": "_moderations"}),
+    (re.compile(r"/images/generations"), {"POST": "_images"}),
+    (re.compile(r"/audio/speech"), {"POST": "_speech"}),
+    (re.compile(r"/audio/(transcriptions|translations)"), {"POST": "_transcription"}),
     (re.compile(r"/files"), {"POST": "_file_upload", "GET": "_file_list"}),
     (re.compile(r"/files/(?P<id>[^/]+)"), {"GET": "_file_get", "DELETE": "_file_delete"}),
     (re.compile(r"/files/(?P<id>[^/]+)/content"), {"GET": "_file_content"}),
@@ -767,6 +770,23 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._json_body(call)
         self._require_model(body)
         self._send_json(200, embeddings(body))
+
+    def _images(self, call: _Call) -> None:
+        self._send_json(200, image_generation(self._json_body(call)))
+
+    def _speech(self, call: _Call) -> None:
+        audio = speech(self._json_body(call))
+        self.send_response(200)
+        self.send_header("Content-Type", "audio/mpeg")
+        self._common_headers()
+        self.send_header("Content-Length", str(len(audio)))
+        self.end_headers()
+        self.wfile.write(audio)
+
+    def _transcription(self, call: _Call) -> None:
+        if not self.headers.get("Content-Type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "Upload the recording as multipart/form-data.", param="file")
+        self._send_json(200, transcription(call.body))
 
     def _moderations(self, call: _Call) -> None:
         self._send_json(200, moderations(self._json_body(call)))

@@ -232,32 +232,73 @@ def conversation_item(subpath: str) -> Response:
     return _forward(call, tenant)
 
 
-#: Endpoint families whose answers stream when ``stream`` is true (as chat completion chunks).
-_STREAMING = frozenset({"chat/completions", "completions"})
-#: The families served by :func:`family_endpoint` (a JSON object with a model in, routed by it).
-_MODEL_ROUTED = ("chat/completions", "completions", "embeddings", "moderations")
+#: Model-routed endpoints (a JSON object with a model in): path -> (family, what comes back:
+#: ``chunks`` streams when ``stream`` is true, ``json`` is a JSON answer, ``bytes`` a binary one).
+_ROUTED = {
+    "chat/completions": ("chat/completions", "chunks"),
+    "completions": ("completions", "chunks"),
+    "embeddings": ("embeddings", "json"),
+    "moderations": ("moderations", "json"),
+    "images/generations": ("images", "json"),
+    "audio/speech": ("audio", "bytes"),
+}
+#: Endpoints whose request is a multipart upload (a file, and the model among its fields): path -> family.
+_MULTIPART = {
+    "images/edits": "images",
+    "images/variations": "images",
+    "audio/transcriptions": "audio",
+    "audio/translations": "audio",
+}
 
 
-def family_endpoint(family: str) -> Response:
-    """A model-routed endpoint family (``/chat/completions``, ``/embeddings``, ...), if the gateway
-    and the caller's team serve it: a JSON object in, JSON or a chunk stream out, usage counted."""
+def family_endpoint(path: str) -> Response:
+    """A model-routed endpoint (``/chat/completions``, ``/embeddings``, ...), if the gateway and the
+    caller's team serve its family: JSON in; JSON, a chunk stream or bytes out; usage counted."""
     _require("POST")
+    family, answer = _ROUTED[path]
     tenant = _tenant()
     tenant.check_endpoint(family)
     body = _read_body()
     fields = parse_create_body(body)
+    if fields.stream is True and answer != "chunks":
+        raise InvalidRequest(
+            f"This gateway does not relay streamed answers of /{path}. Send the request without"
+            " 'stream' (or with stream false).",
+            param="stream",
+        )
     call = _call(
         "POST",
-        f"/{family}",
+        f"/{path}",
         body=body,
-        stream=fields.stream is True and family in _STREAMING,
+        stream=fields.stream is True,
         routed=True,
         model=fields.model,
-        counts_usage=True,
+        counts_usage=answer != "bytes",
         dialect="chat",
         session=_session(fields.prompt_cache_key),
+        downloads=answer == "bytes",
     )
     return _forward(call, tenant)
+
+
+def multipart_endpoint(path: str) -> Response:
+    """An upload to a model (``/audio/transcriptions``, ``/images/edits``, ...), streamed to the first
+    upstream. Its model is a field of the multipart body, which the proxy does not read (it would
+    have to hold the file): so with a model table, or a key limited to some models, it is refused
+    rather than sent where the model may not go."""
+    _require("POST")
+    tenant = _tenant()
+    tenant.check_endpoint(_MULTIPART[path])
+    if gateway().state.router.has_table or tenant.identity.models:
+        raise InvalidRequest(
+            f"/{path} takes its model inside a multipart upload, which this gateway does not read, so"
+            " it cannot route it or check that your key may use it. Ask the operator to serve it from a"
+            " gateway without a model table or model limits.",
+            param="model",
+        )
+    if request.mimetype != "multipart/form-data":
+        raise InvalidRequest(f"Send /{path} as multipart/form-data, as the SDKs do.", param=None)
+    return _forward(_call("POST", f"/{path}", body=_upload_body()), tenant)
 
 
 def _upload_body() -> StreamedBody:
@@ -423,9 +464,14 @@ def make_blueprint() -> Blueprint:
             methods=_METHODS,
             defaults={"family": family},
         )
-    for family in _MODEL_ROUTED:
-        name = family.replace("/", "_")
-        bp.add_url_rule(f"/{family}", name, family_endpoint, methods=_METHODS, defaults={"family": family})
+    for path in _ROUTED:
+        bp.add_url_rule(
+            f"/{path}", path.replace("/", "_"), family_endpoint, methods=_METHODS, defaults={"path": path}
+        )
+    for path in _MULTIPART:
+        bp.add_url_rule(
+            f"/{path}", path.replace("/", "_"), multipart_endpoint, methods=_METHODS, defaults={"path": path}
+        )
     bp.add_url_rule("/models", "models", models, methods=_METHODS)
     bp.add_url_rule("", "not_found_root", not_found, methods=_METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=_METHODS)
