@@ -183,3 +183,22 @@ def test_batches_are_their_teams_own_and_name_only_the_teams_files(
         listed = [b.id for b in blue.batches.list().data]
         assert blue.batches.cancel(blue_batch.id).status == "cancelled"
     assert blue_batch.id in listed and red_batch.id not in listed
+
+
+def test_a_batchs_output_file_is_its_teams_own(gateway: Proxy) -> None:
+    with _sdk(gateway, "RED_KEY") as red:
+        source = red.files.create(
+            file=("in.jsonl", b'{"custom_id": "a"}\n{"custom_id": "b"}\n'), purpose="batch"
+        )
+        batch = red.batches.create(
+            input_file_id=source.id,
+            endpoint="/v1/responses",
+            completion_window="24h",
+            metadata={"sim_complete": "1"},
+        )
+        done = red.batches.retrieve(batch.id)  # names the output file the upstream made
+        assert done.status == "completed" and done.output_file_id is not None
+        output = red.files.content(done.output_file_id).read()
+    assert output.count(b"\n") == 2
+    with _sdk(gateway, "BLUE_KEY") as blue, pytest.raises(openai.NotFoundError):
+        blue.files.content(done.output_file_id)

@@ -46,6 +46,8 @@ class Call:
     :param dialect: how a streamed answer's events read (the Responses API's, or chat completions').
     :param downloads: a 2xx answer's body is relayed as it arrives, whatever it is (a file's content).
     :param lists: a 2xx answer is a list of objects, of which the caller sees only its team's own.
+    :param adopts: where a 2xx answer names objects the upstream made for the caller's object (a
+        batch's ``output_file_id``, a completed upload's ``file.id``): recorded as the team's too.
     :param session: what ties the call to others of one session (a ``prompt_cache_key``, Codex's
         ``Session-Id``): with several routes, it goes where the session went before.
     """
@@ -69,6 +71,7 @@ class Call:
     dialect: Dialect = "responses"
     downloads: bool = False
     lists: bool = False
+    adopts: tuple[str, ...] = ()
     session: str | None = None
 
     @property

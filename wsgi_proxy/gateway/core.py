@@ -37,7 +37,7 @@ from ..upstream.retries import send_with_retries
 from ..upstream.websocket import UpgradeRefused
 from ..wire.headers import client_response_headers, upstream_request_headers
 from ..wire.relay import StreamRelay, StreamStats
-from ..wire.responses import Summary, summary_of
+from ..wire.responses import Summary, adopted_ids, summary_of
 from ..wire.validation import websocket_model, with_model
 from ..wire.websocket import Peer
 from .call import Answer, Call
@@ -315,6 +315,8 @@ class Gateway:
             tenant.record_usage(summary, record.model)
         if call.forgets and call.owner_id is not None:
             tenant.forget(call.owner_id)
+        for adopted in adopted_ids(content, call.adopts):
+            tenant.remember(adopted, sent.target.upstream, background=False)
 
     def _stream(
         self,

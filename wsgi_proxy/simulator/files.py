@@ -132,6 +132,17 @@ class Files:
             self._by_id[file_id] = stored
         return stored.public()
 
+    def add(self, content: bytes, filename: str, purpose: str) -> JsonDict:
+        """A file the simulator makes itself (a batch's output)."""
+        file_id = new_id("file-")
+        path = os.path.join(self._directory, file_id)
+        with open(path, "wb") as out:
+            out.write(content)
+        stored = StoredFile(file_id, filename, purpose, int(time.time()), path, 0, len(content))
+        with self._lock:
+            self._by_id[file_id] = stored
+        return stored.public()
+
     def get(self, file_id: str) -> StoredFile:
         with self._lock:
             found = self._by_id.get(file_id)

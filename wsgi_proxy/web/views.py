@@ -317,6 +317,9 @@ def _upload_body() -> StreamedBody:
 
 #: Families whose objects are their team's own: made by ``POST /{family}``, then found by their id.
 _OWNED = ("files", "uploads", "batches", "vector_stores", "containers")
+#: Objects the upstream makes for an owned one, named in its answers: a batch's output and error
+#: files, the file a completed upload becomes. They are recorded as the team's too.
+_ADOPTED = {"batches": ("output_file_id", "error_file_id"), "uploads": ("file.id",)}
 
 
 def _object_body() -> tuple[bytes | StreamedBody, tuple[str, ...]]:
@@ -339,7 +342,13 @@ def owned_collection(family: str) -> Response:
         return _forward(_call("GET", f"/{family}", idempotent=True, lists=True), tenant)
     body, named = _object_body()
     call = _call(
-        "POST", f"/{family}", body=body, creates=True, owner_id=next(iter(named), None), owned=named[1:]
+        "POST",
+        f"/{family}",
+        body=body,
+        creates=True,
+        owner_id=next(iter(named), None),
+        owned=named[1:],
+        adopts=_ADOPTED.get(family, ()),
     )
     return _forward(call, tenant)
 
@@ -365,6 +374,7 @@ def owned_object(family: str, subpath: str) -> Response:
         owned=named,
         downloads=request.method == "GET" and target.downloads,
         forgets=request.method == "DELETE" and not target.rest,
+        adopts=_ADOPTED.get(family, ()),
     )
     return _forward(call, tenant)
 

@@ -16,6 +16,7 @@ from .validation import RESPONSE_ID
 
 __all__ = [
     "Summary",
+    "adopted_ids",
     "chunk_summary",
     "completed_summary",
     "created_id",
@@ -81,6 +82,20 @@ def summary_of(content: bytes) -> Summary:
 def chunk_summary(data: bytes | None) -> Summary:
     """The summary of a chat completion chunk (an SSE event's data): its id, model and usage."""
     return _summary(_load(data))
+
+
+def adopted_ids(content: bytes, paths: t.Iterable[str]) -> list[str]:
+    """The safe ids an answer holds at ``paths`` (``output_file_id``, ``file.id``): objects the
+    upstream made for an object the caller owns, such as a batch's output file."""
+    found: list[str] = []
+    answer = _load(content)
+    for path in paths:
+        value: object = answer
+        for member in path.split("."):
+            value = value.get(member) if isinstance(value, dict) else None
+        if isinstance(value, str) and RESPONSE_ID.fullmatch(value):
+            found.append(value)
+    return found
 
 
 def event_summary(data: bytes | None) -> Summary:
