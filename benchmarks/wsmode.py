@@ -33,8 +33,8 @@ from pathlib import Path
 
 from harness import CLIENT_KEY, UPSTREAM_KEY, process_status, save_result, start_bed, worker_pid
 from websockets.frames import Frame, Opcode
-from websockets.sync.client import ClientConnection
-from websockets.sync.connection import Connection, connect
+from websockets.sync.client import ClientConnection, connect
+from websockets.sync.connection import Connection
 
 # (turns for the delay, frames per turn, sessions held)
 QUICK = (10, 20, 100)
