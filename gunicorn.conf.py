@@ -55,6 +55,9 @@ bind = os.environ.get("WSGI_PROXY_BIND", "127.0.0.1:8000")
 worker_class = "gthread"
 workers = int(os.environ.get("WSGI_PROXY_WORKERS", "2"))  # >= 2: one can restart while the other serves
 threads = int(os.environ.get("WSGI_PROXY_THREADS", "500"))
+# Each thread may hold one upstream connection: a smaller pool would open (and discard, with a
+# warning) a connection per request beyond it. The workers read it when they build the app.
+os.environ.setdefault("WSGI_PROXY_POOL_SIZE", str(max(threads, 1)))
 
 # Sockets one worker accepts: every busy thread plus idle keep-alive connections. gthread keeps at most
 # worker_connections - threads idle connections, so leave room above `threads`.
