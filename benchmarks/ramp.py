@@ -50,8 +50,12 @@ def _workers(master: int) -> list[int]:
     return [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
 
 
-def _open_streams(sim_url: str) -> int:
-    return int(requests.get(sim_url + "/_sim/streams", timeout=30).json()["open"])
+def _open_streams(sim_url: str) -> int | None:
+    """The simulator's open streams, or None when it does not answer (it is overloaded)."""
+    try:
+        return int(requests.get(sim_url + "/_sim/streams", timeout=30).json()["open"])
+    except requests.RequestException:
+        return None
 
 
 def ramp(
@@ -113,7 +117,8 @@ def ramp(
         sock.close()
     freed_after = None
     while time.monotonic() - left < 60:
-        if _open_streams(sim_url) <= max(1, streams // 100):
+        still = _open_streams(sim_url)
+        if still is not None and still <= max(1, streams // 100):
             freed_after = round(time.monotonic() - left, 2)
             break
         time.sleep(0.1)

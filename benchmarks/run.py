@@ -10,8 +10,9 @@ metrics, log lines and per-event notes), capacity.py (1,000 concurrent streams o
 in quick mode: RSS per stream), soak.py (streams cut upstream and resumed, clients that leave)
 restart.py (SIGHUP during open streams), faults.py (silent upstreams, a Redis outage, lost
 records, idle sockets, dense bodies), wsmode.py (WebSocket mode: the delay added per frame,
-sessions per worker) and uploads.py (files up and down, against direct), each in the mode its own
-script runs with (``--quick`` or not).
+sessions per worker), uploads.py (files up and down, against direct) and ramp.py (thousands of
+background streams opened at a steady rate: first bytes, memory), each in the mode its own script
+runs with (``--quick`` or not).
 
 When LiteLLM is installed (it is not a dependency of this project), its proxy (``litellm --config``)
 is started in front of the same simulator, and the same non-stream calls and one streamed create are
@@ -52,6 +53,7 @@ import faults
 import locator
 import observation
 import overhead
+import ramp
 import requests
 import restart
 import soak
@@ -679,6 +681,31 @@ def _md_uploads(r: Result) -> list[str]:
     return lines + ["", f"Worker RSS: {_mib(before)} before, {_mib(peak)} at its highest while relaying."]
 
 
+def _md_ramp(r: Result) -> list[str]:
+    def row(name: str, m: Result) -> tuple[t.Any, ...]:
+        return (
+            name,
+            f"{m['first_byte_within_30s']:,} / {m['first_byte_within_60s']:,}",
+            f"{m['first_byte_p50_s']} / {m['first_byte_p99_s']} s",
+            m["seconds_until_upstream_streams_closed"],
+        )
+
+    lines = _table(
+        (
+            f"{r['streams']:,} streams at {r['rate_per_s']:,.0f}/s",
+            "first byte within 30 s / 60 s",
+            "first byte p50 / p99",
+            "s until the upstream's streams closed",
+        ),
+        [row("direct", r["direct"]), row("through the proxy", r["proxied"])],
+    )
+    killed = "yes" if r["worker_killed_by_timeout"] else "no"
+    return lines + [
+        "",
+        f"Workers' RSS per open stream: {r['rss_per_open_stream_kb']} KB; a worker killed: {killed}.",
+    ]
+
+
 def _md_soak(r: Result) -> list[str]:
     delivered = r["events_delivered"]
     expected = r["streams"] * soak.EVENTS
@@ -860,6 +887,7 @@ SECTIONS: dict[str, tuple[str, t.Callable[[Result], list[str]]]] = {
     "faults": ("Faults and attacks (`faults.py`)", _md_faults),
     "websocket": ("WebSocket mode: delay per frame, sessions per worker (`wsmode.py`)", _md_websocket),
     "uploads": ("Files: upload and download throughput (`uploads.py`)", _md_uploads),
+    "ramp": ("Background streams opened at a steady rate, two workers (`ramp.py`)", _md_ramp),
 }
 
 
@@ -951,6 +979,7 @@ def run(quick: bool, out: Path, log: t.TextIO = sys.stderr) -> tuple[Result, boo
         ("faults", faults.bench),
         ("websocket", wsmode.bench),
         ("uploads", uploads.bench),
+        ("ramp", ramp.bench),
     ]
     for name, bench in steps:
         time.sleep(1.0)  # let the previous benchmark's processes go
