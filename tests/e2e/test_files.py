@@ -36,7 +36,7 @@ def simulator() -> t.Iterator[Simulator]:
 @pytest.fixture(scope="module")
 def gateway(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Proxy]:
     env = {
-        "WSGI_PROXY_ENDPOINTS": "files,batches,embeddings",
+        "WSGI_PROXY_ENDPOINTS": "files,batches,embeddings,chat/completions",
         "WSGI_PROXY_MAX_UPLOAD_BYTES": str((UPLOAD_MB + 1) * 1024 * 1024),
         "WSGI_PROXY_WORKERS": "1",
     }
@@ -202,3 +202,34 @@ def test_a_batchs_output_file_is_its_teams_own(gateway: Proxy) -> None:
     assert output.count(b"\n") == 2
     with _sdk(gateway, "BLUE_KEY") as blue, pytest.raises(openai.NotFoundError):
         blue.files.content(done.output_file_id)
+
+
+def test_another_teams_file_named_in_a_conversation_or_a_chat_message_is_refused(
+    gateway: Proxy, simulator: Simulator
+) -> None:
+    with _sdk(gateway, "RED_KEY") as red:
+        red_file = red.files.create(file=("notes.txt", b"red's notes"), purpose="user_data")
+        item: t.Any = {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_file", "file_id": red_file.id}],
+        }
+        part: t.Any = {"type": "file", "file": {"file_id": red_file.id}}
+        # The owner may.
+        assert red.conversations.create(items=[item]).id
+        assert red.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": [part]}]
+        )
+    with _sdk(gateway, "BLUE_KEY") as blue:
+        own = blue.conversations.create()
+        before = len(simulator.requests)
+        for call in (
+            lambda: blue.conversations.create(items=[item]),
+            lambda: blue.conversations.items.create(own.id, items=[item]),
+            lambda: blue.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": [part]}]
+            ),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert len(simulator.requests) == before

@@ -191,11 +191,11 @@ def response_item(subpath: str) -> Response:
     return _forward(call, tenant)
 
 
-def _json_body() -> bytes:
-    """The request body, checked to be a JSON object (and forwarded as its original bytes)."""
+def _json_body() -> tuple[bytes, tuple[str, ...]]:
+    """The request body, checked to be a JSON object (and forwarded as its original bytes), and the
+    ids of objects it names (files in items), which the caller must own too."""
     body = _read_body()
-    parse_json_object(body)
-    return body
+    return body, named_ids(parse_json_object(body))
 
 
 def conversations() -> Response:
@@ -203,7 +203,11 @@ def conversations() -> Response:
     has no model, so it is made on the first upstream; creates that name it go there."""
     _require("POST")
     tenant = _tenant()
-    return _forward(_call("POST", "/conversations", body=_json_body(), creates=True), tenant)
+    body, named = _json_body()
+    call = _call(
+        "POST", "/conversations", body=body, creates=True, owner_id=next(iter(named), None), owned=named[1:]
+    )
+    return _forward(call, tenant)
 
 
 def conversation_item(subpath: str) -> Response:
@@ -220,11 +224,12 @@ def conversation_item(subpath: str) -> Response:
         record().renamed("conversation_items")
         _require("GET", "POST")
         if request.method == "POST":
-            call = _call("POST", f"{path}/items", body=_json_body(), owner_id=cid)
+            body, named = _json_body()
+            call = _call("POST", f"{path}/items", body=body, owner_id=cid, owned=named)
         else:
             call = _call("GET", f"{path}/items", idempotent=True, owner_id=cid)
     elif request.method == "POST":  # its metadata
-        call = _call("POST", path, body=_json_body(), owner_id=cid)
+        call = _call("POST", path, body=_json_body()[0], owner_id=cid)
     else:
         _require("GET", "DELETE")
         deletes = request.method == "DELETE"
@@ -277,6 +282,8 @@ def family_endpoint(path: str) -> Response:
         dialect="chat",
         session=_session(fields.prompt_cache_key),
         downloads=answer == "bytes",
+        owner_id=next(iter(fields.owned_ids), None),  # a file a message names, say
+        owned=fields.owned_ids[1:],
     )
     return _forward(call, tenant)
 
