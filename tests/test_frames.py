@@ -65,6 +65,14 @@ ACCEPTED: list[tuple[bytes, str, str | None, tuple[str, ...], bool]] = [
     ),
     (b'{"type":"response.steer","previous_response_id":"resp_2"}', "response.steer", None, ("resp_2",), True),
     (b'{"type":"something.new","anything":[1]}', "something.new", None, (), True),
+    (
+        b'{"type":"response.steer","previous_response_id":"resp_2","input":[{"type":"input_file","file_id":"file-9"}]}',
+        "response.steer",
+        None,
+        ("resp_2", "file-9"),
+        True,
+    ),
+    (b'{"type":"future.event","file_ids":["file-1"]}', "future.event", None, ("file-1",), True),
 ]
 
 

@@ -15,7 +15,7 @@ import typing as t
 from dataclasses import dataclass
 
 from ..errors import InvalidRequest, ProxyError
-from .validation import CreateFields, check_response_id, create_fields, parse_json_object
+from .validation import CreateFields, check_response_id, create_fields, named_in, parse_json_object
 
 __all__ = [
     "STREAM_ID",
@@ -126,8 +126,10 @@ def parse_client_frame(payload: bytes) -> ClientFrame:
                 "A 'response.steer' names the running response it steers in 'previous_response_id'.",
                 param="previous_response_id",
             )
-        return ClientFrame(kind, lane, owned=(check_response_id(previous, "previous_response_id"),))
-    return ClientFrame(kind, lane)
+        steered = check_response_id(previous, "previous_response_id")
+        return ClientFrame(kind, lane, owned=tuple(dict.fromkeys([steered, *named_in(obj, payload)])))
+    # A type the proxy does not know goes on as it is, but not with another team's files in it.
+    return ClientFrame(kind, lane, owned=named_in(obj, payload))
 
 
 def _create_frame(obj: dict[str, t.Any], lane: str | None, payload: bytes) -> ClientFrame:
