@@ -39,10 +39,14 @@ def start_bed(
     delay_ms: float = 20.0,
     log_level: str = "warning",
     env: t.Mapping[str, str] | None = None,
+    shared_writer: bool = False,
 ) -> Bed:
-    """Start the simulator (``wsgi-proxy simulate``) and one gunicorn worker of the proxy in front of it."""
+    """Start the simulator (``wsgi-proxy simulate``, its background streams written by one thread
+    with ``shared_writer``) and one gunicorn worker of the proxy in front of it."""
     sim_port, proxy_port = free_port(), free_port()
     simulate = [sys.executable, "-m", "wsgi_proxy", "simulate", "--port", str(sim_port)]
+    if shared_writer:
+        simulate.append("--shared-writer")
     simulator = ServerProcess(
         [*simulate, "--api-key", UPSTREAM_KEY, "--delay-ms", str(delay_ms)],
         ready_url=f"http://127.0.0.1:{sim_port}/health",

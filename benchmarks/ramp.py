@@ -3,7 +3,8 @@
     python benchmarks/ramp.py --streams 10000 --rate 1000   # writes benchmarks/results/ramp-<date>.json
     python benchmarks/ramp.py --quick                        # 500 streams, for CI (nothing written)
 
-The simulator (its own process) and the proxy with the default two workers (threads sized to the
+The simulator (its own process, its streams written by one thread so that it holds them all) and
+the proxy with the default two workers (threads sized to the
 streams), as deployed. One client thread opens background streams on raw sockets at ``rate`` per
 second, first straight to the simulator and then through the proxy, and one selector reads them
 all: each stream's first byte is timed from its request. Then every client leaves at once, and the
@@ -143,7 +144,13 @@ def run(streams: int, rate: float) -> dict[str, t.Any]:
     with tempfile.TemporaryDirectory(prefix="wsgi-proxy-ramp-") as scratch:
         tmp = Path(scratch)
         threads = streams // 2 + 500
-        bed = start_bed(tmp, threads=threads, extra=["--backlog", "8192"], env={"WSGI_PROXY_WORKERS": "2"})
+        bed = start_bed(
+            tmp,
+            threads=threads,
+            extra=["--backlog", "8192"],
+            env={"WSGI_PROXY_WORKERS": "2"},
+            shared_writer=True,
+        )
         sim_url = bed.direct.removesuffix("/v1")
         try:
             direct = ramp(int(sim_url.rsplit(":", 1)[1]), UPSTREAM_KEY, "/v1", streams, rate, sim_url)

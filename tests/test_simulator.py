@@ -26,6 +26,7 @@ from wsgi_proxy.simulator import Simulator, SimulatorConfig
 from wsgi_proxy.simulator.config import FaultError, Faults, parse_faults
 from wsgi_proxy.simulator.events import delta_texts
 from wsgi_proxy.simulator.framing import split_frame
+from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
 TEXT_EVENTS = [
     "response.created",
@@ -903,3 +904,38 @@ def test_serve_prints_address_and_exits_on_sigterm() -> None:
             assert proc.wait(timeout=5) == 0
         finally:
             proc.kill()
+
+
+def test_the_shared_writer_streams_plain_background_responses_without_a_thread_each() -> None:
+    with Simulator(config=SimulatorConfig(delay_ms=60, words=5, shared_writer=True)) as sim:
+        body = {"model": "gpt-4o-mini", "input": "x", "background": True, "stream": True}
+        threads_before = threading.active_count()
+        answers = [
+            requests.post(f"{sim.base_url}/responses", json=body, stream=True, timeout=10) for _ in range(20)
+        ]
+        deadline = time.monotonic() + 10
+        while sim.open_streams < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sim.open_streams == 20
+        assert threading.active_count() - threads_before < 20  # the handlers' threads are gone
+        numbers = []
+        for answer in answers:
+            splitter, seen = EventSplitter(), []
+            while chunk := answer.raw.read1(65536):
+                seen += [parse_event(e).sequence_number for e in splitter.feed(chunk)]
+            numbers.append(seen)
+            answer.close()
+        response_id = ""
+        resumed = requests.post(f"{sim.base_url}/responses", json=body, stream=True, timeout=10)
+        for event in EventSplitter().feed(resumed.raw.read1(65536)):
+            if parse_event(event).type == "response.created":
+                response_id = json.loads(event.split(b"data: ", 1)[1])["response"]["id"]
+        resumed.close()
+        replay = requests.get(
+            f"{sim.base_url}/responses/{response_id}",
+            params={"stream": "true", "starting_after": "3"},
+            timeout=10,
+        )
+    assert all(seq == list(range(len(seq))) and len(seq) > 5 for seq in numbers)
+    assert b'"sequence_number":4' in replay.content and b'"sequence_number":3,' not in replay.content
+    assert all(c.reason == "complete" for c in sim.stream_closures[:20])

@@ -160,6 +160,9 @@ class SimulatorConfig:
     :param websockets: serve the WebSocket mode of ``GET /v1/responses`` (``openai`` flavor only); when
         false, an upgrade is an ordinary GET (a 405), as on a server without the mode.
     :param websocket_max_age_s: how long a WebSocket connection lives (OpenAI's limit: 60 minutes).
+    :param shared_writer: one thread writes every background stream whose faults leave its bytes
+        plain (instead of a thread each), so that tens of thousands can be open at once; the capacity
+        benchmarks use it, so that the simulator is not what they measure.
     """
 
     api_key: str | None = None
@@ -173,6 +176,7 @@ class SimulatorConfig:
     api_version: str = "2025-04-01-preview"
     websockets: bool = True
     websocket_max_age_s: float = 3600.0
+    shared_writer: bool = False
 
     def __post_init__(self) -> None:
         if self.flavor not in FLAVOR_PREFIXES:

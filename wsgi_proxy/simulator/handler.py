@@ -14,6 +14,7 @@ import re
 import secrets
 import socket
 import sys
+import threading
 import time
 import typing as t
 import urllib.parse
@@ -40,6 +41,7 @@ from .events import (
     strip_obfuscation,
     usage,
 )
+from .fanout import Fanout
 from .files import Files
 from .framing import SseWriter
 from .recording import CloseReason, RecordedRequest, Recorder, StreamClosure
@@ -147,6 +149,17 @@ def _conversation_id(value: object) -> str | None:
     raise errors.invalid_type("conversation", "a string or an object with an id", value)
 
 
+def _plain(faults: Faults) -> bool:
+    """Faults that leave a stream's bytes plain, as the shared writer writes them."""
+    return (
+        faults.framing == "lf"
+        and faults.transfer == "chunked"
+        and not (faults.split or faults.gzip or faults.comments or faults.no_sequence)
+        and faults.cut_after is None
+        and faults.cut_every is None
+    )
+
+
 class NewResponse(t.Protocol):
     """The handler's builder of a new response (what a WebSocket session creates with)."""
 
@@ -203,10 +216,32 @@ class SimulatorServer(ThreadingHTTPServer):
         self.conversations = Conversations()
         self.files = Files()
         self.batches = Batches(self.files)
+        self.fanout = Fanout(recorder) if config.shared_writer else None
+        """Writes plain background streams for their handlers (``SimulatorConfig.shared_writer``)."""
+        self._handed_over: set[socket.socket] = set()
+        self._handed_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def hand_over(self, request: socket.socket) -> socket.socket:
+        """A copy of a handler's connection for the shared writer; the handler's own is then closed
+        without shutting the connection down."""
+        with self._handed_lock:
+            self._handed_over.add(request)
+        return request.dup()
+
+    def shutdown_request(self, request: t.Any) -> None:
+        with self._handed_lock:
+            handed = request in self._handed_over
+            self._handed_over.discard(request)
+        if handed:
+            self.close_request(request)  # the writer's copy keeps the connection
+        else:
+            super().shutdown_request(request)
 
     def server_close(self) -> None:
         super().server_close()
+        if self.fanout is not None:
+            self.fanout.close()
         self.files.close()
         self.watcher.close()
 
@@ -857,6 +892,9 @@ class _Handler(BaseHTTPRequestHandler):
         ``job`` is the generator of a synchronous stream; it stops when this connection goes away.
         """
         chunked = faults.transfer == "chunked"
+        if job is None and not strip and self._server.fanout is not None and _plain(faults):
+            self._hand_over(record, start)
+            return
         recorder = self._server.recorder
         opened = time.monotonic()
         recorder.stream_opened()
@@ -890,6 +928,20 @@ class _Handler(BaseHTTPRequestHandler):
                     job.stop()
                     job.join(1.0)
                 record.discard_log()
+
+    def _hand_over(self, record: ResponseRecord, start: int) -> None:
+        """Send the headers, then leave the body to the shared writer."""
+        fanout = self._server.fanout
+        assert fanout is not None
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self._common_headers()
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        fanout.serve(self._server.hand_over(self.connection), record, start)
 
     def _pump(
         self, record: ResponseRecord, index: int, faults: Faults, writer: SseWriter, strip: bool

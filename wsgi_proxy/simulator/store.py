@@ -10,6 +10,7 @@ JSON requests).
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -74,6 +75,7 @@ class ResponseRecord:
         self.job: Job | None = None
         self.size = 0
         """Bytes of event data generated so far: a rough measure of the memory this record holds."""
+        self._listeners: list[t.Callable[[], None]] = []
         self.on_complete: t.Callable[[JsonDict], None] | None = None
         """Called with the final snapshot when the response completes (a conversation takes its output)."""
 
@@ -93,7 +95,7 @@ class ResponseRecord:
                 self.snapshot = step.snapshot
             if step.terminal:
                 self._finish("complete")
-            self.cond.notify_all()
+            self._tell()
             return True
 
     def finish(self, reason: EndReason) -> None:
@@ -101,7 +103,7 @@ class ResponseRecord:
         with self.cond:
             if not self.finished:
                 self._finish(reason)
-                self.cond.notify_all()
+                self._tell()
 
     def _finish(self, reason: EndReason) -> None:
         self.finished = True
@@ -129,6 +131,21 @@ class ResponseRecord:
         """Make every :meth:`wait_from` return now (to look at its ``interrupted``)."""
         with self.cond:
             self.cond.notify_all()
+
+    def listen(self, listener: t.Callable[[], None]) -> None:
+        """Call ``listener`` (quickly, under the record's lock) on every event logged and at the end."""
+        with self.cond:
+            self._listeners.append(listener)
+
+    def unlisten(self, listener: t.Callable[[], None]) -> None:
+        with self.cond:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+    def _tell(self) -> None:
+        self.cond.notify_all()
+        for listener in self._listeners:
+            listener()
 
     def current(self) -> JsonDict:
         with self.cond:
@@ -169,7 +186,7 @@ class ResponseRecord:
             seq = len(self.events)
             self.events.append(SseEvent(seq, "response.failed", dumps(failed_event(seq, snapshot))))
             self._finish("cancelled")
-            self.cond.notify_all()
+            self._tell()
             job = self.job
         if job is not None:
             job.stop()

@@ -17,7 +17,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from ..simulator import SimulatorConfig, serve
 
     config = SimulatorConfig(
-        api_key=args.api_key, delay_ms=args.delay_ms, flavor=args.flavor, api_version=args.api_version
+        api_key=args.api_key,
+        delay_ms=args.delay_ms,
+        flavor=args.flavor,
+        api_version=args.api_version,
+        shared_writer=args.shared_writer,
     )
     serve(args.host, args.port, config)
     return 0
@@ -162,6 +166,11 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     )
     simulate.add_argument(
         "--api-version", default="2025-04-01-preview", help="the api-version azure-legacy requires"
+    )
+    simulate.add_argument(
+        "--shared-writer",
+        action="store_true",
+        help="write plain background streams from one thread, to hold tens of thousands at once",
     )
     simulate.set_defaults(run=_simulate)
 
