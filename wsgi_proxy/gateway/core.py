@@ -35,7 +35,7 @@ from ..upstream.client import UpstreamClient, UpstreamRequest
 from ..upstream.resume import StreamResumer
 from ..upstream.retries import send_with_retries
 from ..upstream.websocket import UpgradeRefused
-from ..wire.headers import client_response_headers, upstream_request_headers
+from ..wire.headers import client_response_headers
 from ..wire.relay import StreamRelay, StreamStats
 from ..wire.responses import Summary, adopted_ids, summary_of
 from ..wire.validation import websocket_model, with_model
@@ -260,14 +260,7 @@ class Gateway:
     def _request(
         self, call: Call, client: UpstreamClient, target: Target, record: RequestRecord
     ) -> UpstreamRequest:
-        headers = upstream_request_headers(
-            call.headers,
-            credentials=client.credentials(call.headers),
-            pass_through=client.pass_through,
-            stream=call.stream,
-            also=self.state.settings.forward_headers,
-        )
-        headers["X-Request-ID"] = record.request_id
+        headers = self.state.upstream_headers(client, call.headers, record.request_id, stream=call.stream)
         body = call.body
         if target.deployment is not None and isinstance(body, bytes):
             body = with_model(body, target.deployment)

@@ -51,7 +51,6 @@ from ..upstream.client import UpstreamClient
 from ..upstream.resume import StreamResumer, create_resume_query
 from ..upstream.websocket import UpgradeRefused, UpstreamSocket, open_upstream_socket
 from ..wire.frames import ClientFrame, error_frame, frame_info, parse_client_frame, with_stream_id
-from ..wire.headers import upstream_request_headers
 from ..wire.relay import Resume
 from ..wire.responses import event_summary
 from ..wire.sse import TERMINAL_TYPES, EventSplitter, data_of, parse_event
@@ -62,7 +61,7 @@ from .state import GatewayState
 from .tenancy import Tenant
 from .watchdog import Watch, stopping
 
-__all__ = ["ConnectionLimitReached", "SessionStats", "WebSocketSession", "upstream_socket_headers"]
+__all__ = ["ConnectionLimitReached", "SessionStats", "WebSocketSession"]
 
 log = logging.getLogger("wsgi_proxy.websocket")
 
@@ -114,11 +113,6 @@ class SessionStats:
     close_code: int | None = None
     """The code the proxy closed the client with, or the client's own (None: dropped)."""
     ended_by: str = "client"
-
-
-def upstream_socket_headers(headers: dict[str, str]) -> dict[str, str]:
-    """Forwarded request headers as a WebSocket handshake carries them (no body, no encoding)."""
-    return {k: v for k, v in headers.items() if k.lower() not in ("accept-encoding", "content-type")}
 
 
 class WebSocketSession:
@@ -445,15 +439,10 @@ class WebSocketSession:
         raise last
 
     def _upstream_headers(self, client: UpstreamClient) -> dict[str, str]:
-        headers = upstream_request_headers(
-            self.headers,
-            credentials=client.credentials(self.headers),
-            pass_through=client.pass_through,
-            stream=True,
-            also=self._settings.forward_headers,
-        )
-        headers["X-Request-ID"] = self.record.request_id
-        return upstream_socket_headers(headers)
+        """The handshake's forwarded headers as an upstream request carries them, without what a
+        request without a body (a handshake, a resume's GET) has no use for."""
+        headers = self.state.upstream_headers(client, self.headers, self.record.request_id, stream=True)
+        return {k: v for k, v in headers.items() if k.lower() not in ("accept-encoding", "content-type")}
 
     def _attach(self, target: Target, opened: UpstreamSocket) -> None:
         self._target = target

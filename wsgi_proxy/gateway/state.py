@@ -12,6 +12,7 @@ from ..store import NullStore, Store, StoreError, open_store
 from ..upstream.client import UpstreamClient
 from ..upstream.resume import ResumePolicy
 from ..upstream.retries import RetryPolicy
+from ..wire.headers import upstream_request_headers
 from .auth import Keyring
 from .leases import LeaseKeeper
 from .pending import PendingWrites
@@ -42,6 +43,26 @@ class GatewayState:
     response_ttl_s: float = 30 * 86400.0
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     resume_policy: ResumePolicy = field(default_factory=ResumePolicy)
+
+    def upstream_headers(
+        self,
+        client: UpstreamClient,
+        client_headers: tuple[tuple[str, str], ...],
+        request_id: str,
+        *,
+        stream: bool,
+    ) -> dict[str, str]:
+        """The headers of a request to ``client`` on behalf of a client that sent ``client_headers``:
+        the forwarded ones, the upstream's credentials, and the request's id."""
+        headers = upstream_request_headers(
+            client_headers,
+            credentials=client.credentials(client_headers),
+            pass_through=client.pass_through,
+            stream=stream,
+            also=self.settings.forward_headers,
+        )
+        headers["X-Request-ID"] = request_id
+        return headers
 
     @property
     def default_upstream(self) -> UpstreamClient:
