@@ -21,7 +21,6 @@ from websockets.server import ServerProtocol
 
 from ..config.settings import ProxySettings
 from ..errors import (
-    InvalidRequest,
     StreamAborted,
     UpstreamCredentialsRejected,
     UpstreamError,
@@ -213,14 +212,7 @@ class Gateway:
         if call.owner_id is None:
             return routes or [Target(state.default_upstream.name)]
         # A call about a response goes where it lives, and only if the caller may see it.
-        holder = tenant.locate(call.owner_id).name
-        for other in call.owned:
-            if tenant.locate(other).name != holder:
-                raise InvalidRequest(
-                    f"{other!r} and {call.owner_id!r} are held by different upstreams, so no upstream can"
-                    " serve this request. Name objects of one upstream.",
-                    param=None,
-                )
+        holder = tenant.holder((call.owner_id, *call.owned))
         return [next((tg for tg in routes or () if tg.upstream == holder), Target(holder))]
 
     def _send(self, call: Call, targets: list[Target], record: RequestRecord) -> _Sent:

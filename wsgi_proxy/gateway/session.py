@@ -363,20 +363,20 @@ class WebSocketSession:
     def _check_owned(self, ids: tuple[str, ...]) -> None:
         """Each id a frame names: one this connection made, or one the team owns on this connection's
         upstream (which, before the first create, the first such id chooses)."""
-        for object_id in ids:
-            if object_id in self._mine:
-                continue
-            holder = self.tenant.locate(object_id).name
-            bound = self._upstream_client.name if self._upstream_client is not None else None
-            if bound is None and self.targets is not None and len(self.targets) == 1:
-                bound = self.targets[0].upstream
-            if bound is not None and holder != bound:
-                raise InvalidRequest(
-                    f"{object_id!r} is held by another upstream than this connection's. Open a new"
-                    " WebSocket connection to use it.",
-                    param=None,
-                )
-            self.targets = [Target(holder)]
+        others = [object_id for object_id in ids if object_id not in self._mine]
+        if not others:
+            return
+        holder = self.tenant.holder(others)
+        bound = self._upstream_client.name if self._upstream_client is not None else None
+        if bound is None and self.targets is not None and len(self.targets) == 1:
+            bound = self.targets[0].upstream
+        if bound is not None and holder != bound:
+            raise InvalidRequest(
+                f"{others[0]!r} is held by another upstream than this connection's. Open a new"
+                " WebSocket connection to use it.",
+                param=None,
+            )
+        self.targets = [Target(holder)]
 
     def _to_upstream(
         self, message: Message, *, model: str | None, record: RequestRecord | None = None

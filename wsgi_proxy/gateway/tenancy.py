@@ -20,6 +20,7 @@ import uuid
 
 from ..config.gateway import Identity
 from ..errors import (
+    InvalidRequest,
     ModelNotFound,
     RateLimited,
     ResponseNotFound,
@@ -163,13 +164,18 @@ class Tenant:
         digest = hashlib.sha256(f"{self.identity.team}\0{session}".encode("utf-8", "surrogateescape"))
         return "pin:" + digest.hexdigest()[:40]
 
+    def _record_of(self, object_id: str) -> ResponseRecord | None:
+        """Where an object lives and whose it is: this worker's unwritten record first, else the store's."""
+        record = self.state.pending.response(object_id)
+        if record is None:
+            with _store_errors():
+                record = self.state.store.get_response(object_id)
+        return record
+
     def locate(self, response_id: str) -> UpstreamClient:
         """The upstream holding a response this caller may see, or the 404 of an unknown id."""
         state = self.state
-        record = state.pending.response(response_id)  # this worker's own, not written yet
-        if record is None:
-            with _store_errors():
-                record = state.store.get_response(response_id)
+        record = self._record_of(response_id)
         if record is None:
             if state.unknown_ids == "forward":
                 return state.default_upstream
@@ -203,13 +209,23 @@ class Tenant:
             page["last_id"] = kept[-1].get("id") if kept else None
         return json.dumps(page, separators=(",", ":"), ensure_ascii=False).encode()
 
+    def holder(self, ids: t.Sequence[str]) -> str:
+        """The one upstream holding every object of ``ids`` this caller may see (the first one's);
+        the 404 of an unknown id, or a 400 when they are held by different upstreams."""
+        holder = self.locate(ids[0]).name
+        for other in ids[1:]:
+            if self.locate(other).name != holder:
+                raise InvalidRequest(
+                    f"{other!r} and {ids[0]!r} are held by different upstreams, so no upstream can serve"
+                    " this request. Name objects of one upstream.",
+                    param=None,
+                )
+        return holder
+
     def _owns(self, object_id: object, upstream: str) -> bool:
         if not isinstance(object_id, str):
             return False
-        record = self.state.pending.response(object_id)
-        if record is None:
-            with _store_errors():
-                record = self.state.store.get_response(object_id)
+        record = self._record_of(object_id)
         return record is not None and record.team == self.identity.team and record.upstream == upstream
 
     def remember(self, response_id: str, upstream: str, *, background: bool) -> None:
