@@ -50,7 +50,14 @@ from ..observe.record import RequestRecord, request_id_from
 from ..upstream.client import UpstreamClient
 from ..upstream.resume import StreamResumer, create_resume_query
 from ..upstream.websocket import UpgradeRefused, UpstreamSocket, open_upstream_socket
-from ..wire.frames import ClientFrame, error_frame, frame_info, parse_client_frame, with_stream_id
+from ..wire.frames import (
+    ClientFrame,
+    error_frame,
+    frame_info,
+    parse_client_frame,
+    relayed_error_frame,
+    with_stream_id,
+)
 from ..wire.relay import Resume
 from ..wire.responses import event_summary
 from ..wire.sse import TERMINAL_TYPES, EventSplitter, data_of, parse_event
@@ -153,7 +160,6 @@ class WebSocketSession:
         self.watch = watch
         """The watchdog's handle on the client socket (gone clients, a stopping worker), if watched."""
         self._target: Target | None = None
-        self._upstream_client: UpstreamClient | None = None
         self._upstream: Peer | None = None
         self._lanes: dict[str | None, _Lane] = {}
         self._mine: set[str] = set()  # responses created on this connection
@@ -260,6 +266,11 @@ class WebSocketSession:
         return any(lane.busy for lane in self._lanes.values())
 
     @property
+    def _upstream_client(self) -> UpstreamClient | None:
+        """The client of the upstream this connection is bound to, once it is."""
+        return self.state.upstreams[self._target.upstream] if self._target is not None else None
+
+    @property
     def _name(self) -> str:
         return self._upstream_client.name if self._upstream_client is not None else "-"
 
@@ -311,7 +322,6 @@ class WebSocketSession:
 
     def _client_message(self, message: Message) -> None:
         opcode, payload = message
-        lane_hint = frame_info(payload).stream_id if opcode is Opcode.TEXT else None
         try:
             if opcode is not Opcode.TEXT:
                 raise InvalidRequest("Send WebSocket messages as JSON text frames.", param=None)
@@ -322,9 +332,9 @@ class WebSocketSession:
             self._check_owned(frame.owned)  # a steer: only of a response this team owns
             self._to_upstream(message, model=None)
         except ProxyError as exc:
-            self._refuse(exc, lane_hint)
+            self._refuse(exc, _lane_of(message))
         except UpgradeRefused as exc:
-            self._refused_upgrade(exc, lane_hint)
+            self._refused_upgrade(exc, _lane_of(message))
 
     def _create(self, frame: ClientFrame, payload: bytes) -> None:
         fields = frame.create
@@ -447,7 +457,6 @@ class WebSocketSession:
     def _attach(self, target: Target, opened: UpstreamSocket) -> None:
         self._target = target
         self.targets = [target]  # the connection stays with its upstream, reconnects included
-        self._upstream_client = self.state.upstreams[target.upstream]
         self._upstream = opened.peer
         self._poll.register(opened.peer.fileno(), _POLL_IN)
         self.stats.upstream_connections += 1
@@ -550,10 +559,9 @@ class WebSocketSession:
             record.error = "upstream_refused"
             record.sent(exc.status)
         self.state.metrics.websocket_error("upstream_refused")
-        frame: dict[str, t.Any] = {"type": "error", "status": exc.status, "error": exc.error}
-        if lane is not None:
-            frame["stream_id"] = lane
-        self._to_client((Opcode.TEXT, json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()))
+        relayed = exc.error
+        assert relayed is not None  # proxy_error() answers every refusal without OpenAI's envelope
+        self._to_client((Opcode.TEXT, relayed_error_frame(exc.status, relayed, lane)))
 
     # --- an upstream that ends --------------------------------------------------------------------
 
@@ -723,6 +731,12 @@ class WebSocketSession:
 
 
 _REASONS = {GOING_AWAY: "connection limit reached", SERVICE_RESTART: "server restarting"}
+
+
+def _lane_of(message: Message) -> str | None:
+    """The lane a client message names, for the error frame that refuses it."""
+    opcode, payload = message
+    return frame_info(payload).stream_id if opcode is Opcode.TEXT else None
 
 
 def _error_of(payload: bytes) -> tuple[int, str | None]:

@@ -24,6 +24,7 @@ __all__ = [
     "error_frame",
     "frame_info",
     "parse_client_frame",
+    "relayed_error_frame",
     "with_stream_id",
 ]
 
@@ -161,7 +162,12 @@ def error_frame(error: ProxyError, stream_id: str | None = None) -> bytes:
     headers = error.headers()
     if headers:
         body["headers"] = headers
-    frame: dict[str, t.Any] = {"type": "error", "status": error.status, "error": body}
+    return relayed_error_frame(error.status, body, stream_id)
+
+
+def relayed_error_frame(status: int, error: dict[str, t.Any], stream_id: str | None = None) -> bytes:
+    """An ``error`` frame with ``status`` and an error object as given (an upstream's own)."""
+    frame: dict[str, t.Any] = {"type": "error", "status": status, "error": error}
     if stream_id is not None:
         frame["stream_id"] = stream_id
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
