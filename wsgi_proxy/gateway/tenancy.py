@@ -74,6 +74,17 @@ class Tenant:
                 " endpoints in the gateway's configuration file."
             )
 
+    def check_unread_model(self, path: str) -> None:
+        """Refuse a call whose model the proxy does not read (a field of a multipart upload) wherever
+        the model would decide something: a model table routes by it, or this key is limited to some."""
+        if self.state.router.has_table or self.identity.models:
+            raise InvalidRequest(
+                f"/{path} takes its model inside a multipart upload, which this gateway does not read, so"
+                " it cannot route it or check that your key may use it. Ask the operator to serve it from"
+                " a gateway without a model table or model limits.",
+                param="model",
+            )
+
     def charge_request(self) -> None:
         """Count this request against every requests-per-minute limit, or raise :class:`RateLimited`."""
         for counter, limit in self.identity.rpm:
