@@ -779,11 +779,7 @@ class _Handler(BaseHTTPRequestHandler):
         reason: CloseReason = "client_gone"
         delay = (config.delay_ms if faults.delay_ms is None else faults.delay_ms) / 1000
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self._common_headers()
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
+            self._stream_head(chunked=True, gzip=False)
             writer = SseWriter(self.wfile.write, framing=faults.framing, split=faults.split)
             for index, data in enumerate(plan.chunks()):
                 if faults.cut_after is not None and index >= faults.cut_after:
@@ -900,15 +896,7 @@ class _Handler(BaseHTTPRequestHandler):
         recorder.stream_opened()
         reason: CloseReason = "client_gone"
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self._common_headers()
-            self.send_header("Cache-Control", "no-cache")
-            # Connection: close also makes http.server close the socket once the body is done.
-            self.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")))
-            if faults.gzip:
-                self.send_header("Content-Encoding", "gzip")
-            self.end_headers()
+            self._stream_head(chunked=chunked, gzip=faults.gzip)
             writer = SseWriter(
                 self.wfile.write,
                 framing=faults.framing,
@@ -929,16 +917,23 @@ class _Handler(BaseHTTPRequestHandler):
                     job.join(1.0)
                 record.discard_log()
 
-    def _hand_over(self, record: ResponseRecord, start: int) -> None:
-        """Send the headers, then leave the body to the shared writer."""
-        fanout = self._server.fanout
-        assert fanout is not None
+    def _stream_head(self, *, chunked: bool, gzip: bool) -> None:
+        """The status line and headers of an SSE answer."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self._common_headers()
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        # Connection: close also makes http.server close the socket once the body is done.
+        self.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")))
+        if gzip:
+            self.send_header("Content-Encoding", "gzip")
         self.end_headers()
+
+    def _hand_over(self, record: ResponseRecord, start: int) -> None:
+        """Send the headers, then leave the body to the shared writer."""
+        fanout = self._server.fanout
+        assert fanout is not None
+        self._stream_head(chunked=True, gzip=False)
         self.wfile.flush()
         self.close_connection = True
         fanout.serve(self._server.hand_over(self.connection), record, start)
