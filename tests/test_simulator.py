@@ -26,6 +26,7 @@ from wsgi_proxy.simulator import Simulator, SimulatorConfig
 from wsgi_proxy.simulator.config import FaultError, Faults, parse_faults
 from wsgi_proxy.simulator.events import delta_texts
 from wsgi_proxy.simulator.framing import split_frame
+from wsgi_proxy.simulator.store import ResponseRecord, Store
 from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
 TEXT_EVENTS = [
@@ -939,3 +940,71 @@ def test_the_shared_writer_streams_plain_background_responses_without_a_thread_e
     assert all(seq == list(range(len(seq))) and len(seq) > 5 for seq in numbers)
     assert b'"sequence_number":4' in replay.content and b'"sequence_number":3,' not in replay.content
     assert all(c.reason == "complete" for c in sim.stream_closures[:20])
+
+
+@pytest.mark.parametrize("shared_writer", [False, True], ids=["thread per stream", "shared writer"])
+def test_stamped_events_carry_the_time_they_were_sent(shared_writer: bool) -> None:
+    config = SimulatorConfig(delay_ms=5, words=3, shared_writer=shared_writer)
+    with Simulator(config=config) as sim:
+        body = {
+            "model": "gpt-4o-mini",
+            "input": "x",
+            "background": True,
+            "stream": True,
+            "metadata": {"sim_stamp": "1"},
+        }
+        before = time.monotonic()
+        with requests.post(f"{sim.base_url}/responses", json=body, stream=True, timeout=10) as answer:
+            splitter, events = EventSplitter(), []
+            while chunk := answer.raw.read1(65536):
+                events += splitter.feed(chunk)
+        after = time.monotonic()
+    stamps = [json.loads(event.split(b"data: ", 1)[1])["sim_sent_at"] for event in events]
+    assert len(stamps) == len(events) > 5 and stamps == sorted(stamps)
+    assert before <= stamps[0] and stamps[-1] <= after
+    assert parse_event(events[-1]).type == "response.completed"
+
+
+def test_stop_ends_every_running_response_and_the_counts_come_alone() -> None:
+    with Simulator(config=SimulatorConfig(delay_ms=200, words=1000, shared_writer=True)) as sim:
+        body = {"model": "gpt-4o-mini", "input": "x", "background": True, "stream": True}
+        answers = [
+            requests.post(f"{sim.base_url}/responses", json=body, stream=True, timeout=10) for _ in range(3)
+        ]
+        wait_for(lambda: sim.open_streams == 3)
+        counts = requests.get(f"{sim.url}/_sim/streams?closures=false", timeout=5).json()
+        assert counts == {"open": 3, "websockets": 0}
+        assert requests.post(f"{sim.url}/_sim/stop", timeout=5).json() == {"ok": True}
+        ends = []
+        for answer in answers:
+            data = b""
+            while chunk := answer.raw.read1(65536):
+                data += chunk
+            ends.append(data.endswith(b"\n\n"))
+            answer.close()
+        wait_for(lambda: sim.open_streams == 0)
+        assert all(
+            record.finished and record.end_reason == "stopped" for record in sim.store._records.values()
+        )
+    assert ends == [True, True, True]  # whole events, then the end of the body: nothing cut mid-event
+
+
+def test_the_store_forgets_finished_responses_first_finished_first_and_never_running_ones() -> None:
+    store = Store(max_responses=2)
+    faults = Faults()
+
+    def record(n: int) -> ResponseRecord:
+        snapshot = {"id": f"resp_{n}", "status": "in_progress"}
+        return ResponseRecord(snapshot=snapshot, background=True, stream=True, faults=faults, input_items=[])
+
+    first, second, third, fourth = (record(n) for n in range(4))
+    for running in (first, second, third):
+        store.add(running)
+    assert [store.get(f"resp_{n}") for n in range(3)] == [first, second, third]  # running: all kept
+    second.finish("stopped")  # over the limit: the one that finished goes
+    assert store.get("resp_1") is None and store.get("resp_0") is first
+    third.finish("stopped")
+    first.finish("stopped")
+    store.add(fourth)  # first and third finished; third finished first, so it goes
+    assert [store.get(f"resp_{n}") is not None for n in range(4)] == [True, False, False, True]
+    assert store.delete("resp_0") is first and store.get("resp_0") is None

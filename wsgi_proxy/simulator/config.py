@@ -24,8 +24,9 @@ Options (integers are non-negative, booleans are ``1``/``0``/``true``/``false``)
 ``sim_comments=1``         a ``: ping`` comment between events
 ``sim_no_sequence=1``      events without ``sequence_number`` (as some compatible servers send them)
 ``sim_unicode=1``          deltas full of U+2028, U+2029, U+0085, Cyrillic, CJK and an emoji
-``sim_stamp=1``            WebSocket mode: each frame ends with ``"sim_sent_at"``, the simulator's
-                           ``time.monotonic()`` as it sent it (one-way delays, measured by benchmarks)
+``sim_stamp=1``            each event (SSE) or frame (WebSocket) ends with ``"sim_sent_at"``, the
+                           simulator's ``time.monotonic()`` as it sent it (one-way delays, measured by
+                           benchmarks)
 ``sim_status=CODE``        answer the request with this 4xx/5xx status in an error envelope
 ``sim_retry_after=S``      with ``sim_status``: a ``retry-after`` header
 ``sim_should_retry=B``     with ``sim_status``: an ``x-should-retry`` header
@@ -111,7 +112,7 @@ class Faults:
     no_sequence: bool = False
     """Write every event of this connection without its ``sequence_number``."""
     stamp: bool = False
-    """WebSocket mode: stamp each frame with the monotonic time it was sent (``sim_sent_at``)."""
+    """Stamp each event or frame with the monotonic time it was sent (``sim_sent_at``)."""
     unicode: bool = False
     status: int | None = None
     retry_after: str | None = None

@@ -18,7 +18,7 @@ import threading
 import time
 import typing as t
 
-from .framing import LAST_CHUNK, chunk, event_frame
+from .framing import LAST_CHUNK, chunk, event_frame, stamped
 from .recording import CloseReason, Recorder, StreamClosure
 from .store import ResponseRecord
 
@@ -28,8 +28,11 @@ __all__ = ["Fanout"]
 class _Stream:
     """One connection: its record, the next event to write, and the bytes not yet taken."""
 
-    def __init__(self, fanout: Fanout, sock: socket.socket, record: ResponseRecord, start: int) -> None:
+    def __init__(
+        self, fanout: Fanout, sock: socket.socket, record: ResponseRecord, start: int, stamp: bool
+    ) -> None:
         self.fanout = fanout
+        self.stamp = stamp
         self.sock = sock
         self.record = record
         self.index = start
@@ -44,7 +47,7 @@ class _Stream:
         """Queue the events logged since the last pump, and the end once the log is finished."""
         events, finished = self.record.wait_from(self.index, timeout=0)
         for event in events:
-            self.pending += chunk(event_frame(event.type, event.data))
+            self.pending += chunk(event_frame(event.type, stamped(event.data) if self.stamp else event.data))
             self.index += 1
         if finished and not self.ending and self.index >= len(self.record.events):
             self.pending += LAST_CHUNK
@@ -71,10 +74,11 @@ class Fanout:
         self._thread = threading.Thread(target=self._run, name="simulator-fanout", daemon=True)
         self._thread.start()
 
-    def serve(self, sock: socket.socket, record: ResponseRecord, start: int) -> None:
-        """Write ``record``'s events from index ``start`` on to ``sock`` (headers already sent)."""
+    def serve(self, sock: socket.socket, record: ResponseRecord, start: int, *, stamp: bool = False) -> None:
+        """Write ``record``'s events from index ``start`` on to ``sock`` (headers already sent), each
+        stamped with the time it is queued when ``stamp`` (``sim_stamp``)."""
         sock.setblocking(False)
-        stream = _Stream(self, sock, record, start)
+        stream = _Stream(self, sock, record, start, stamp)
         self._recorder.stream_opened()
         with self._lock:
             self._streams[sock.fileno()] = stream

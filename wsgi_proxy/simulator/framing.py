@@ -10,7 +10,16 @@ import time
 import typing as t
 import zlib
 
-__all__ = ["LAST_CHUNK", "TERMINATORS", "SseWriter", "chunk", "comment_frame", "event_frame", "split_frame"]
+__all__ = [
+    "LAST_CHUNK",
+    "TERMINATORS",
+    "SseWriter",
+    "chunk",
+    "comment_frame",
+    "event_frame",
+    "split_frame",
+    "stamped",
+]
 
 TERMINATORS: dict[str, bytes] = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 LAST_CHUNK = b"0\r\n\r\n"
@@ -20,6 +29,12 @@ def event_frame(event_type: str, data: bytes, framing: str = "lf") -> bytes:
     """``event: <type>``, ``data: <json>`` and a blank line, with ``framing`` line terminators."""
     nl = TERMINATORS[framing]
     return b"event: " + event_type.encode() + nl + b"data: " + data + nl + nl
+
+
+def stamped(data: bytes) -> bytes:
+    """An event's JSON with ``"sim_sent_at"`` added last: this process's :func:`time.monotonic` now,
+    a clock every process of the machine shares (``sim_stamp``: one-way delays for benchmarks)."""
+    return data[:-1] + b',"sim_sent_at":%.6f}' % time.monotonic()
 
 
 def comment_frame(text: str = "ping", framing: str = "lf") -> bytes:

@@ -43,7 +43,7 @@ from .events import (
 )
 from .fanout import Fanout
 from .files import Files
-from .framing import SseWriter
+from .framing import SseWriter, stamped
 from .recording import CloseReason, RecordedRequest, Recorder, StreamClosure
 from .store import CancelRefused, Job, ResponseRecord, Store
 from .watcher import ClientWatcher, Watch, peer_closed
@@ -301,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(ApiError(400, "The request body could not be read."))
                 return
             if path == "/health" or path.startswith("/_sim/"):
-                self._internal(path)
+                self._internal(path, query)
                 return
             self._server.recorder.request(
                 RecordedRequest(
@@ -479,17 +479,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         return peer_closed(self.connection)
 
-    def _internal(self, path: str) -> None:
+    def _internal(self, path: str, query: str) -> None:
         recorder = self._server.recorder
         if (self.command, path) == ("GET", "/health"):
             self._send_json(200, {"status": "ok"})
         elif (self.command, path) == ("GET", "/_sim/requests"):
             self._send_json(200, [r.to_dict() for r in recorder.requests])
         elif (self.command, path) == ("GET", "/_sim/streams"):
-            closures = [c._asdict() for c in recorder.closures]
-            self._send_json(200, {"open": recorder.open_streams, "closures": closures})
+            counts: JsonDict = {"open": recorder.open_streams, "websockets": recorder.open_websockets}
+            # ?closures=false answers the counts alone, cheaply however many streams have closed.
+            if "closures=false" not in query.split("&"):
+                counts["closures"] = [c._asdict() for c in recorder.closures]
+            self._send_json(200, counts)
         elif (self.command, path) == ("POST", "/_sim/reset"):
             recorder.reset()
+            self._send_json(200, {"ok": True})
+        elif (self.command, path) == ("POST", "/_sim/stop"):
+            # Every running response ends (``stopped``), as when the simulator stops, and it serves on.
+            self._server.store.stop_all()
             self._send_json(200, {"ok": True})
         else:
             self._send_error(ApiError(404, f"Invalid URL ({self.command} {path})"))
@@ -889,7 +896,7 @@ class _Handler(BaseHTTPRequestHandler):
         """
         chunked = faults.transfer == "chunked"
         if job is None and not strip and self._server.fanout is not None and _plain(faults):
-            self._hand_over(record, start)
+            self._hand_over(record, start, stamp=faults.stamp)
             return
         recorder = self._server.recorder
         opened = time.monotonic()
@@ -929,14 +936,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Encoding", "gzip")
         self.end_headers()
 
-    def _hand_over(self, record: ResponseRecord, start: int) -> None:
+    def _hand_over(self, record: ResponseRecord, start: int, *, stamp: bool) -> None:
         """Send the headers, then leave the body to the shared writer."""
         fanout = self._server.fanout
         assert fanout is not None
         self._stream_head(chunked=True, gzip=False)
         self.wfile.flush()
         self.close_connection = True
-        fanout.serve(self._server.hand_over(self.connection), record, start)
+        fanout.serve(self._server.hand_over(self.connection), record, start, stamp=stamp)
 
     def _pump(
         self, record: ResponseRecord, index: int, faults: Faults, writer: SseWriter, strip: bool
@@ -971,6 +978,8 @@ class _Handler(BaseHTTPRequestHandler):
                     data = strip_obfuscation(data)
                 if faults.no_sequence:
                     data = _SEQUENCE_NUMBER.sub(b"", data)
+                if faults.stamp:
+                    data = stamped(data)
                 writer.event(event.type, data)
                 written += 1
                 index += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sys
 import threading
 import typing as t
 
@@ -12,7 +13,11 @@ from .handler import SimulatorServer
 from .recording import RecordedRequest, Recorder, StreamClosure
 from .store import Store
 
-__all__ = ["Simulator", "serve"]
+__all__ = ["GIL_SWITCH_INTERVAL", "Simulator", "serve"]
+
+GIL_SWITCH_INTERVAL = 0.1
+"""Seconds a thread may hold the GIL while others wait (Python's default: 0.005), for processes
+that serve thousands of mostly idle threads: see ``gunicorn.conf.py``."""
 
 
 class Simulator:
@@ -139,6 +144,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, config: SimulatorConfig | N
     Prints ``simulator listening on <base_url>`` once it accepts connections (``http://HOST:PORT/v1``, or
     the Azure flavor's base, see :attr:`Simulator.base_url`).
     """
+    # Its own process, with thousands of threads (one per WebSocket session, per SSE stream without
+    # the shared writer): longer GIL turns, as the proxy's workers take (see gunicorn.conf.py).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     sim = Simulator(host, port, config).start()
     print(f"simulator listening on {sim.base_url}", flush=True)
     stopping = threading.Event()

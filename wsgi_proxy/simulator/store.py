@@ -75,6 +75,9 @@ class ResponseRecord:
         self.job: Job | None = None
         self.size = 0
         """Bytes of event data generated so far: a rough measure of the memory this record holds."""
+        self.on_change: t.Callable[[ResponseRecord, int], None] | None = None
+        """Called under the record's lock with the bytes each event adds, and with 0 once it finishes
+        (the :class:`Store` keeps its totals this way instead of summing every record)."""
         self._listeners: list[t.Callable[[], None]] = []
         self.on_complete: t.Callable[[JsonDict], None] | None = None
         """Called with the final snapshot when the response completes (a conversation takes its output)."""
@@ -91,6 +94,8 @@ class ResponseRecord:
             data = dumps(payload)
             self.size += len(data)
             self.events.append(SseEvent(seq, payload["type"], data))
+            if self.on_change is not None:
+                self.on_change(self, len(data))
             if step.snapshot is not None:
                 self.snapshot = step.snapshot
             if step.terminal:
@@ -108,6 +113,8 @@ class ResponseRecord:
     def _finish(self, reason: EndReason) -> None:
         self.finished = True
         self.end_reason = reason
+        if self.on_change is not None:
+            self.on_change(self, 0)
         if reason == "complete" and self.stored:
             self.visible = True
         if reason == "complete" and self.on_complete is not None:
@@ -364,13 +371,17 @@ class Pacer:
 class Store:
     """The responses by id, oldest first.
 
-    Beyond ``max_responses`` records or ``max_bytes`` of generated event data, the oldest finished
-    responses are forgotten (they answer 404 afterwards), so long benchmarks stay bounded.
+    Beyond ``max_responses`` records or ``max_bytes`` of generated event data, the responses that
+    finished longest ago are forgotten (they answer 404 afterwards), so long benchmarks stay bounded.
+    Running ones are never forgotten, and adding one costs the same with ten thousand of them.
     """
 
     def __init__(self, max_responses: int = 1000, max_bytes: int = 256 * 1024 * 1024) -> None:
         self._lock = threading.Lock()
-        self._records: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
+        self._records: dict[str, ResponseRecord] = {}
+        self._finished: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
+        """The finished records, in the order they finished: the ones to forget first."""
+        self._size = 0
         self._max_responses = max_responses
         self._max_bytes = max_bytes
         self.pacer = Pacer()
@@ -378,16 +389,31 @@ class Store:
 
     def add(self, record: ResponseRecord) -> None:
         with self._lock:
+            record.on_change = self._changed
             self._records[record.id] = record
-            count = len(self._records)
-            size = sum(r.size for r in self._records.values())
-            for old in list(self._records.values()):
-                if count <= self._max_responses and size <= self._max_bytes:
-                    break
-                if old.finished and old is not record:
-                    del self._records[old.id]
-                    count -= 1
-                    size -= old.size
+            self._size += record.size
+            if record.finished:
+                self._finished[record.id] = record
+            self._forget_oldest()
+
+    def _changed(self, record: ResponseRecord, grown: int) -> None:
+        with self._lock:
+            if self._records.get(record.id) is not record:
+                return
+            self._size += grown
+            if record.finished:
+                self._finished[record.id] = record
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        while self._finished and (len(self._records) > self._max_responses or self._size > self._max_bytes):
+            _, old = self._finished.popitem(last=False)
+            self._forget(old)
+
+    def _forget(self, record: ResponseRecord) -> None:
+        if self._records.pop(record.id, None) is record:
+            self._size -= record.size
+        self._finished.pop(record.id, None)
 
     def get(self, response_id: str) -> ResponseRecord | None:
         """The record if it can be retrieved (stored, and not an unfinished synchronous response)."""
@@ -397,7 +423,9 @@ class Store:
 
     def delete(self, response_id: str) -> ResponseRecord | None:
         with self._lock:
-            record = self._records.pop(response_id, None)
+            record = self._records.get(response_id)
+            if record is not None:
+                self._forget(record)
         if record is not None and record.job is not None:
             record.job.stop()
         return record
