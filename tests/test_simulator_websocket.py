@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
+import threading
+import time
 import typing as t
 
 import pytest
@@ -122,3 +127,35 @@ def test_errors_name_the_lane_and_unknown_types_are_refused(sim: Simulator) -> N
         unknown = json.loads(ws.recv(timeout=10))
     assert (background["stream_id"], background["error"]["param"]) == ("x", "background")
     assert unknown["stream_id"] == "y" and "mystery" in unknown["error"]["message"]
+
+
+def _raw_upgrade(sim: Simulator) -> socket.socket:
+    sock = socket.create_connection((sim.host, sim.port), timeout=5)
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /v1/responses HTTP/1.1\r\nHost: {sim.host}\r\nAuthorization: Bearer {KEY}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {nonce}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def test_an_idle_session_holds_one_thread_and_answers_pings(sim: Simulator) -> None:
+    before = threading.active_count()
+    sockets = [_raw_upgrade(sim) for _ in range(20)]
+    try:
+        assert threading.active_count() - before <= 20  # the handler's own thread, no reader beside it
+        mask = b"\x01\x02\x03\x04"
+        sockets[0].sendall(bytes([0x89, 0x84]) + mask + bytes(b ^ mask[i] for i, b in enumerate(b"ping")))
+        assert sockets[0].recv(64) == bytes([0x8A, 0x04]) + b"ping"  # the pong, unmasked from a server
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while sim.open_websockets and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sim.open_websockets == 0

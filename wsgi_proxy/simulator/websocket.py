@@ -23,21 +23,23 @@ from __future__ import annotations
 import json
 import queue
 import re
+import select
 import socket
 import threading
 import time
 import typing as t
 
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
 from websockets.http11 import Request
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
-from websockets.sync.connection import Connection
 
+from ..wire.websocket import Peer
 from . import errors
 from .errors import ApiError
 from .events import JsonDict, dumps, usage
+from .framing import stamped
 from .recording import Recorder
 from .store import ResponseRecord, Store
 
@@ -49,6 +51,7 @@ __all__ = ["MAX_LANES", "accept", "serve_session"]
 MAX_LANES = 32
 _STREAM_ID = re.compile(r"[A-Za-z0-9_.-]{1,256}")
 _POLL_S = 0.2
+_SEND_TIMEOUT_S = 30.0
 
 
 def accept(path: str, headers: t.Iterable[tuple[str, str]], wfile: t.BinaryIO, sock: socket.socket) -> bool:
@@ -71,7 +74,9 @@ def _with_lane(data: bytes, lane: str) -> bytes:
 
 
 class _Session:
-    """One upgraded connection: a reader (the handler's thread) and one thread per lane."""
+    """One upgraded connection: a reader (the handler's thread, asleep in ``poll`` while the client is
+    silent) and one thread per lane. The frames are the proxy's own :class:`Peer` (``websockets``'
+    sans-I/O protocol), guarded by one lock since lanes send while the reader answers pings."""
 
     def __init__(
         self,
@@ -82,7 +87,7 @@ class _Session:
         max_age_s: float,
     ) -> None:
         self.sock = sock
-        self.conn = Connection(sock, ServerProtocol(state=OPEN, max_size=None), ping_interval=None)
+        self.peer = Peer(sock, ServerProtocol(state=OPEN, max_size=None), send_timeout=_SEND_TIMEOUT_S)
         self.new_response = new_response
         self.store = store
         self.recorder = recorder
@@ -96,37 +101,45 @@ class _Session:
 
     def send(self, data: bytes) -> bool:
         with self._send_lock:
-            if self.closed.is_set():
+            if self.closed.is_set() or not self.peer.open:
                 return False
             try:
-                self.conn.send(data.decode("utf-8"))
-            except (ConnectionClosed, OSError):
+                self.peer.send((Opcode.TEXT, data))
+            except OSError:
                 return False
             return True
 
     def run(self) -> int | None:
         """Serve until the client closes, the age limit, or a fault; the client's close code."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
         try:
-            while True:
+            while not self.peer.ended:
                 remaining = self.max_age_s - (time.monotonic() - self.opened)
                 if remaining <= 0:
                     self._age_limit()
                     return None
-                try:
-                    message = self.conn.recv(timeout=min(remaining, 1.0), decode=False)
-                except TimeoutError:
+                # Asleep until bytes, the close or the age limit: ten thousand idle sessions wake
+                # nobody (the simulator's stop shuts the socket down, which ends the wait).
+                if not poller.poll(remaining * 1000):
                     continue
-                except ConnectionClosed as exc:
-                    return exc.rcvd.code if exc.rcvd is not None else None
-                self.recorder.frame(message)
-                self._handle(message)
+                with self._send_lock:
+                    try:
+                        messages = self.peer.receive()
+                    except OSError:
+                        return None
+                for _, message in messages:
+                    self.recorder.frame(message)
+                    self._handle(message)
+            return self.peer.close_code
         finally:
             self.closed.set()
             for lane in self.lanes.values():
                 lane.put(None)
             for thread in self.threads:
                 thread.join(2.0)
-            self.conn.close()
+            with self._send_lock:
+                self.peer.close(1000)
 
     def _age_limit(self) -> None:
         exc = ApiError(
@@ -136,7 +149,8 @@ class _Session:
             code="websocket_connection_limit_reached",
         )
         self.send(_error(exc, None))
-        self.conn.close(1001, "connection limit reached")
+        with self._send_lock:
+            self.peer.close(1001, "connection limit reached")
 
     def _handle(self, message: bytes) -> None:
         try:
@@ -219,7 +233,7 @@ class _Session:
             for event in events:
                 data = _with_lane(event.data, lane)
                 if faults.stamp:
-                    data = data[:-1] + b',"sim_sent_at":%.6f}' % time.monotonic()
+                    data = stamped(data)
                 if not self.send(data):
                     if not record.stored:
                         job.stop()
@@ -245,7 +259,7 @@ class _Session:
     def _drop(self, *, clean: bool) -> None:
         if clean:
             with self._send_lock:
-                self.conn.close(1000)
+                self.peer.close(1000)
             return
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
