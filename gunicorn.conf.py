@@ -64,6 +64,22 @@ os.environ.setdefault("WSGI_PROXY_POOL_SIZE", str(max(threads, 1)))
 worker_connections = threads + 500
 keepalive = 5  # seconds an idle client connection is kept between requests
 
+# How long a thread may keep the GIL while others wait for it (Python's default: 5 ms). A worker's
+# threads mostly wait on sockets and hold the GIL briefly, so the forced switches of the default only
+# churn: with 10,000 open streams on two workers they took the CPU per stream from 5 to 11 ms, first
+# bytes from 20 ms to 5 s (p50), events from 7 ms to 1 s late (p50), and got workers killed by the
+# heartbeat; 0.02 s was as bad, 0.05 s and 0.5 s as good as 0.1 s (benchmarks/ramp.py, README's
+# sizing). The cost: a thread busy with the CPU (a large body's JSON) keeps others waiting this long.
+try:
+    _switch_interval = float(os.environ.get("WSGI_PROXY_GIL_SWITCH_INTERVAL", "0.1"))
+    if not 0 < _switch_interval <= 1:
+        raise ValueError
+except ValueError:
+    sys.stderr.write(
+        "wsgi-proxy: WSGI_PROXY_GIL_SWITCH_INTERVAL must be seconds above 0, at most 1 (e.g. 0.1).\n"
+    )
+    sys.exit(2)
+
 # In gthread, `timeout` is the worker heartbeat, not a request limit: long streams are not killed by it.
 timeout = 30
 # On SIGTERM/SIGHUP, how long open streams may run on before the worker is stopped. Streams cut then
@@ -88,8 +104,10 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """End open streams deliberately on SIGTERM, SIGHUP or max_requests, and refuse new connections
-    at once while draining (see wsgi_proxy.web.serving.prepare_worker)."""
+    """Take the GIL switch interval above; end open streams deliberately on SIGTERM, SIGHUP or
+    max_requests, and refuse new connections at once while draining (see
+    wsgi_proxy.web.serving.prepare_worker)."""
     from wsgi_proxy.web.serving import prepare_worker
 
+    sys.setswitchinterval(_switch_interval)
     prepare_worker(worker)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import SecretStr
 
@@ -296,3 +301,26 @@ def test_an_upstreams_websocket_mode_defaults_by_its_kind(
     )
     (upstream,) = GatewayConfig.from_settings(settings, {}).upstreams
     assert upstream.websockets == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2", "fast"])
+def test_a_bad_gil_switch_interval_stops_gunicorn_with_one_sentence(value: str) -> None:
+    env = {
+        **os.environ,
+        "WSGI_PROXY_GIL_SWITCH_INTERVAL": value,
+        "WSGI_PROXY_UPSTREAM_URL": "http://127.0.0.1:9/v1",
+        "WSGI_PROXY_UPSTREAM_API_KEY": "sk-upstream",
+        "WSGI_PROXY_API_KEYS": "sk-client-key-of-the-test",
+    }
+    conf = Path(__file__).resolve().parents[1] / "gunicorn.conf.py"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import runpy; runpy.run_path({str(conf)!r})"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "wsgi-proxy: WSGI_PROXY_GIL_SWITCH_INTERVAL must be seconds above 0, at most 1 (e.g. 0.1).\n"
+    )

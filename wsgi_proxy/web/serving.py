@@ -6,6 +6,9 @@ A host app served with a gunicorn configuration of its own gets the same behavio
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
 import typing as t
 
 from ..gateway.watchdog import drain_when
@@ -24,8 +27,12 @@ def prepare_worker(worker: t.Any) -> None:
       new connections that nobody would accept: they hung, then were reset. Now they are refused at
       once, or, while other workers or a new generation hold the sockets (SIGHUP, a recycled
       worker), served by those.
+    - The heartbeat that gunicorn's master watches counts the event loop's progress, not only its
+      turns (:func:`_keep_heartbeat`), so that thousands of clients leaving at once no longer get
+      a busy worker killed with every other stream on it.
     """
     drain_when(lambda: not worker.alive, grace=worker.cfg.graceful_timeout)
+    _keep_heartbeat(worker)
     set_accept_enabled = getattr(worker, "set_accept_enabled", None)
     if set_accept_enabled is None:  # not gunicorn's gthread worker of 24.1 or later
         return
@@ -37,3 +44,50 @@ def prepare_worker(worker: t.Any) -> None:
                 listener.close()
 
     worker.set_accept_enabled = stop_accepting_for_good
+
+
+class _Progress:
+    """How many steps the worker's event loop has finished (a lost increment does not matter)."""
+
+    steps = 0
+
+
+def _keep_heartbeat(worker: t.Any) -> None:
+    """Tell gunicorn's master the worker is alive while its event loop makes progress.
+
+    gthread's loop touches the heartbeat once per turn, and one turn (accepting connections, each
+    of which may start a thread, and finishing requests) needs the GIL many times. When thousands
+    of streams end together, thousands of threads want the GIL too, and a turn took more than
+    gunicorn's ``timeout``: the master killed a worker that was working (seen at 10,000 streams on
+    two workers, ``benchmarks/ramp.py``). A thread of its own now touches the heartbeat every few
+    seconds, but only if the loop finished an accept, a request's end or a turn since the last
+    time: a loop that is truly stuck still gets the worker killed.
+    """
+    tmp, timeout = getattr(worker, "tmp", None), getattr(worker.cfg, "timeout", 0)
+    steps = [name for name in ("accept", "finish_request", "notify") if callable(getattr(worker, name, None))]
+    if tmp is None or not timeout or len(steps) < 3:  # not the gthread worker this was written for
+        return
+    progress = _Progress()
+
+    def counted(method: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+        @functools.wraps(method)
+        def step(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                progress.steps += 1
+
+        return step
+
+    for name in steps:
+        setattr(worker, name, counted(getattr(worker, name)))
+
+    def beat() -> None:
+        seen = progress.steps
+        while True:
+            time.sleep(max(1.0, timeout / 6))
+            if progress.steps != seen:
+                seen = progress.steps
+                tmp.notify()
+
+    threading.Thread(target=beat, name="wsgi-proxy-heartbeat", daemon=True).start()
