@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import typing as t
@@ -70,11 +71,14 @@ def start_bed(
     return Bed(simulator, proxy, direct, f"http://127.0.0.1:{proxy_port}/v1", proxy_port)
 
 
-def start_floor(tmp: Path, upstream: str) -> tuple[ServerProcess, str]:
-    """The floor forwarder (``floor_app.py``) under the same gunicorn.conf.py and one worker, in front
-    of ``upstream``; returns it and its base URL (ending in ``/v1``)."""
+def start_floor(
+    tmp: Path, upstream: str, *, threads: int = 64, workers: int = 1, extra: t.Sequence[str] = ()
+) -> tuple[ServerProcess, str]:
+    """The floor forwarder (``floor_app.py``) under the same gunicorn.conf.py (one worker unless
+    told), in front of ``upstream``; returns it and its base URL (ending in ``/v1``)."""
     port = free_port()
     env = {
+        "WSGI_PROXY_WORKERS": str(workers),
         "FLOOR_UPSTREAM_URL": upstream,
         "FLOOR_UPSTREAM_KEY": UPSTREAM_KEY,
         # gunicorn.conf.py checks the proxy's settings before any worker starts: give it valid ones.
@@ -82,8 +86,9 @@ def start_floor(tmp: Path, upstream: str) -> tuple[ServerProcess, str]:
         "WSGI_PROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
         "WSGI_PROXY_API_KEYS": CLIENT_KEY,
     }
-    chdir = ["--chdir", str(REPO / "benchmarks")]
-    return start_proxy(tmp, port, env, extra=chdir, app="floor_app:app"), f"http://127.0.0.1:{port}/v1"
+    chdir = ["--chdir", str(REPO / "benchmarks"), *extra]
+    floor = start_proxy(tmp, port, env, threads=threads, extra=chdir, app="floor_app:app")
+    return floor, f"http://127.0.0.1:{port}/v1"
 
 
 def start_proxy(
@@ -129,6 +134,12 @@ def process_status(pid: int) -> dict[str, int]:
         if name in ("VmRSS", "Threads"):
             fields[name] = int(value.split()[0])
     return {"rss_kb": fields["VmRSS"], "threads": fields["Threads"]}
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user plus system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def save_result(name: str, result: t.Mapping[str, t.Any]) -> Path:

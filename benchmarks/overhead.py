@@ -12,7 +12,9 @@ the repository's gunicorn.conf.py (1 worker); the client is this process, on loo
 - added latency per non-streaming call: p50/p99 of (proxy - direct) over sequential creates;
 - added delay per event: one live stream read directly and through the proxy at the same time,
   each event's arrival through the proxy minus its arrival direct;
-- events/s of one stream: a stored replay of many events, direct vs through the proxy.
+- events/s of one stream: a stored replay of many events, direct vs through the proxy;
+- with 32 concurrent clients: non-stream creates/s, and events/s of streamed creates, direct,
+  through the proxy and through the floor forwarder.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from harness import CLIENT_KEY, UPSTREAM_KEY, Bed, save_result, start_bed, start
 
 from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
+#: Concurrent clients of the throughput measure.
+CLIENTS = 32
 # (sequential non-stream calls, live events for the per-event delay, events of the replay)
 QUICK_SIZES = (50, 50, 2000)
 FULL_SIZES = (1000, 300, 50000)
@@ -187,6 +191,49 @@ def bench_throughput(direct: str, proxied: str, events: int) -> dict[str, float]
     }
 
 
+def _load(session: requests.Session, url: str, stream: bool, until: float, counts: list[int]) -> None:
+    """One client: creates, one after the other, until ``until``; counts calls or events."""
+    metadata = {"sim_words": "100", "sim_delay_ms": "0"} if stream else {"sim_words": "3"}
+    body = json.dumps({"model": "gpt-4o-mini", "input": "hi", "stream": stream, "metadata": metadata})
+    while time.monotonic() < until:
+        with session.post(url, data=body, stream=stream, timeout=60) as answer:
+            if answer.status_code != 200:
+                raise RuntimeError(f"a create answered {answer.status_code}")
+            if not stream:
+                counts.append(1)
+                continue
+            splitter = EventSplitter()
+            events = 0
+            while chunk := answer.raw.read1(65536):
+                events += len(splitter.feed(chunk))
+            counts.append(events)
+
+
+def concurrent_rates(
+    targets: t.Mapping[str, tuple[str, str]], clients: int = CLIENTS, seconds: float = 5.0
+) -> dict[str, dict[str, float]]:
+    """Non-stream creates/s and streamed events/s (100 deltas a stream) with ``clients`` concurrent
+    clients (threads of this process, each with its own connection), each target in turn."""
+    found: dict[str, dict[str, float]] = {"creates_per_s": {}, "stream_events_per_s": {}}
+    for name, (key, base) in targets.items():
+        for stream, measure_name in ((False, "creates_per_s"), (True, "stream_events_per_s")):
+            counts: list[int] = []
+            until = time.monotonic() + seconds
+            threads = [
+                threading.Thread(
+                    target=_load, args=(_session(key), base + "/responses", stream, until, counts)
+                )
+                for _ in range(clients)
+            ]
+            start = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            found[measure_name][name] = round(sum(counts) / (time.monotonic() - start), 1)
+    return found
+
+
 def _machine() -> dict[str, t.Any]:
     return {
         "python": platform.python_version(),
@@ -205,11 +252,16 @@ def measure(direct: str, proxied: str, sizes: Sizes, floor: str | None = None) -
     latency = bench_latency(direct, proxied, sizes[0], floor)
     event_delay = bench_event_delay(direct, proxied, sizes[1])
     calls = latency.pop("samples")
+    targets = {"direct": (UPSTREAM_KEY, direct), "proxy": (CLIENT_KEY, proxied)}
+    if floor is not None:
+        targets["floor"] = (CLIENT_KEY, floor)
+    rates = concurrent_rates(targets, seconds=2.0 if sizes == QUICK_SIZES else 5.0)
     return {
         "machine": _machine(),
         "latency": latency,
         "event_delay": event_delay,
         "throughput": bench_throughput(direct, proxied, sizes[2]),
+        "concurrency": {"clients": CLIENTS, **rates},
         "samples": {**calls, "event_delay": event_delay.pop("samples")},
     }
 
@@ -283,6 +335,17 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             f"{thr['ratio']:.2f}x",
         ),
     ]
+    rates = results["concurrency"]
+    for measure_name, label in (("creates_per_s", "creates/s"), ("stream_events_per_s", "stream events/s")):
+        found = rates[measure_name]
+        rows.append(
+            (
+                f"{rates['clients']} concurrent clients, {label}",
+                f"{found['direct']:,.0f}",
+                f"{found['proxy']:,.0f} (floor {found['floor']:,.0f})",
+                f"{found['proxy'] / found['direct']:.2f}x",
+            )
+        )
     for row in rows:
         print("| " + " | ".join(row) + " |")
     if not args.quick:
