@@ -104,6 +104,8 @@ class Tenant:
         The slots are leases that the process's :class:`~wsgi_proxy.gateway.leases.LeaseKeeper`
         refreshes until they are freed.
         """
+        if not self.identity.max_streams:
+            return _free_nothing  # no random id drawn, no closure built: most streams have no limit
         store, leases = self.state.store, self.state.leases
         lease = uuid.uuid4().hex
         taken: list[str] = []
@@ -295,3 +297,7 @@ class Tenant:
     def forget(self, response_id: str) -> None:
         with contextlib.suppress(StoreError):
             self.state.store.delete_response(response_id)
+
+
+def _free_nothing() -> None:
+    """What :meth:`Tenant.open_stream` returns when no limit counts the stream."""
