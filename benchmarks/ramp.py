@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -98,6 +99,8 @@ class _Client:
     sock: socket.socket
     opened: float
     first: float | None = None
+    status: str = ""
+    """The status code of the answer (``"?"``: not HTTP)."""
     head: bytes = b""
     upgraded: bool = False
     frames: bytearray = field(default_factory=bytearray)
@@ -148,6 +151,19 @@ def _upstream_open(upstream: Upstream, kind: str) -> int | None:
     return int(counts["open" if kind == "sse" else "websockets"])
 
 
+def _errors(server: ServerProcess | None) -> dict[str, int]:
+    """The ``error`` fields of the proxy's JSON log lines so far, counted (``client_gone`` aside:
+    every stream of a phase ends so)."""
+    found: collections.Counter[str] = collections.Counter()
+    for line in server.log().splitlines() if server is not None else []:
+        if line.startswith("{") and '"error"' in line:
+            with contextlib.suppress(ValueError):
+                error = json.loads(line).get("error")
+                if error and error != "client_gone":
+                    found[str(error)[:120]] += 1
+    return dict(found)
+
+
 def _statuses(pids: list[int]) -> list[dict[str, int]]:
     """The memory and threads of those of ``pids`` still running."""
     found = []
@@ -188,8 +204,8 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     request = (_stream_request if kind == "sse" else _upgrade_request)(target.port, target.key)
     selector = selectors.DefaultSelector()
     clients: list[_Client] = []
-    delays: list[float] = []  # while streams are being opened
-    held: list[float] = []  # once they all are open: the steady state
+    delays: list[float] = []  # while streams are being opened, until each has its first byte
+    held: list[float] = []  # then: the steady state
     curve: list[tuple[int, int]] = []  # (streams opened, the workers' RSS then)
     failed = 0
     processes = target.processes()
@@ -197,6 +213,7 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     cpu_before = _cpu(processes + [upstream.pid])
     started = time.monotonic()
     deadline = started + streams / rate + 60.0
+    settled = False
 
     def pump(timeout: float) -> None:
         for key_, _ in selector.select(timeout):
@@ -213,8 +230,9 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
                 continue
             if client.first is None:
                 client.first = now - client.opened
+                client.status = data[9:12].decode(errors="replace") if data.startswith(b"HTTP/1.1 ") else "?"
             if kind == "sse":
-                found = delays if len(clients) < streams else held
+                found = held if settled else delays
                 found.extend((now - float(m.group(1))) * 1000 for m in _STAMP.finditer(data))
             elif not client.upgraded:
                 client.head += data
@@ -245,6 +263,7 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
         clients.append(client)
     while any(c.first is None for c in clients) and time.monotonic() < deadline:
         pump(0.2)
+    settled = True
     if kind == "sse":  # every stream's next event, on time or late
         until = time.monotonic() + 2 * EVENT_EVERY_S + 1
         while time.monotonic() < until:
@@ -269,6 +288,7 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     held.sort()
     result: dict[str, t.Any] = {
         "connect_failures": failed,
+        "answers": dict(collections.Counter(c.status for c in clients if c.first is not None)),
         "first_byte_within_30s": sum(1 for v in firsts if v <= 30),
         "first_byte_within_60s": sum(1 for v in firsts if v <= 60),
         "first_byte_p50_s": _pct(firsts, 0.5),
@@ -297,6 +317,7 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
             "rss_per_open_stream_kb": round((sum(w["rss_kb"] for w in during) - rss_before) / streams, 1),
             "threads": sum(w["threads"] for w in during),
             "worker_killed_by_timeout": target.server is not None and "WORKER TIMEOUT" in target.server.log(),
+            "errors_logged": _errors(target.server),
         }
     return result
 
