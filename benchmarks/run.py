@@ -1183,7 +1183,8 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="wsgi-proxy-run-")) if args.quick else LATEST)
     summary, ok = run(args.quick, out)
     print((out / "summary.md").read_text())
-    print(f"written: {out / 'summary.json'}, {out / 'summary.md'}, {out / 'latency.png'}")
+    charts = ", ".join(str(out / name) for name in ("latency.png", "capacity.png") if (out / name).exists())
+    print(f"written: {out / 'summary.json'}, {out / 'summary.md'}, {charts}")
     print(
         f"{summary['seconds']:.0f} s in all; {'all ran and passed' if ok else 'SOMETHING FAILED (see above)'}"
     )
