@@ -12,6 +12,7 @@ import tempfile
 
 from wsgi_proxy.config import ConfigError, GatewayConfig, ProxySettings
 from wsgi_proxy.store import StoreError, check_store
+from wsgi_proxy.web.serving import GIL_SWITCH_INTERVAL
 
 try:
     _store_url = GatewayConfig.from_settings(ProxySettings.load()).store_url
@@ -64,14 +65,10 @@ os.environ.setdefault("WSGI_PROXY_POOL_SIZE", str(max(threads, 1)))
 worker_connections = threads + 500
 keepalive = 5  # seconds an idle client connection is kept between requests
 
-# How long a thread may keep the GIL while others wait for it (Python's default: 5 ms). A worker's
-# threads mostly wait on sockets and hold the GIL briefly, so the forced switches of the default only
-# churn: with 10,000 open streams on two workers they took the CPU per stream from 5 to 11 ms, first
-# bytes from 20 ms to 5 s (p50), events from 7 ms to 1 s late (p50), and got workers killed by the
-# heartbeat; 0.02 s was as bad, 0.05 s and 0.5 s as good as 0.1 s (benchmarks/ramp.py, README's
-# sizing). The cost: a thread busy with the CPU (a large body's JSON) keeps others waiting this long.
+# How long a worker's thread may keep the GIL while others wait for it (Python's default: 5 ms; why
+# 0.1 s: wsgi_proxy.web.serving.GIL_SWITCH_INTERVAL). post_worker_init below hands it to the workers.
 try:
-    _switch_interval = float(os.environ.get("WSGI_PROXY_GIL_SWITCH_INTERVAL", "0.1"))
+    _switch_interval = float(os.environ.get("WSGI_PROXY_GIL_SWITCH_INTERVAL", str(GIL_SWITCH_INTERVAL)))
     if not 0 < _switch_interval <= 1:
         raise ValueError
 except ValueError:
@@ -109,5 +106,4 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     wsgi_proxy.web.serving.prepare_worker)."""
     from wsgi_proxy.web.serving import prepare_worker
 
-    sys.setswitchinterval(_switch_interval)
-    prepare_worker(worker)
+    prepare_worker(worker, switch_interval=_switch_interval)

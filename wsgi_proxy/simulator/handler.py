@@ -488,7 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif (self.command, path) == ("GET", "/_sim/streams"):
             counts: JsonDict = {"open": recorder.open_streams, "websockets": recorder.open_websockets}
             # ?closures=false answers the counts alone, cheaply however many streams have closed.
-            if "closures=false" not in query.split("&"):
+            if ("closures", "false") not in urllib.parse.parse_qsl(query):
                 counts["closures"] = [c._asdict() for c in recorder.closures]
             self._send_json(200, counts)
         elif (self.command, path) == ("POST", "/_sim/reset"):

@@ -8,16 +8,13 @@ import sys
 import threading
 import typing as t
 
+from ..web.serving import GIL_SWITCH_INTERVAL
 from .config import FLAVOR_PREFIXES, SimulatorConfig
 from .handler import SimulatorServer
 from .recording import RecordedRequest, Recorder, StreamClosure
 from .store import Store
 
-__all__ = ["GIL_SWITCH_INTERVAL", "Simulator", "serve"]
-
-GIL_SWITCH_INTERVAL = 0.1
-"""Seconds a thread may hold the GIL while others wait (Python's default: 0.005), for processes
-that serve thousands of mostly idle threads: see ``gunicorn.conf.py``."""
+__all__ = ["Simulator", "serve"]
 
 
 class Simulator:
@@ -145,7 +142,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, config: SimulatorConfig | N
     the Azure flavor's base, see :attr:`Simulator.base_url`).
     """
     # Its own process, with thousands of threads (one per WebSocket session, per SSE stream without
-    # the shared writer): longer GIL turns, as the proxy's workers take (see gunicorn.conf.py).
+    # the shared writer): the GIL turns the proxy's workers take, for the same reason.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     sim = Simulator(host, port, config).start()
     print(f"simulator listening on {sim.base_url}", flush=True)

@@ -7,17 +7,32 @@ A host app served with a gunicorn configuration of its own gets the same behavio
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import time
 import typing as t
 
 from ..gateway.watchdog import drain_when
 
-__all__ = ["prepare_worker"]
+__all__ = ["GIL_SWITCH_INTERVAL", "prepare_worker"]
+
+GIL_SWITCH_INTERVAL = 0.1
+"""Seconds a worker's thread may hold the GIL while others wait (Python's default: 0.005).
+
+A worker's threads mostly wait on sockets and hold the GIL briefly, so the default's forced switches
+only churn: with 10,000 open streams on two workers they took the CPU per stream from 5 to 11 ms,
+first bytes from 20 ms to 5 s (p50), events from 7 ms to 1 s late (p50), and got workers killed by
+the heartbeat; 0.02 s was as bad, 0.05 s and 0.5 s as good as 0.1 s (``benchmarks/ramp.py``, the
+README's sizing). The cost: a thread busy with the CPU (a large body's JSON) keeps others waiting
+this long. ``gunicorn.conf.py`` takes ``WSGI_PROXY_GIL_SWITCH_INTERVAL`` instead when it is set.
+"""
 
 
-def prepare_worker(worker: t.Any) -> None:
-    """Make a gthread worker stop well (gunicorn's ``post_worker_init`` hook).
+def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVAL) -> None:
+    """Make a gthread worker hold thousands of streams and stop well (gunicorn's
+    ``post_worker_init`` hook).
+
+    - Its threads take ``switch_interval`` turns of the GIL (:data:`GIL_SWITCH_INTERVAL`).
 
     - On SIGTERM, SIGHUP or ``max_requests``, open streams are ended deliberately instead of by a
       SIGKILL: background streams at once, so that their clients resume (``starting_after``) on
@@ -31,6 +46,7 @@ def prepare_worker(worker: t.Any) -> None:
       turns (:func:`_keep_heartbeat`), so that thousands of clients leaving at once no longer get
       a busy worker killed with every other stream on it.
     """
+    sys.setswitchinterval(switch_interval)
     drain_when(lambda: not worker.alive, grace=worker.cfg.graceful_timeout)
     _keep_heartbeat(worker)
     set_accept_enabled = getattr(worker, "set_accept_enabled", None)
@@ -64,9 +80,9 @@ def _keep_heartbeat(worker: t.Any) -> None:
     time: a loop that is truly stuck still gets the worker killed.
     """
     tmp, timeout = getattr(worker, "tmp", None), getattr(worker.cfg, "timeout", 0)
-    steps = [name for name in ("accept", "finish_request", "notify") if callable(getattr(worker, name, None))]
-    if tmp is None or not timeout or len(steps) < 3:  # not the gthread worker this was written for
-        return
+    steps = ("accept", "finish_request", "notify")
+    if tmp is None or not timeout or not all(callable(getattr(worker, name, None)) for name in steps):
+        return  # not the gthread worker this was written for
     progress = _Progress()
 
     def counted(method: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
