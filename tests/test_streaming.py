@@ -107,6 +107,7 @@ STREAMS: list[tuple[str, bytes, int]] = [
     ),
     ("multi_line_data", b'data: {"type":"a",\ndata: "sequence_number":3}\n\ndata:x\ndata:\ndata: y\n\n', 2),
     ("blank_line_prefixes", b"\n\r\n\r\n\ndata: {}\n\n", 1),
+    ("crlf_then_lf", b"data: 1\r\n\r\ndata: 2\n\ndata: 3\n\n\ndata: 4\r\n\n", 4),
     ("fields_without_data", b"retry: 1000\n\nid: 4\n\nevent: x\ndata: 1\n\n", 1),
 ]
 
@@ -237,6 +238,13 @@ _BIG = "y" * (3 * 1024 * 1024)
         ),
         (b'data: {"type":"a","item":{"sequence_number":99}}\n\n', EventInfo("a", None)),
         (b'data: {"type":"a",\ndata: "sequence_number":4}\n\n', EventInfo("a", 4)),
+        (b'event: a\rdata: {"type":"a","sequence_number":4}\r\r', EventInfo("a", 4)),
+        # The event line ends at its "\r": the data line after it is the first one, not a later one.
+        (
+            b'event: x\rdata: {"type":"a","sequence_number":1}\ndata: {"type":"b","sequence_number":2}\n\n',
+            EventInfo("a", 1),
+        ),
+        (b'data: {"type":"a" ,"sequence_number":4}\n\n', EventInfo("a", 4)),
         (
             b'data: {"type":"d","sequence_number":5,"delta":"' + _UNICODE.encode() + b'"}\n\n',
             EventInfo("d", 5),
@@ -269,6 +277,9 @@ _BIG = "y" * (3 * 1024 * 1024)
         "nested_sequence_first",
         "only_nested_sequence",
         "multi_line_data",
+        "lone_cr_lines",
+        "event_line_ended_by_cr",
+        "spaced_json",
         "unicode",
         "multi_mib_head",
         "multi_mib_tail",

@@ -13,7 +13,7 @@ import pytest
 
 from wsgi_proxy.config.gateway import UpstreamSpec
 from wsgi_proxy.errors import UpstreamStreamInterrupted, UpstreamUnavailable
-from wsgi_proxy.upstream.body import UpstreamStream, _body_bytes_in_buffer
+from wsgi_proxy.upstream.body import UpstreamStream
 from wsgi_proxy.upstream.client import UpstreamClient, UpstreamRequest
 
 
@@ -189,28 +189,6 @@ def test_a_failure_after_arrived_chunks_comes_after_them(scripted: t.Any) -> Non
     assert got.startswith(events[0] + events[1])  # whole events first; the relay drops the half one
 
 
-@pytest.mark.parametrize(
-    ("ahead", "chunked", "chunk_left", "expected"),
-    [
-        (b"", False, None, False),
-        (b"x", False, None, True),
-        (b"x", True, 5, True),  # inside a chunk
-        (b"", True, 5, False),
-        (b"5\r\nhello", True, None, True),  # a size line and its first bytes
-        (b"5\r\n", True, None, False),  # a size line alone: the read would wait for the bytes
-        (b"5", True, None, False),  # half a size line
-        (b"\r\n5\r\nh", True, 0, True),  # the previous chunk's CRLF still unread
-        (b"\r\n5\r\n", True, 0, False),
-        (b"\r\n0\r\n\r\n", True, 0, False),  # the last chunk: the end, not more bytes
-        (b"0\r\n\r\n", True, None, False),
-        (b"5;ext=1\r\nhello", True, None, True),
-        (b"zz\r\nhello", True, None, False),  # not a size line: let the normal read report it
-    ],
-)
-def test_body_bytes_in_buffer(ahead: bytes, chunked: bool, chunk_left: int | None, expected: bool) -> None:
-    assert _body_bytes_in_buffer(ahead, chunked, chunk_left) is expected
-
-
 def test_an_https_upstream_keeps_certificate_verification_on_its_one_pool() -> None:
     client = UpstreamClient(UpstreamSpec(name="u", url="https://127.0.0.1:1/v1", connect_timeout=1))
     for _ in range(2):  # refused: nothing listens on port 1
@@ -220,3 +198,17 @@ def test_an_https_upstream_keeps_certificate_verification_on_its_one_pool() -> N
     assert len(pools) == 1
     assert pools[0].cert_reqs == "CERT_REQUIRED"
     assert pools[0].ca_certs or pools[0].ca_cert_dir
+
+
+def test_a_clean_close_inside_a_chunk_is_an_interruption_not_an_end(scripted: t.Any) -> None:
+    event = _events(0, 1)[0]
+    stream = scripted([_HEAD + _chunk(event) + b"%X\r\npart" % 20])  # then a FIN, not the last chunk
+    assert stream.read() == event + b"part"
+    with pytest.raises(UpstreamStreamInterrupted, match="closed inside its chunked body"):
+        stream.read()
+
+
+def test_broken_chunked_framing_is_an_interruption(scripted: t.Any) -> None:
+    stream = scripted([_HEAD + b"5\r\nhello!!\r\n"])
+    with pytest.raises(UpstreamStreamInterrupted, match="ChunkedFramingError"):
+        stream.read()

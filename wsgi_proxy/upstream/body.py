@@ -1,10 +1,11 @@
 """The body of one streaming upstream response, read as it arrives.
 
 The only code that reaches into ``urllib3`` and ``http.client`` internals (the response's file
-object, its chunk bookkeeping and socket), to read every chunk that has already arrived in one go
-and to wait for the next bytes without consuming them. Checked against the ``urllib3`` and
-``requests`` versions that ``pyproject.toml`` bounds; every such reach falls back to plain reads
-when the internals are not what it expects.
+object and socket): a chunked body is read straight from the connection's buffered reader and
+decoded by :class:`~wsgi_proxy.wire.chunked.ChunkDecoder`, so that one read takes every chunk that
+has arrived; and the next bytes are waited for without consuming them. Checked against the
+``urllib3`` and ``requests`` versions that ``pyproject.toml`` bounds; every such reach falls back to
+plain reads when the internals are not what it expects.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import requests
 import urllib3
 
 from ..errors import UpstreamStreamInterrupted
+from ..wire.chunked import ChunkDecoder
 from .translate import translate_stream_errors
 
 __all__ = ["READ_SIZE", "UpstreamStream"]
@@ -27,22 +29,27 @@ READ_SIZE = 65536
 
 
 class UpstreamStream:
-    """The body of one streaming upstream response, read with ``raw.read1``.
+    """The body of one streaming upstream response, read as it arrives.
 
-    ``read1`` returns whatever one receive brings, so events are relayed as they arrive on
-    chunked, Content-Length and close-delimited bodies alike (requests' content and line iterators
-    wait to fill a buffer on the latter two).
+    A read returns whatever one receive brings, so events are relayed as they arrive on chunked,
+    Content-Length and close-delimited bodies alike (requests' content and line iterators wait to
+    fill a buffer on the latter two). Upstreams often send an event per chunk; http.client reads
+    one chunk per call, so a chunked body is decoded here instead, every arrived chunk in one go.
     """
 
     def __init__(self, response: requests.Response) -> None:
         self._response = response
         self._raw: urllib3.response.BaseHTTPResponse = response.raw
-        self._chunked = bool(getattr(self._raw, "chunked", False))
-        self.framed = self._chunked or "content-length" in response.headers
+        chunked = bool(getattr(self._raw, "chunked", False))
+        self.framed = chunked or "content-length" in response.headers
         self._closed = False
         self._poller: select.poll | None = None
-        # A decoder may need more network bytes before it yields any: read encoded bodies one by one.
-        self._coalesce = "content-encoding" not in response.headers and hasattr(self._raw, "_fp")
+        # An encoded body goes through urllib3's decoder, which the chunks must reach first.
+        fp = getattr(self._raw, "_fp", None)  # http.client.HTTPResponse
+        reader = getattr(fp, "fp", None)  # its BufferedReader over the socket
+        direct = chunked and "content-encoding" not in response.headers and hasattr(reader, "read1")
+        self._reader: t.Any = reader if direct and getattr(fp, "chunk_left", 0) is None else None
+        self._chunks = ChunkDecoder()
         self._deferred: UpstreamStreamInterrupted | None = None
 
     def read_block(self, size: int) -> bytes:
@@ -54,48 +61,27 @@ class UpstreamStream:
     def read(self) -> bytes:
         """The next bytes of the body: at least one, or b"" at its end.
 
-        One ``read1`` takes at most one HTTP chunk, and upstreams often send an event per chunk; so
-        while more of the body has already arrived, it is read on and returned together, up to
-        ``READ_SIZE``. Nothing is waited for: the bytes go out as soon as the arrived ones are read.
-        A failure after the first bytes is raised by the next call, so that those bytes go out first.
+        Nothing is waited for beyond the first receive: the bytes go out as soon as they are read.
+        Broken chunked framing, or a connection that ends inside a chunk, raises
+        :class:`UpstreamStreamInterrupted` after the payload before it has been returned.
         """
         if self._deferred is not None:
             error, self._deferred = self._deferred, None
             raise error
-        with translate_stream_errors():
-            data = self._raw.read1(READ_SIZE, decode_content=True) or b""
-        size = len(data)
-        if not size or not self._coalesce:
-            return data
-        parts = [data]
-        # Chunk by chunk, http.client's read1 is the same read without urllib3's per-call bookkeeping
-        # (which only counts bytes for a Content-Length, and chunked bodies have none).
-        fp = self._raw._fp  # type: ignore[attr-defined]  # http.client.HTTPResponse
-        read1 = fp.read1 if self._chunked else lambda n: self._raw.read1(n, decode_content=True)
-        try:
+        if self._reader is None:
             with translate_stream_errors():
-                while size < READ_SIZE and self._more_arrived(fp):
-                    more = read1(READ_SIZE - size)
-                    if not more:
-                        break
-                    parts.append(more)
-                    size += len(more)
-        except UpstreamStreamInterrupted as exc:
-            self._deferred = exc
-        return data if len(parts) == 1 else b"".join(parts)
-
-    def _more_arrived(self, fp: t.Any) -> bool:
-        """Whether the next ``read1`` returns body bytes at once: no waiting, and not the end."""
-        try:
-            reader = fp.fp
-            sock = reader.raw._sock
-            if not isinstance(sock, ssl.SSLSocket) and self._poll(sock):
-                ahead = reader.peek(1)  # bytes wait in the kernel: the peek cannot block
-            else:
-                ahead = _peek_without_blocking(reader, sock)
-            return _body_bytes_in_buffer(ahead, fp.chunked, fp.chunk_left)
-        except (AttributeError, TypeError, ValueError, OSError):
-            return False
+                return self._raw.read1(READ_SIZE, decode_content=True) or b""
+        while not self._chunks.done:
+            with translate_stream_errors():
+                received = self._reader.read1(READ_SIZE)
+                data = self._chunks.feed(received)  # broken framing: a ChunkedFramingError
+            if data:
+                return data
+            if not received:
+                raise UpstreamStreamInterrupted(
+                    "the upstream connection closed in the middle of its chunked body"
+                )
+        return b""
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the next :meth:`read` to have something to return.
@@ -115,7 +101,8 @@ class UpstreamStream:
                 return True
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 return True
-            if _complete_in_buffer(_peek_without_blocking(reader, sock), fp.chunked, fp.chunk_left):
+            ahead = _peek_without_blocking(reader, sock)
+            if self._chunks.would_yield(ahead) if self._reader is not None else ahead:
                 return True
             return self._poll(sock, timeout)
         except (AttributeError, TypeError, ValueError, OSError):
@@ -151,35 +138,3 @@ def _peek_without_blocking(reader: t.Any, sock: socket.socket) -> bytes:
         return b""
     finally:
         sock.settimeout(previous)
-
-
-def _body_bytes_in_buffer(ahead: bytes, chunked: bool, chunk_left: int | None) -> bool:
-    """Whether ``ahead`` holds body bytes that the next read returns without the network.
-
-    Stricter than :func:`_complete_in_buffer`: at the end of a chunk, the next chunk's size line
-    and at least one of its bytes must be there, and the last (zero-size) chunk does not count.
-    """
-    if not chunked or chunk_left:
-        return bool(ahead)
-    if chunk_left == 0:  # the CRLF ending the previous chunk is still unread
-        ahead = ahead[2:]
-    line, newline, rest = ahead.partition(b"\n")
-    if not newline or not rest:
-        return False
-    try:
-        return int(line.split(b";", 1)[0].strip(), 16) > 0
-    except ValueError:
-        return False
-
-
-def _complete_in_buffer(ahead: bytes, chunked: bool, chunk_left: int | None) -> bool:
-    """Whether ``ahead`` lets the next read return data without waiting for the network.
-
-    With chunked framing, at the end of a chunk the reader must first get past the chunk's CRLF
-    and the next size line; bytes that stop short of that would make the read block.
-    """
-    if not chunked or chunk_left:
-        return bool(ahead)
-    if chunk_left == 0:  # the CRLF ending the previous chunk is still unread
-        ahead = ahead[2:]
-    return b"\n" in ahead

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import typing as t
 
 __all__ = ["TERMINAL_TYPES", "EventInfo", "EventSplitter", "EventTooLarge", "data_of", "parse_event"]
 
@@ -52,6 +52,41 @@ class EventSplitter:
         """Add ``data``; return the events it completed, in order."""
         buf = self._buf
         buf += data
+        if self._cr_pending or buf.find(b"\r", self._pos) >= 0:
+            events, start = self._split_any(buf)
+        else:
+            events, start = self._split_lf(buf)
+        if start:
+            del buf[:start]
+            self._pos -= start
+        if len(buf) > self._max:
+            raise EventTooLarge(f"an SSE event exceeded {self._max} bytes without ending")
+        return events
+
+    def _split_lf(self, buf: bytearray) -> tuple[list[bytes], int]:
+        """:meth:`feed` when no ``\\r`` is left to scan (OpenAI's framing): a blank line is a
+        ``\\n\\n``, or a ``\\n`` at the start of a line; one C-level search per event."""
+        pos, line_start = self._pos, self._line_start
+        start = 0
+        events: list[bytes] = []
+        end = len(buf)
+        while pos < end:
+            if line_start and buf[pos] == _LF:  # a blank line right at the start of a line
+                stop = pos + 1
+            else:
+                i = buf.find(b"\n\n", pos)
+                if i < 0:
+                    pos, line_start = end, buf[end - 1] == _LF
+                    break
+                stop = i + 2
+            events.append(bytes(buf[start:stop]))
+            start = pos = stop
+            line_start = True
+        self._pos, self._line_start = pos, line_start
+        return events, start
+
+    def _split_any(self, buf: bytearray) -> tuple[list[bytes], int]:
+        """:meth:`feed` for every line ending: ``\\r\\n``, ``\\n`` and ``\\r`` (WHATWG)."""
         pos, line_start, cr_pending = self._pos, self._line_start, self._cr_pending
         start = 0
         events: list[bytes] = []
@@ -81,17 +116,11 @@ class EventSplitter:
                         pos += 1
                 else:
                     cr_pending = True
-        if start:
-            del buf[:start]
-            pos -= start
-        if len(buf) > self._max:
-            raise EventTooLarge(f"an SSE event exceeded {self._max} bytes without ending")
         self._pos, self._line_start, self._cr_pending = pos, line_start, cr_pending
-        return events
+        return events, start
 
 
-@dataclass(frozen=True, slots=True)
-class EventInfo:
+class EventInfo(t.NamedTuple):
     """What the relay notes about one event: its JSON ``type`` and ``sequence_number``."""
 
     type: str | None
@@ -102,6 +131,11 @@ _HEAD_TYPE = re.compile(rb'\{\s*"type"\s*:\s*"([^"\\]{1,200})"')
 _HEAD_SEQ = re.compile(rb'"sequence_number"\s*:\s*([0-9]{1,19})\b')
 _HEAD = 512
 _NONE = EventInfo(None, None)
+# OpenAI's own shape, read off the raw event in one match: an optional ``event:`` line, then the
+# ``data:`` line, its object opening with ``type`` and then ``sequence_number``.
+_OPENAI_HEAD = re.compile(
+    rb'(?:event:[^\r\n]*(?:\r\n?|\n))?data: ?\{"type":"([^"\\\r\n]{1,200})","sequence_number":([0-9]{1,19})\b'
+)
 
 
 def data_of(event: bytes) -> bytes | None:
@@ -128,12 +162,29 @@ def _data_by_lines(event: bytes) -> bytes | None:
     return data[0] if len(data) == 1 else b"\n".join(data)
 
 
+#: The event types seen so far, decoded once each (bounded: an upstream could make up types).
+_TYPE_NAMES: dict[bytes, str] = {}
+_TYPE_NAMES_MAX = 1024
+
+
+def _type_name(raw: bytes) -> str:
+    name = _TYPE_NAMES.get(raw)
+    if name is None:
+        name = raw.decode("utf-8", "replace")
+        if len(_TYPE_NAMES) < _TYPE_NAMES_MAX:
+            _TYPE_NAMES[raw] = name
+    return name
+
+
 def parse_event(event: bytes) -> EventInfo:
     """Note the ``type`` and ``sequence_number`` of one whole event (a side copy; never raises).
 
     OpenAI writes both fields first, so they are read from the head of the ``data`` line; anything
     else is parsed as JSON. Comments, keep-alive comments and empty blocks give ``(None, None)``.
     """
+    match = _OPENAI_HEAD.match(event)
+    if match is not None:
+        return EventInfo(_type_name(match.group(1)), int(match.group(2)))
     data = data_of(event)
     if data is None:
         return _NONE
