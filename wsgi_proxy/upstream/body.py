@@ -78,9 +78,7 @@ class UpstreamStream:
             if data:
                 return data
             if not received:
-                raise UpstreamStreamInterrupted(
-                    "the upstream connection closed in the middle of its chunked body"
-                )
+                raise UpstreamStreamInterrupted("the upstream connection closed inside its chunked body")
         return b""
 
     def wait(self, timeout: float) -> bool:
