@@ -30,6 +30,7 @@ import typing as t
 from harness import per_call_us, save_result
 
 from wsgi_proxy.observe.record import ACCESS_LOGGER, RequestRecord
+from wsgi_proxy.wire.usage import Usage
 
 _DELTA = (
     b"event: response.output_text.delta\ndata: "
@@ -134,7 +135,7 @@ def _measure(calls: int, directory: str) -> dict[str, t.Any]:
         record.identified("team-a", "a")
         record.asked_for("gpt-4o-mini")
         record.attempt("default")
-        record.used({"input_tokens": 12, "output_tokens": 40, "total_tokens": 52})
+        record.used(Usage(input_tokens=12, output_tokens=40, total_tokens=52), 24_600)
         record.sent(200)
 
     try:

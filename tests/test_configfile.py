@@ -57,6 +57,15 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
             "upstream 'open' has no api_key_env, but the file defines [[keys]]",
         ),
         (UPSTREAM + KEY + "[teams.t2]\nrpm = 0\n", "teams.t2.rpm"),
+        (UPSTREAM + KEY + '[prices."m"]\ninput = -1\n', "prices.m.input: Input should be greater than"),
+        (UPSTREAM + KEY + '[prices."m"]\noutput = 1\n', "prices.m.input: Field required"),
+        (UPSTREAM + KEY + '[prices."m"]\ninput = 1\ncolour = 2\n', "prices.m.colour: Extra inputs"),
+        (
+            UPSTREAM
+            + '[upstreams.prices."m"]\ninput = 1\n[upstreams.prices."m".tiers.flex]\ninput = "x"\n'
+            + KEY,
+            "upstreams[0] (name 'main').prices.m.tiers.flex.input",
+        ),
     ],
 )
 def test_each_mistake_is_one_sentence_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -67,6 +76,27 @@ def test_each_mistake_is_one_sentence_naming_the_key(tmp_path: Path, text: str, 
     assert message.endswith("start again.") or message.endswith("change the file.")
     assert "Traceback" not in message and "pydantic" not in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_prices_go_over_the_defaults_and_an_upstreams_over_the_files(tmp_path: Path) -> None:
+    text = (
+        UPSTREAM
+        + '[upstreams.prices."gpt-4o"]\ninput = 1.0\n'
+        + KEY
+        + '[prices."gpt-4o-mini"]\ninput = 3.0\n[prices."gpt-4o"]\ninput = 2.0\n'
+    )
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    settings = ProxySettings(config=path, store_url="sqlite:///" + str(tmp_path / "s.db"))
+    prices = GatewayConfig.from_settings(settings, ENV).prices
+    assert [
+        getattr(prices.price(model, "main", None), "input", None) for model in ("gpt-4o", "gpt-4o-mini", "o3")
+    ] == [
+        1.0,  # the upstream's
+        3.0,  # the file's
+        2.0,  # the dated defaults'
+    ]
+    assert getattr(prices.price("gpt-4o", "elsewhere", None), "input", None) == 2.0
 
 
 def test_unset_secret_variable_is_named(tmp_path: Path) -> None:

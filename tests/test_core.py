@@ -149,4 +149,4 @@ def test_a_stream_becomes_a_relay_that_reports_to_the_record_and_the_store(
     located = store.get_response("resp_s1")
     assert located is not None and (located.upstream, located.background) == ("one", True)
     (row,) = store.usage_totals()
-    assert (row.model, row.total_tokens) == ("m", 3)
+    assert (row.model, row.usage.total_tokens) == ("m", 3)

@@ -13,7 +13,6 @@ from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsgi_proxy.observe.record import ACCESS_LOGGER, request_id_from
-from wsgi_proxy.wire.responses import usage_of
 
 from .envelope import assert_error
 
@@ -57,22 +56,6 @@ def test_request_id_from_header(header: str | None, kept: bool) -> None:
     rid = request_id_from(header)
     assert (rid == header) is kept
     assert rid.startswith("req_") or kept
-
-
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        (
-            {"usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}},
-            {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8},
-        ),
-        ({"usage": {"input_tokens": 3}}, None),
-        ({"usage": None}, None),
-        ({}, None),
-    ],
-)
-def test_usage_of(payload: dict[str, t.Any], expected: dict[str, int] | None) -> None:
-    assert usage_of(payload) == expected
 
 
 def test_request_id_is_kept_returned_and_sent_upstream(

@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from wsgi_proxy.store import RateDecision, ResponseRecord, Store, StoreError, UsageRow
-from wsgi_proxy.store.base import usage_day
+from wsgi_proxy.store import RateDecision, ResponseRecord, Store, StoreError, UsageEntry, UsageRow
+from wsgi_proxy.store.base import USAGE_TTL_S, usage_day
 from wsgi_proxy.store.redis_store import RedisStore
 from wsgi_proxy.store.sqlite import SQLiteStore
 from wsgi_proxy.tools.launch import free_port
+from wsgi_proxy.wire.usage import COUNTERS, Usage
 
 #: A window-aligned time an hour ahead: explicit ``now`` values stay clear of purges on the real clock.
 T0 = (math.floor(time.time() / 60) + 60) * 60.0
@@ -278,30 +280,37 @@ class TestSlots:
 
 def use(store: Store, response_id: str, tokens: tuple[int, int] = (10, 5), **changes: t.Any) -> bool:
     """Record ``tokens`` (input, output) for ``response_id``, by key ci of team search on gpt-4o, on Jan 31."""
-    values: dict[str, t.Any] = {"key_name": "ci", "team": "search", "model": "gpt-4o", "at": JAN31}
+    at, ttl = changes.pop("at", JAN31), changes.pop("ttl_s", USAGE_TTL_S)
     input_tokens, output_tokens = tokens
-    return store.record_usage(
-        response_id,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        total_tokens=input_tokens + output_tokens,
-        **(values | changes),
+    usage = Usage(
+        input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
     )
+    values: dict[str, t.Any] = {
+        "key_name": "ci",
+        "team": "search",
+        "model": "gpt-4o",
+        "upstream": None,
+        "service_tier": None,
+        "usage": usage,
+        "cost_nano_usd": 7,
+    }
+    return store.record_usage(UsageEntry(response_id, **(values | changes)), at=at, ttl_s=ttl)
 
 
 def row(
     day: str = "2025-01-31", responses: int = 1, tokens: tuple[int, int] = (10, 5), **changes: t.Any
 ) -> UsageRow:
-    values: dict[str, t.Any] = {"key_name": "ci", "team": "search", "model": "gpt-4o"}
+    values: dict[str, t.Any] = {
+        "key_name": "ci",
+        "team": "search",
+        "model": "gpt-4o",
+        "cost_nano_usd": 7 * responses,
+    }
     input_tokens, output_tokens = tokens
-    return UsageRow(
-        day=day,
-        responses=responses,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        total_tokens=input_tokens + output_tokens,
-        **(values | changes),
+    usage = Usage(
+        input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
     )
+    return UsageRow(day=day, responses=responses, usage=usage, **(values | changes))
 
 
 class TestUsage:
@@ -329,17 +338,27 @@ class TestUsage:
     def test_total_tokens_are_taken_as_given(self, store: Store) -> None:
         # Reasoning tokens are part of the output, and cached ones of the input: the caller's
         # total is stored as it is, never recomputed.
-        store.record_usage(
-            "resp_1",
-            key_name=None,
-            team=None,
-            model=None,
-            input_tokens=1,
-            output_tokens=2,
-            total_tokens=10,
-            at=JAN31,
-        )
-        assert store.usage_totals()[0].total_tokens == 10
+        assert use(store, "resp_1", usage=Usage(input_tokens=1, output_tokens=2, total_tokens=10))
+        assert store.usage_totals()[0].usage.total_tokens == 10
+
+    def test_every_counter_the_cost_and_the_unpriced_add_up(self, store: Store) -> None:
+        full = Usage(**{name: number for number, name in enumerate(COUNTERS, start=1)})
+        assert use(store, "resp_1", usage=full, cost_nano_usd=1_000_000_001)
+        assert use(store, "resp_2", usage=full, cost_nano_usd=None)
+        (total,) = store.usage_totals()
+        assert total.usage == Usage(**{name: 2 * number for number, name in enumerate(COUNTERS, start=1)})
+        assert (total.responses, total.cost_nano_usd, total.unpriced) == (2, 1_000_000_001, 1)
+
+    def test_upstreams_and_tiers_are_kept_apart(self, store: Store) -> None:
+        assert use(store, "resp_1", upstream="openai", service_tier="flex")
+        assert use(store, "resp_2", upstream="openai", service_tier="default")
+        assert use(store, "resp_3", upstream="azure", service_tier="default")
+        assert use(store, "resp_4", upstream="azure", service_tier="default")
+        assert store.usage_totals() == [
+            row(responses=2, tokens=(20, 10), upstream="azure", service_tier="default"),
+            row(upstream="openai", service_tier="default"),
+            row(upstream="openai", service_tier="flex"),
+        ]
 
     @pytest.mark.parametrize(
         ("moment", "day"),
@@ -436,8 +455,9 @@ class TestUsage:
     @pytest.mark.parametrize(
         ("changes", "message"),
         [
-            ({"tokens": (-1, 5)}, "input_tokens must be a whole number of tokens"),
-            ({"tokens": (1.5, 5)}, "input_tokens must be a whole number of tokens"),
+            ({"tokens": (-1, 5)}, "input_tokens must be a whole number"),
+            ({"tokens": (1.5, 5)}, "input_tokens must be a whole number"),
+            ({"cost_nano_usd": -1}, "cost_nano_usd must be a whole number"),
             ({"ttl_s": 0}, "ttl_s must be a positive number"),
             ({"ttl_s": math.inf}, "ttl_s must be a positive number"),
         ],
@@ -474,6 +494,43 @@ class TestMaintenance:
             store.acquire_slot("k", 1, "a", 10, now=T0)
             assert store.purge_expired(now=T0 + 3600) == 3
             assert store.purge_expired(now=T0 + 3600) == 0
+
+    def test_sqlite_moves_the_totals_of_an_earlier_release_once(self, tmp_path: Path) -> None:
+        path = tmp_path / "state.db"
+        with sqlite3.connect(path) as old:  # the table as releases before upstreams and tiers wrote it
+            old.execute(
+                "CREATE TABLE usage_totals (day TEXT NOT NULL, team TEXT NOT NULL, key_name TEXT NOT NULL,"
+                " model TEXT NOT NULL, responses INTEGER NOT NULL, input_tokens INTEGER NOT NULL,"
+                " output_tokens INTEGER NOT NULL, total_tokens INTEGER NOT NULL,"
+                " PRIMARY KEY (day, team, key_name, model)) WITHOUT ROWID"
+            )
+            old.execute(
+                "INSERT INTO usage_totals VALUES ('2025-01-31', 'search', 'ci', 'gpt-4o', 2, 20, 10, 30)"
+            )
+        old.close()
+        for _ in range(2):  # a second opening finds nothing left to move
+            with SQLiteStore(path) as store:
+                assert store.usage_totals() == [row(responses=2, tokens=(20, 10), cost_nano_usd=0)]
+        with SQLiteStore(path) as store:
+            assert use(store, "resp_1")
+            assert store.usage_totals() == [row(responses=3, tokens=(30, 15), cost_nano_usd=7)]
+
+    def test_redis_reads_the_totals_of_an_earlier_release(self, redis_server: str) -> None:
+        prefix = f"test:{uuid.uuid4().hex}:"
+        with RedisStore(redis_server, prefix=prefix) as store:
+            fields = {
+                f'{name}|["ci","search","gpt-4o"]': n
+                for name, n in (
+                    ("responses", 2),
+                    ("input_tokens", 20),
+                    ("output_tokens", 10),
+                    ("total_tokens", 30),
+                )
+            }
+            store._client.hset(f"{prefix}usage:day:2025-01-31", mapping=t.cast(t.Any, fields))
+            store._client.zadd(f"{prefix}usage:days", {"2025-01-31": 20250131})
+            assert use(store, "resp_1")
+            assert store.usage_totals() == [row(responses=3, tokens=(30, 15), cost_nano_usd=7)]
 
     def test_sqlite_purge_forgets_usage_markers_but_keeps_totals(self, tmp_path: Path) -> None:
         with SQLiteStore(tmp_path / "state.db") as store:
@@ -578,6 +635,8 @@ def spawn_hits(backend: Backend, key: str, *, hits: int, limit: int) -> subproce
 _USAGE_CHILD = textwrap.dedent(
     """
     import sys
+    from wsgi_proxy.store.base import UsageEntry
+    from wsgi_proxy.wire.usage import Usage
     kind, target, prefix, responses, at = sys.argv[1:]
     if kind == "sqlite":
         from wsgi_proxy.store.sqlite import SQLiteStore as Backend
@@ -589,8 +648,12 @@ _USAGE_CHILD = textwrap.dedent(
         print(
             sum(
                 store.record_usage(
-                    f"resp_{n}", key_name="ci", team="search", model="gpt-4o",
-                    input_tokens=10, output_tokens=5, total_tokens=15, at=float(at),
+                    UsageEntry(
+                        f"resp_{n}", key_name="ci", team="search", model="gpt-4o", upstream=None,
+                        service_tier=None, usage=Usage(input_tokens=10, output_tokens=5, total_tokens=15),
+                        cost_nano_usd=7,
+                    ),
+                    at=float(at),
                 )
                 for n in range(int(responses))
             )

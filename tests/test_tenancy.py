@@ -298,7 +298,12 @@ def test_usage_is_counted_once_per_response_whichever_path_sees_it(
     assert replay.data == sse
     (row,) = app.extensions[EXTENSION_KEY].state.store.usage_totals()
     assert (row.key_name, row.team, row.model) == ("red-1", "red", "gpt-a")
-    assert (row.responses, row.input_tokens, row.output_tokens, row.total_tokens) == (2, 5, 8, 13)
+    assert (row.responses, row.usage.input_tokens, row.usage.output_tokens, row.usage.total_tokens) == (
+        2,
+        5,
+        8,
+        13,
+    )
 
 
 @pytest.mark.parametrize("endpoint", ["input_tokens", "compact"])
@@ -348,7 +353,7 @@ def test_the_single_upstream_variables_honour_a_store_url(
     assert record is not None
     assert (record.upstream, record.team, record.key_name) == ("default", "default", "key-1")
     (row,) = store.usage_totals()
-    assert (row.key_name, row.model, row.total_tokens) == ("key-1", "m", 3)
+    assert (row.key_name, row.model, row.usage.total_tokens) == ("key-1", "m", 3)
 
 
 def test_the_single_upstream_variables_without_a_store_url_remember_nothing(
@@ -477,5 +482,5 @@ def test_a_create_whose_record_cannot_be_written_is_kept_until_the_store_takes_i
     assert pending.flush() == 0
     located = store.get_response("resp_full1")
     assert located is not None and (located.upstream, located.team) == ("alpha", "red")
-    (row,) = [r for r in store.usage_totals() if r.total_tokens]
-    assert (row.responses, row.total_tokens) == (1, 3)
+    (row,) = [r for r in store.usage_totals() if r.usage.total_tokens]
+    assert (row.responses, row.usage.total_tokens) == (1, 3)

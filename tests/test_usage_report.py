@@ -10,16 +10,80 @@ from pathlib import Path
 
 import pytest
 
-from wsgi_proxy.store import UsageRow
+from wsgi_proxy.store import UsageEntry, UsageRow
 from wsgi_proxy.store.sqlite import SQLiteStore
 from wsgi_proxy.tools.cli import main
-from wsgi_proxy.tools.usage import check_group_by, render_csv, render_json, render_table
+from wsgi_proxy.tools.usage import COLUMNS, check_group_by, render_csv, render_json, render_table
+from wsgi_proxy.wire.usage import COUNTERS, Usage
+
+
+def usage_row(
+    day: str,
+    key: str | None,
+    team: str | None,
+    model: str | None,
+    responses: int,
+    tokens: tuple[int, int, int],
+    *,
+    cost: int = 0,
+    unpriced: int = 0,
+    **usage: int | str,
+) -> UsageRow:
+    """A row of ``responses`` that used ``tokens`` (input, output, total) and the other ``usage``
+    counters; ``upstream`` and ``service_tier`` may be given among them too."""
+    names = {name: usage.pop(name) for name in ("upstream", "service_tier") if name in usage}
+    counts = dict(zip(("input_tokens", "output_tokens", "total_tokens"), tokens, strict=True))
+    return UsageRow(
+        day,
+        key,
+        team,
+        model,
+        responses=responses,
+        usage=Usage(**counts, **t.cast(dict[str, int], usage)),
+        cost_nano_usd=cost,
+        unpriced=unpriced,
+        **t.cast(dict[str, str], names),
+    )
+
 
 ROWS = [
-    UsageRow("2025-01-30", "ci", "search", "gpt-4o", 2, 1200, 300, 1500),
-    UsageRow("2025-01-30", None, None, None, 1, 10, 5, 15),
-    UsageRow("2025-01-31", "bob", "ads", "gpt-4o-mini", 3, 1_000_000, 20, 1_000_020),
-    UsageRow("2025-01-31", "ci", "search", "gpt-4o", 1, 100, 50, 150),
+    usage_row(
+        "2025-01-30",
+        "ci",
+        "search",
+        "gpt-4o",
+        2,
+        (1200, 300, 1500),
+        cached_input_tokens=200,
+        reasoning_tokens=100,
+        cost=5_000_000,
+        upstream="openai",
+        service_tier="default",
+    ),
+    usage_row("2025-01-30", None, None, None, 1, (10, 5, 15), unpriced=1),
+    usage_row(
+        "2025-01-31",
+        "bob",
+        "ads",
+        "gpt-4o-mini",
+        3,
+        (1_000_000, 20, 1_000_020),
+        cost=150_012_000,
+        upstream="openai",
+        service_tier="flex",
+    ),
+    usage_row(
+        "2025-01-31",
+        "ci",
+        "search",
+        "gpt-4o",
+        1,
+        (100, 50, 150),
+        web_search_calls=2,
+        cost=750_000,
+        upstream="azure",
+        service_tier="default",
+    ),
 ]
 
 
@@ -34,59 +98,47 @@ class TestTable:
             (
                 ["day", "team", "key", "model"],
                 """
-                day         team    key  model        responses      input  output      total
-                ----------  ------  ---  -----------  ---------  ---------  ------  ---------
-                2025-01-30  -       -    -                    1         10       5         15
-                2025-01-30  search  ci   gpt-4o               2      1,200     300      1,500
-                2025-01-31  ads     bob  gpt-4o-mini          3  1,000,000      20  1,000,020
-                2025-01-31  search  ci   gpt-4o               1        100      50        150
-                ----------  ------  ---  -----------  ---------  ---------  ------  ---------
-                total                                         7  1,001,310     375  1,001,685
+                day         team    key  model        responses      input  cached  output  reasoning      total  web searches  cost (USD)  unpriced
+                ----------  ------  ---  -----------  ---------  ---------  ------  ------  ---------  ---------  ------------  ----------  --------
+                2025-01-30  -       -    -                    1         10       0       5          0         15             0    0.000000         1
+                2025-01-30  search  ci   gpt-4o               2      1,200     200     300        100      1,500             0    0.005000         0
+                2025-01-31  ads     bob  gpt-4o-mini          3  1,000,000       0      20          0  1,000,020             0    0.150012         0
+                2025-01-31  search  ci   gpt-4o               1        100       0      50          0        150             2    0.000750         0
+                ----------  ------  ---  -----------  ---------  ---------  ------  ------  ---------  ---------  ------------  ----------  --------
+                total                                         7  1,001,310     200     375        100  1,001,685             2    0.155762         1
+                """,
+            ),
+            (
+                ["upstream", "tier"],
+                """
+                upstream  tier     responses      input  cached  output  reasoning      total  web searches  cost (USD)  unpriced
+                --------  -------  ---------  ---------  ------  ------  ---------  ---------  ------------  ----------  --------
+                -         -                1         10       0       5          0         15             0    0.000000         1
+                azure     default          1        100       0      50          0        150             2    0.000750         0
+                openai    default          2      1,200     200     300        100      1,500             0    0.005000         0
+                openai    flex             3  1,000,000       0      20          0  1,000,020             0    0.150012         0
+                --------  -------  ---------  ---------  ------  ------  ---------  ---------  ------------  ----------  --------
+                total                      7  1,001,310     200     375        100  1,001,685             2    0.155762         1
                 """,
             ),
             (
                 ["team"],
                 """
-                team    responses      input  output      total
-                ------  ---------  ---------  ------  ---------
-                -               1         10       5         15
-                ads             3  1,000,000      20  1,000,020
-                search          3      1,300     350      1,650
-                ------  ---------  ---------  ------  ---------
-                total           7  1,001,310     375  1,001,685
-                """,
-            ),
-            (
-                ["model", "day"],
-                """
-                model        day         responses      input  output      total
-                -----------  ----------  ---------  ---------  ------  ---------
-                -            2025-01-30          1         10       5         15
-                gpt-4o       2025-01-30          2      1,200     300      1,500
-                gpt-4o       2025-01-31          1        100      50        150
-                gpt-4o-mini  2025-01-31          3  1,000,000      20  1,000,020
-                -----------  ----------  ---------  ---------  ------  ---------
-                total                            7  1,001,310     375  1,001,685
-                """,
-            ),
-            (
-                ["key"],
-                """
-                key    responses      input  output      total
-                -----  ---------  ---------  ------  ---------
-                -              1         10       5         15
-                bob            3  1,000,000      20  1,000,020
-                ci             3      1,300     350      1,650
-                -----  ---------  ---------  ------  ---------
-                total          7  1,001,310     375  1,001,685
+                team    responses      input  cached  output  reasoning      total  web searches  cost (USD)  unpriced
+                ------  ---------  ---------  ------  ------  ---------  ---------  ------------  ----------  --------
+                -               1         10       0       5          0         15             0    0.000000         1
+                ads             3  1,000,000       0      20          0  1,000,020             0    0.150012         0
+                search          3      1,300     200     350        100      1,650             2    0.005750         0
+                ------  ---------  ---------  ------  ------  ---------  ---------  ------------  ----------  --------
+                total           7  1,001,310     200     375        100  1,001,685             2    0.155762         1
                 """,
             ),
             (
                 [],
                 """
-                       responses      input  output      total
-                -----  ---------  ---------  ------  ---------
-                total          7  1,001,310     375  1,001,685
+                       responses      input  cached  output  reasoning      total  web searches  cost (USD)  unpriced
+                -----  ---------  ---------  ------  ------  ---------  ---------  ------------  ----------  --------
+                total          7  1,001,310     200     375        100  1,001,685             2    0.155762         1
                 """,
             ),
         ],
@@ -94,12 +146,12 @@ class TestTable:
     def test_groups(self, group_by: list[str], expected: str) -> None:
         assert render_table(ROWS, group_by) == dedent(expected)
 
-    def test_no_rows_is_a_zero_total(self) -> None:
+    def test_counters_that_are_all_zero_are_left_out_except_the_main_ones(self) -> None:
         assert render_table([], ["day", "team"]) == dedent(
             """
-            day    team  responses  input  output  total
-            -----  ----  ---------  -----  ------  -----
-            total                0      0       0      0
+            day    team  responses  input  cached  output  reasoning  total  cost (USD)
+            -----  ----  ---------  -----  ------  ------  ---------  -----  ----------
+            total                0      0       0       0          0      0    0.000000
             """
         )
 
@@ -108,115 +160,74 @@ class TestTable:
 
 
 class TestCsv:
+    HEADER = ",".join(COLUMNS)
+
     @pytest.mark.parametrize(
         ("group_by", "expected"),
         [
             (
-                ["day", "team", "key", "model"],
+                ["day"],
                 """
-                day,team,key,model,responses,input_tokens,output_tokens,total_tokens
-                2025-01-30,,,,1,10,5,15
-                2025-01-30,search,ci,gpt-4o,2,1200,300,1500
-                2025-01-31,ads,bob,gpt-4o-mini,3,1000000,20,1000020
-                2025-01-31,search,ci,gpt-4o,1,100,50,150
+                day,{header}
+                2025-01-30,3,1210,200,0,0,0,305,100,0,1515,0,0,0,0,0.005000000,1
+                2025-01-31,4,1000100,0,0,0,0,70,0,0,1000170,2,0,0,0,0.150762000,0
                 """,
             ),
             (
                 ["key", "team"],
                 """
-                key,team,responses,input_tokens,output_tokens,total_tokens
-                ,,1,10,5,15
-                bob,ads,3,1000000,20,1000020
-                ci,search,3,1300,350,1650
-                """,
-            ),
-            (
-                ["day"],
-                """
-                day,responses,input_tokens,output_tokens,total_tokens
-                2025-01-30,3,1210,305,1515
-                2025-01-31,4,1000100,70,1000170
+                key,team,{header}
+                ,,1,10,0,0,0,0,5,0,0,15,0,0,0,0,0.000000000,1
+                bob,ads,3,1000000,0,0,0,0,20,0,0,1000020,0,0,0,0,0.150012000,0
+                ci,search,3,1300,200,0,0,0,350,100,0,1650,2,0,0,0,0.005750000,0
                 """,
             ),
             (
                 [],
                 """
-                responses,input_tokens,output_tokens,total_tokens
-                7,1001310,375,1001685
+                {header}
+                7,1001310,200,0,0,0,375,100,0,1001685,2,0,0,0,0.155762000,1
                 """,
             ),
         ],
     )
-    def test_groups(self, group_by: list[str], expected: str) -> None:
-        assert render_csv(ROWS, group_by) == dedent(expected)
+    def test_groups_with_every_column(self, group_by: list[str], expected: str) -> None:
+        assert render_csv(ROWS, group_by) == dedent(expected).format(header=self.HEADER)
 
     def test_names_are_quoted_when_needed(self) -> None:
-        rows = [UsageRow("2025-01-30", 'a,"b"', None, None, 1, 1, 1, 2)]
-        assert render_csv(rows, ["key"]).splitlines()[1] == '"a,""b""",1,1,1,2'
+        rows = [usage_row("2025-01-30", 'a,"b"', None, None, 1, (1, 1, 2))]
+        assert render_csv(rows, ["key"]).splitlines()[1].startswith('"a,""b""",1,1,')
 
 
 class TestJson:
-    @pytest.mark.parametrize(
-        ("group_by", "rows", "total"),
-        [
-            (
-                ["team", "model"],
-                [
-                    {
-                        "team": None,
-                        "model": None,
-                        "responses": 1,
-                        "input_tokens": 10,
-                        "output_tokens": 5,
-                        "total_tokens": 15,
-                    },
-                    {
-                        "team": "ads",
-                        "model": "gpt-4o-mini",
-                        "responses": 3,
-                        "input_tokens": 1000000,
-                        "output_tokens": 20,
-                        "total_tokens": 1000020,
-                    },
-                    {
-                        "team": "search",
-                        "model": "gpt-4o",
-                        "responses": 3,
-                        "input_tokens": 1300,
-                        "output_tokens": 350,
-                        "total_tokens": 1650,
-                    },
-                ],
-                {"responses": 7, "input_tokens": 1001310, "output_tokens": 375, "total_tokens": 1001685},
-            ),
-            (
-                [],
-                [{"responses": 7, "input_tokens": 1001310, "output_tokens": 375, "total_tokens": 1001685}],
-                {"responses": 7, "input_tokens": 1001310, "output_tokens": 375, "total_tokens": 1001685},
-            ),
-        ],
-    )
-    def test_groups(self, group_by: list[str], rows: list[dict[str, t.Any]], total: dict[str, int]) -> None:
-        document = json.loads(render_json(ROWS, group_by))
-        assert document == {"group_by": group_by, "rows": rows, "total": total}
-        assert list(document["rows"][0]) == [
-            *group_by,
-            "responses",
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
+    def test_rows_and_total_carry_every_column_and_the_cost_in_dollars(self) -> None:
+        document = json.loads(render_json(ROWS, ["team", "model"]))
+        assert document["group_by"] == ["team", "model"]
+        assert [list(row) for row in document["rows"]] == [["team", "model", *COLUMNS]] * 3
+        assert [(r["team"], r["model"], r["responses"], r["cost_usd"]) for r in document["rows"]] == [
+            (None, None, 1, 0.0),
+            ("ads", "gpt-4o-mini", 3, 0.150012),
+            ("search", "gpt-4o", 3, 0.00575),
         ]
+        assert document["total"] == {name: sum(r[name] for r in document["rows"]) for name in COLUMNS}
+        assert document["total"]["cost_usd"] == pytest.approx(0.155762)
 
     def test_no_rows(self) -> None:
-        zero = {"responses": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        zero = {name: 0.0 if name == "cost_usd" else 0 for name in COLUMNS}
         assert json.loads(render_json([], ["day"])) == {"group_by": ["day"], "rows": [], "total": zero}
 
 
 @pytest.mark.parametrize(
     ("group_by", "message"),
     [
-        (["day", "user"], "Usage cannot be grouped by 'user'; choose among day, team, key, model."),
-        (["key_name"], "Usage cannot be grouped by 'key_name'; choose among day, team, key, model."),
+        (
+            ["day", "user"],
+            "Usage cannot be grouped by 'user'; choose among day, team, key, model, upstream, tier.",
+        ),
+        (
+            ["key_name"],
+            "Usage cannot be grouped by 'key_name'; choose among day, team, key, model, upstream, tier.",
+        ),
         (["day", "team", "day"], "Usage is grouped by 'day' twice; name each column once."),
     ],
 )
@@ -248,21 +259,25 @@ def db(tmp_path: Path) -> Path:
     with SQLiteStore(path) as store:
         number = 0
         for row in ROWS:
-            # Spread the row's tokens over its responses: the first takes what division leaves over.
+            # Spread the row's counts over its responses: the first takes what division leaves over.
             for index in range(row.responses):
-                share = [row.input_tokens, row.output_tokens, row.total_tokens]
-                tokens = [n // row.responses + (n % row.responses if index == 0 else 0) for n in share]
+
+                def share(total: int, index: int = index, row: UsageRow = row) -> int:
+                    return total // row.responses + (total % row.responses if index == 0 else 0)
+
                 number += 1
-                assert store.record_usage(
+                usage = Usage(**{name: share(getattr(row.usage, name)) for name in COUNTERS})
+                entry = UsageEntry(
                     f"resp_{number}",
                     key_name=row.key_name,
                     team=row.team,
                     model=row.model,
-                    input_tokens=tokens[0],
-                    output_tokens=tokens[1],
-                    total_tokens=tokens[2],
-                    at=noon(row.day),
+                    upstream=row.upstream,
+                    service_tier=row.service_tier,
+                    usage=usage,
+                    cost_nano_usd=None if index < row.unpriced else share(row.cost_nano_usd),
                 )
+                assert store.record_usage(entry, at=noon(row.day))
         assert store.usage_totals() == sorted(ROWS, key=lambda r: (r.day, r.team or "", r.key_name or ""))
     return path
 
@@ -322,7 +337,7 @@ class TestCli:
     ) -> None:
         status, out, err = run(capsys, "--store", str(db), "--since", "2026-01-01", "--format", "csv")
         assert status == 0
-        assert out == "day,team,key,model,responses,input_tokens,output_tokens,total_tokens\n"
+        assert out == "day,team,key,model," + ",".join(COLUMNS) + "\n"
         assert err == "wsgi-proxy: The store holds no token usage for those days.\n"
 
     def test_store_from_the_environment(
@@ -407,7 +422,10 @@ class TestCli:
                 ["--since", "2025-02-01", "--until", "2025-01-31"],
                 "--since 2025-02-01 is after --until 2025-01-31; swap the two dates.",
             ),
-            (["--by", "day,user"], "Usage cannot be grouped by 'user'; choose among day, team, key, model."),
+            (
+                ["--by", "day,user"],
+                "Usage cannot be grouped by 'user'; choose among day, team, key, model, upstream, tier.",
+            ),
         ],
     )
     def test_bad_arguments_exit_2(
@@ -442,20 +460,13 @@ class TestCli:
         from wsgi_proxy.store.redis_store import RedisStore
 
         with RedisStore(redis_server) as store:
-            store.record_usage(
-                "resp_cli",
-                key_name="ci",
-                team="search",
-                model="gpt-4o",
-                input_tokens=3,
-                output_tokens=4,
-                total_tokens=7,
-                at=noon("1999-12-31"),
-            )
+            usage = Usage(input_tokens=3, output_tokens=4, total_tokens=7)
+            entry = UsageEntry("resp_cli", "ci", "search", "gpt-4o", "openai", "flex", usage, 1_500)
+            store.record_usage(entry, at=noon("1999-12-31"))
         status, out, _ = run(
-            capsys, "--store", redis_server, "--until", "1999-12-31", "--by", "team", "--format", "csv"
+            capsys, "--store", redis_server, "--until", "1999-12-31", "--by", "team,tier", "--format", "csv"
         )
         assert (status, out) == (
             0,
-            "team,responses,input_tokens,output_tokens,total_tokens\nsearch,1,3,4,7\n",
+            f"team,tier,{','.join(COLUMNS)}\nsearch,flex,1,3,0,0,0,0,4,0,0,7,0,0,0,0,0.000001500,0\n",
         )

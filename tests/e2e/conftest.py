@@ -6,6 +6,8 @@ the proxy's log.
 
 from __future__ import annotations
 
+import json
+import time
 import typing as t
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.store import UsageRow, open_store
 from wsgi_proxy.tools.launch import ServerProcess, free_port, gunicorn_argv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +40,27 @@ class Proxy:
 
     def log(self) -> str:
         return self.server.log()
+
+    def access_lines(self) -> list[dict[str, t.Any]]:
+        """The JSON lines the proxy logged, one per request."""
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith('{"ts"')]
+
+
+def usage_rows(
+    store_url: str, responses: int, where: t.Callable[[UsageRow], bool] = bool, timeout: float = 10.0
+) -> list[UsageRow]:
+    """The store's usage rows that ``where`` keeps, once they count ``responses`` responses: usage
+    is recorded as an answer ends, a moment after the client has read it."""
+    store = open_store(store_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [row for row in store.usage_totals() if where(row)]
+            if sum(row.responses for row in rows) >= responses or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+    finally:
+        store.close()
 
 
 def start_proxy(

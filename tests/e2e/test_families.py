@@ -14,9 +14,8 @@ import requests
 from openai import OpenAI
 
 from wsgi_proxy.simulator import Simulator, SimulatorConfig
-from wsgi_proxy.store import open_store
 
-from .conftest import CLIENT_KEY, UPSTREAM_KEY, Proxy, start_proxy
+from .conftest import CLIENT_KEY, UPSTREAM_KEY, Proxy, start_proxy, usage_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -40,14 +39,6 @@ def counted(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> t
     proxy.server.stop()
 
 
-def _usage_rows(store_url: str, model: str) -> list[t.Any]:
-    store = open_store(store_url)
-    try:
-        return [row for row in store.usage_totals() if row.model == model]
-    finally:
-        store.close()
-
-
 def test_chat_completions_json_and_streamed_with_their_usage_counted(counted: tuple[Proxy, str]) -> None:
     proxy, store_url = counted
     with proxy.client() as client:
@@ -62,9 +53,9 @@ def test_chat_completions_json_and_streamed_with_their_usage_counted(counted: tu
     assert text == whole.choices[0].message.content
     usage = chunks[-1].usage
     assert usage is not None and whole.usage is not None
-    rows = _usage_rows(store_url, "gpt-4o")
+    rows = usage_rows(store_url, 2, lambda row: row.model == "gpt-4o")
     assert sum(r.responses for r in rows) == 2
-    assert sum(r.total_tokens for r in rows) == whole.usage.total_tokens + usage.total_tokens
+    assert sum(r.usage.total_tokens for r in rows) == whole.usage.total_tokens + usage.total_tokens
 
 
 def _normalised(body: bytes) -> bytes:

@@ -16,7 +16,7 @@ from wsgi_proxy.simulator import Simulator, SimulatorConfig
 from wsgi_proxy.tools.launch import free_port
 
 from ..envelope import assert_error
-from .conftest import Proxy, start_background, start_proxy
+from .conftest import Proxy, start_background, start_proxy, usage_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -245,8 +245,6 @@ def test_client_keys_never_reach_an_upstream_and_no_secret_is_logged(
 def test_usage_of_a_resumed_and_replayed_stream_is_counted_once(
     gateways: list[Proxy], config_env: dict[str, str]
 ) -> None:
-    from wsgi_proxy.store import open_store
-
     with _client(gateways[0], "BLUE_KEY") as client:
         events = list(
             client.responses.create(
@@ -261,13 +259,11 @@ def test_usage_of_a_resumed_and_replayed_stream_is_counted_once(
         replayed = list(client.responses.retrieve(final.id, stream=True))  # the client replays it all again
         client.responses.retrieve(final.id)  # and polls it
     assert replayed[-1].type == "response.completed"
-    store = open_store(config_env_store(config_env))
-    try:
-        rows = [r for r in store.usage_totals() if r.key_name == "blue"]
-    finally:
-        store.close()
+    rows = usage_rows(config_env_store(config_env), 1, lambda row: row.key_name == "blue")
+    time.sleep(0.5)  # a second count, if there were one, would land within this
+    rows = usage_rows(config_env_store(config_env), 1, lambda row: row.key_name == "blue")
     assert sum(r.responses for r in rows) == 1
-    assert sum(r.total_tokens for r in rows) == final.usage.total_tokens
+    assert sum(r.usage.total_tokens for r in rows) == final.usage.total_tokens
 
 
 def config_env_store(config_env: dict[str, str]) -> str:

@@ -404,7 +404,8 @@ def test_a_teams_own_response_continues_on_a_new_connection_and_usage_counts_onc
         assert _wait(lambda: sum(r.responses for r in store.usage_totals() if r.key_name == "blue") == 2)
         rows = [r for r in store.usage_totals() if r.key_name == "blue"]
         assert (
-            sum(r.total_tokens for r in rows) == first.usage.total_tokens + second.response.usage.total_tokens
+            sum(r.usage.total_tokens for r in rows)
+            == first.usage.total_tokens + second.response.usage.total_tokens
         )
         assert store.get_response(first.id) is not None and store.get_response(first.id).team == "blue"
     finally:

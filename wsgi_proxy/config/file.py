@@ -32,6 +32,11 @@ is one :class:`~wsgi_proxy.config.ConfigError` sentence naming the key to fix.
     name = "alice"
     team = "research"
     sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+    [prices."ft:gpt-4o-mini:acme"]     # USD per million tokens, over the dated defaults
+    input = 0.30
+    cached_input = 0.15
+    output = 1.20
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .prices import ModelPrice
 from .settings import ConfigError, check_api_version, check_base_url, check_endpoints
 
 __all__ = ["FileConfig", "KeyEntry", "ModelEntry", "Route", "TeamEntry", "UpstreamEntry", "load_config_file"]
@@ -82,6 +88,7 @@ class UpstreamEntry(_Strict):
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=600.0, gt=0)
     websockets: t.Literal["native", "off"] | None = None
+    prices: dict[str, ModelPrice] = {}
 
     _check_name = field_validator("name")(_name)
     _check_env = field_validator("api_key_env")(_env_name)
@@ -177,6 +184,7 @@ class FileConfig(_Strict):
     response_ttl_days: float = Field(default=30.0, gt=0)
     store_url: str | None = None
     allow_anonymous: bool = False
+    prices: dict[str, ModelPrice] = {}
 
     @model_validator(mode="after")
     def _cross_check(self) -> FileConfig:

@@ -18,6 +18,7 @@ import typing as t
 from dataclasses import dataclass, field
 
 from .file import FileConfig, KeyEntry, ModelEntry, load_config_file
+from .prices import DEFAULT_PRICES, PriceTable
 from .settings import MIN_CLIENT_KEY, ConfigError, ProxySettings
 
 __all__ = [
@@ -138,6 +139,7 @@ class GatewayConfig:
     :param unknown_ids: what a response id the store does not know gets: ``forward`` it to the
         first upstream, or ``reject`` it with the 404 of an unknown id.
     :param response_ttl_s: how long the store remembers where a response lives.
+    :param prices: what responses cost, by model, tier and upstream.
     """
 
     upstreams: tuple[UpstreamSpec, ...]
@@ -146,6 +148,7 @@ class GatewayConfig:
     store_url: str | None = None
     unknown_ids: t.Literal["forward", "reject"] = "forward"
     response_ttl_s: float = 30 * 86400.0
+    prices: PriceTable = field(default_factory=PriceTable)
 
     @classmethod
     def from_settings(
@@ -217,6 +220,10 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
         store_url=settings.store_url or config.store_url or _made_default_store_url(),
         unknown_ids=unknown,
         response_ttl_s=config.response_ttl_days * 86400,
+        prices=PriceTable(
+            {**DEFAULT_PRICES, **config.prices},
+            {entry.name: entry.prices for entry in config.upstreams if entry.prices},
+        ),
     )
 
 

@@ -296,8 +296,8 @@ class Gateway:
         if call.creates and summary.response_id is not None:
             tenant.remember(summary.response_id, sent.target.upstream, background=call.background)
         if call.counts_usage:
-            record.used(summary.usage)
-            tenant.record_usage(summary, record.model)
+            cost = tenant.record_usage(summary, upstream=sent.target.upstream, model=record.model)
+            record.used(summary.usage, cost)
         if call.forgets and call.owner_id is not None:
             tenant.forget(call.owner_id)
         for adopted in adopted_ids(content, call.adopts):
@@ -321,7 +321,10 @@ class Gateway:
 
         def finished(stats: StreamStats) -> None:
             release()
-            tenant.record_usage(Summary(stats.response_id, stats.model, stats.usage), record.model)
+            summary = Summary(stats.response_id, stats.model, stats.usage, stats.service_tier)
+            record.used(
+                stats.usage, tenant.record_usage(summary, upstream=sent.target.upstream, model=record.model)
+            )
             record.stream_ended(stats)
 
         def remember(response_id: str) -> None:

@@ -515,9 +515,10 @@ class WebSocketSession:
         if kind in _RESPONSE_ENDS:
             summary = event_summary(payload)
             record = lane.records.popleft() if lane.records else None
-            self.tenant.record_usage(summary, record.model if record is not None else None)
+            model = record.model if record is not None else None
+            cost = self.tenant.record_usage(summary, upstream=self._name, model=model)
             if record is not None:
-                record.used(summary.usage)
+                record.used(summary.usage, cost)
                 record.sent(200)
             lane.response_id, lane.last_sequence, lane.resuming = None, None, False
             self._set_resumable()

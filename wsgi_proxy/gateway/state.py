@@ -6,6 +6,7 @@ import typing as t
 from dataclasses import dataclass, field
 
 from ..config.gateway import GatewayConfig
+from ..config.prices import PriceTable
 from ..config.settings import ConfigError, ProxySettings
 from ..observe.metrics import Metrics
 from ..store import NullStore, Store, StoreError, open_store
@@ -43,6 +44,7 @@ class GatewayState:
     response_ttl_s: float = 30 * 86400.0
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     resume_policy: ResumePolicy = field(default_factory=ResumePolicy)
+    prices: PriceTable = field(default_factory=PriceTable)
 
     def upstream_headers(
         self,
@@ -96,6 +98,7 @@ class GatewayState:
             resume_policy=ResumePolicy(
                 settings.resume_attempts, settings.resume_backoff, settings.resume_backoff_max
             ),
+            prices=config.prices,
         )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 import typing as t
 import uuid
@@ -28,7 +29,7 @@ from ..errors import (
     StoreUnavailable,
     UpstreamProtocolError,
 )
-from ..store import ResponseRecord, Store, StoreError
+from ..store import ResponseRecord, Store, StoreError, UsageEntry
 from ..upstream.client import UpstreamClient
 from ..wire.responses import Summary
 from .routing import Target
@@ -259,28 +260,40 @@ class Tenant:
             )
             self.state.pending.put_response(record, self.state.response_ttl_s)
 
-    def record_usage(self, summary: Summary, model: str | None) -> None:
-        """Count a finished response's tokens once, whichever path saw them first; kept by the worker
-        until the store takes them.
+    def record_usage(self, summary: Summary, *, upstream: str, model: str | None) -> int | None:
+        """Count a finished response's usage and cost once, whichever path saw them first; kept by
+        the worker until the store takes them. Returns the cost in nano-dollars (None: no price).
 
         :param summary: the response's id and usage (nothing is counted without both).
+        :param upstream: the upstream that served it (its prices apply).
         :param model: the model to count them under when the summary names none.
         """
-        usage, response_id = summary.usage, summary.response_id
-        if response_id is None or usage is None:
-            return
+        usage = summary.usage
+        if usage is None:
+            return None
+        model = summary.model or model
+        cost = self.state.prices.cost(model, upstream, summary.service_tier, usage)
+        # An answer without an id (an embedding) is counted once by being counted under a new one.
+        response_id = summary.response_id or "unnamed_" + os.urandom(12).hex()
         identity = self.identity
+        entry = UsageEntry(
+            response_id=response_id,
+            key_name=identity.key_name,
+            team=identity.team,
+            model=model,
+            upstream=upstream,
+            service_tier=summary.service_tier,
+            usage=usage,
+            cost_nano_usd=cost,
+        )
 
         def write(store: Store) -> object:
-            return store.record_usage(
-                response_id,
-                key_name=identity.key_name,
-                team=identity.team,
-                model=summary.model or model,
-                input_tokens=usage["input_tokens"],
-                output_tokens=usage["output_tokens"],
-                total_tokens=usage["total_tokens"],
-            )
+            first = store.record_usage(entry)
+            if first:
+                self.state.metrics.used(
+                    team=identity.team, upstream=upstream, usage=usage, cost_nano_usd=cost
+                )
+            return first
 
         try:
             write(self.state.store)
@@ -293,6 +306,7 @@ class Tenant:
                 exc,
             )
             self.state.pending.record_usage(write)
+        return cost
 
     def forget(self, response_id: str) -> None:
         with contextlib.suppress(StoreError):

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one proxy: requests, latencies, open streams, upstream errors, rate limits.
+"""Prometheus metrics of one proxy: requests, latencies, open streams, upstream errors, rate limits,
+usage and cost.
 
 Under gunicorn every worker is a process of its own, so in-memory counters would each describe one
 worker only, and a scrape would see whichever worker answered it. prometheus_client's *multiprocess
@@ -15,7 +16,8 @@ Without the variable the metrics live in the process that created them, which is
 single process (the Flask development server, tests) and wrong for several gunicorn workers.
 
 Every label value comes from a small fixed set (route names, HTTP methods and status codes, the
-configured upstream names, error kinds), so the number of series stays bounded.
+configured upstream and team names, error kinds, usage counters), so the number of series stays
+bounded.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from ..config.prices import usd
 from ..config.settings import ConfigError
+from ..wire.usage import Usage
 
 __all__ = [
     "FIRST_EVENT_BUCKETS",
@@ -200,6 +204,19 @@ class Metrics:
                 ("limit",),
                 registry=reg,
             )
+            self._usage = Counter(
+                "wsgi_proxy_usage_total",
+                "Tokens and tool calls of finished responses (each counted once), by team, upstream and"
+                " counter (input_tokens, cached_input_tokens, reasoning_tokens, web_search_calls, ...).",
+                ("team", "upstream", "counter"),
+                registry=reg,
+            )
+            self._cost = Counter(
+                "wsgi_proxy_usage_cost_usd_total",
+                "What finished responses cost in US dollars, by team and upstream (priced models only).",
+                ("team", "upstream"),
+                registry=reg,
+            )
 
     def request_finished(
         self, *, route: str, method: str, status: int, upstream: str | None, seconds: float
@@ -265,6 +282,15 @@ class Metrics:
         """Count one request refused by ``limit`` (``"rpm"`` or ``"streams"``)."""
         self._labels(self._rate_limited, limit).inc()
 
+    def used(self, *, team: str | None, upstream: str, usage: Usage, cost_nano_usd: int | None) -> None:
+        """Count what one finished response used (once per response) and what it cost."""
+        team_label = _upstream(team)
+        for counter, value in usage.counts().items():
+            if value:
+                self._labels(self._usage, team_label, upstream, counter).inc(value)
+        if cost_nano_usd:
+            self._labels(self._cost, team_label, upstream).inc(usd(cost_nano_usd))
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text for a scrape, and its content type.
 
@@ -299,6 +325,7 @@ _ERROR_CODE = re.compile(r"[a-z0-9_.]{1,64}")
 
 
 def _upstream(name: str | None) -> str:
+    """A label for an optional name (an upstream, a team): ``none`` when there is none."""
     return "none" if name is None else name
 
 

@@ -16,7 +16,9 @@ import re
 import time
 import typing as t
 
+from ..config.prices import usd
 from ..errors import ProxyError, RateLimited, UpstreamError
+from ..wire.usage import Usage
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from ..gateway.session import SessionStats
@@ -60,7 +62,8 @@ class RequestRecord:
         self.upstream_request_id: str | None = None
         self.status: int | None = None
         self.attempts = 0
-        self.usage: dict[str, int] | None = None
+        self.usage: Usage | None = None
+        self.cost_nano_usd: int | None = None
         self.error: str | None = None
         self.stream: StreamStats | None = None
         self.streaming = False
@@ -89,9 +92,9 @@ class RequestRecord:
     def answered(self, upstream_request_id: str | None) -> None:
         self.upstream_request_id = upstream_request_id
 
-    def used(self, usage: dict[str, int] | None) -> None:
-        """The token usage of a JSON answer."""
-        self.usage = usage
+    def used(self, usage: Usage | None, cost_nano_usd: int | None) -> None:
+        """What the answer used, and what that cost in nano-dollars (None: no price)."""
+        self.usage, self.cost_nano_usd = usage, cost_nano_usd
 
     def failed(self, error: ProxyError) -> None:
         """The proxy answers with ``error``."""
@@ -110,8 +113,6 @@ class RequestRecord:
     def stream_ended(self, stats: StreamStats) -> None:
         """The relay ended, with ``stats``: the record closes."""
         self.stream = stats
-        if stats.usage is not None:
-            self.usage = stats.usage
         if stats.error is not None:
             self.error = stats.error
         if self._metrics is not None:
@@ -175,7 +176,8 @@ class RequestRecord:
                 "ended_by": stats.ended_by,
             }
         if self.usage is not None:
-            line["usage"] = self.usage
+            line["usage"] = self.usage.reported()
+            line["cost_usd"] = None if self.cost_nano_usd is None else usd(self.cost_nano_usd)
         if self.error is not None:
             line["error"] = self.error
         return line

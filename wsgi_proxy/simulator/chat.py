@@ -15,8 +15,9 @@ import struct
 import time
 import typing as t
 
+from .config import Faults
 from .errors import ApiError
-from .events import JsonDict, count_tokens, delta_texts, dumps, input_text, new_id
+from .events import JsonDict, count_tokens, delta_texts, dumps, input_text, new_id, served_tier
 
 __all__ = ["ChatPlan", "embeddings", "image_generation", "moderations", "speech", "transcription"]
 
@@ -32,11 +33,18 @@ def _text(messages: object) -> str:
     return input_text(messages)
 
 
+_NO_FAULTS = Faults()
+
+
 class ChatPlan:
     """One chat completion (or completion) to answer: its words, and its shape as JSON or chunks."""
 
-    def __init__(self, body: t.Mapping[str, t.Any], words: int, *, legacy: bool = False) -> None:
+    def __init__(
+        self, body: t.Mapping[str, t.Any], words: int, *, legacy: bool = False, faults: Faults = _NO_FAULTS
+    ) -> None:
         self.legacy = legacy
+        self.faults = faults
+        self.tier = body.get("service_tier")
         text = input_text(body.get("prompt")) if legacy else _text(body.get("messages"))
         self.id = new_id("cmpl-" if legacy else "chatcmpl-")
         self.model = body.get("model")
@@ -49,11 +57,25 @@ class ChatPlan:
 
     @property
     def usage(self) -> JsonDict:
-        prompt, completion = self.prompt_tokens, self.completion_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        """The usage in chat's names, ``sim_cached_tokens`` and ``sim_reasoning_tokens`` in its details."""
+        reasoning = self.faults.reasoning_tokens
+        prompt, completion = self.prompt_tokens, self.completion_tokens + reasoning
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": min(self.faults.cached_tokens, prompt)},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        }
 
     def _envelope(self, obj: str) -> JsonDict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "service_tier": served_tier(self.tier),
+        }
 
     def completion(self) -> JsonDict:
         """The whole answer (``stream`` false)."""

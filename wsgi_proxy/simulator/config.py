@@ -7,33 +7,36 @@ value and is the only place the option names and value rules live.
 
 Options (integers are non-negative, booleans are ``1``/``0``/``true``/``false``):
 
-=========================  ==========================================================================
-``sim_words=N``            number of ``output_text.delta`` events
-``sim_delay_ms=F``         pause between generated events (streams and background jobs)
-``sim_delta_bytes=N``      pad each delta to about N bytes (multi-MiB ``response.completed`` lines)
-``sim_cut_after=K``        abort this connection's body after K events (not inherited by replays)
-``sim_cut_every=K``        abort every connection after K events, unless the K-th was terminal
-``sim_cut_mode=M``         ``abort`` (no last chunk; default) or ``clean`` (proper end, no terminal)
-``sim_gap_at=K``           stay silent ``sim_gap_s`` seconds (default 1) before event K is generated
-``sim_framing=F``          ``lf`` (default), ``crlf`` or ``cr`` line terminators
-``sim_split=1``            each event in several writes cut mid-line (CRLF: between ``\\r`` and ``\\n``)
-``sim_transfer=T``         ``chunked`` (default) or ``close`` (``Connection: close``, no length)
-``sim_gzip=1``             ``Content-Encoding: gzip``, ``Z_SYNC_FLUSH`` after every write
-``sim_keepalive_every=N``  a ``keepalive`` event after every N events (consumes sequence numbers)
-``sim_keepalive_first=1``  a ``keepalive`` event before ``response.created``
-``sim_comments=1``         a ``: ping`` comment between events
-``sim_no_sequence=1``      events without ``sequence_number`` (as some compatible servers send them)
-``sim_unicode=1``          deltas full of U+2028, U+2029, U+0085, Cyrillic, CJK and an emoji
-``sim_stamp=1``            each event (SSE) or frame (WebSocket) ends with ``"sim_sent_at"``, the
-                           simulator's ``time.monotonic()`` as it sent it (one-way delays, measured by
-                           benchmarks)
-``sim_status=CODE``        answer the request with this 4xx/5xx status in an error envelope
-``sim_retry_after=S``      with ``sim_status``: a ``retry-after`` header
-``sim_should_retry=B``     with ``sim_status``: an ``x-should-retry`` header
-``sim_error=S``            an ``error`` event, ``flat`` or ``nested``, then ``response.failed``
-``sim_error_at=K``         sequence number of that error (default: instead of the terminal event)
-``sim_cancel_mode=M``      ``fail`` (cancel ends streams with ``response.failed``) or ``continue``
-=========================  ==========================================================================
+==========================  ==========================================================================
+``sim_words=N``             number of ``output_text.delta`` events
+``sim_delay_ms=F``          pause between generated events (streams and background jobs)
+``sim_delta_bytes=N``       pad each delta to about N bytes (multi-MiB ``response.completed`` lines)
+``sim_cut_after=K``         abort this connection's body after K events (not inherited by replays)
+``sim_cut_every=K``         abort every connection after K events, unless the K-th was terminal
+``sim_cut_mode=M``          ``abort`` (no last chunk; default) or ``clean`` (proper end, no terminal)
+``sim_gap_at=K``            stay silent ``sim_gap_s`` seconds (default 1) before event K is generated
+``sim_framing=F``           ``lf`` (default), ``crlf`` or ``cr`` line terminators
+``sim_split=1``             each event in several writes cut mid-line (CRLF: between ``\\r`` and ``\\n``)
+``sim_transfer=T``          ``chunked`` (default) or ``close`` (``Connection: close``, no length)
+``sim_gzip=1``              ``Content-Encoding: gzip``, ``Z_SYNC_FLUSH`` after every write
+``sim_keepalive_every=N``   a ``keepalive`` event after every N events (consumes sequence numbers)
+``sim_keepalive_first=1``   a ``keepalive`` event before ``response.created``
+``sim_comments=1``          a ``: ping`` comment between events
+``sim_no_sequence=1``       events without ``sequence_number`` (as some compatible servers send them)
+``sim_unicode=1``           deltas full of U+2028, U+2029, U+0085, Cyrillic, CJK and an emoji
+``sim_stamp=1``             each event (SSE) or frame (WebSocket) ends with ``"sim_sent_at"``, the
+                            simulator's ``time.monotonic()`` as it sent it (one-way delays, measured by
+                            benchmarks)
+``sim_status=CODE``         answer the request with this 4xx/5xx status in an error envelope
+``sim_retry_after=S``       with ``sim_status``: a ``retry-after`` header
+``sim_should_retry=B``      with ``sim_status``: an ``x-should-retry`` header
+``sim_error=S``             an ``error`` event, ``flat`` or ``nested``, then ``response.failed``
+``sim_error_at=K``          sequence number of that error (default: instead of the terminal event)
+``sim_cancel_mode=M``       ``fail`` (cancel ends streams with ``response.failed``) or ``continue``
+``sim_cached_tokens=N``     the usage reports N of the input tokens as cached (at most all of them)
+``sim_reasoning_tokens=N``  the usage adds N reasoning tokens to the output tokens
+``sim_web_search_calls=N``  the completed response's output starts with N ``web_search_call`` items
+==========================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -81,10 +84,10 @@ class Faults:
     """The fault options in effect for one request.
 
     Generation options (``words``, ``delay_ms``, ``delta_bytes``, ``gap_*``, ``keepalive_*``,
-    ``unicode``, ``error*``, ``cancel_mode``) are fixed when a response is created. Connection options
-    (``framing``, ``split``, ``transfer``, ``gzip``, ``comments``, ``no_sequence``, ``cut_*``) apply to
-    each SSE connection. ``status``, ``retry_after`` and ``should_retry`` apply to the request carrying
-    them.
+    ``unicode``, ``error*``, ``cancel_mode`` and the usage ones) are fixed when a response is
+    created. Connection options (``framing``, ``split``, ``transfer``, ``gzip``, ``comments``,
+    ``no_sequence``, ``cut_*``) apply to each SSE connection. ``status``, ``retry_after`` and
+    ``should_retry`` apply to the request carrying them.
     """
 
     words: int | None = None
@@ -121,6 +124,9 @@ class Faults:
     error_at: int | None = None
     """Sequence number of the injected ``error`` event; ``None`` puts it where the terminal event goes."""
     cancel_mode: CancelMode = "fail"
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    web_search_calls: int = 0
 
     def for_replay(self, defaults: Faults) -> Faults:
         """Return these faults with the per-request options reset to ``defaults``.
@@ -261,6 +267,9 @@ FAULT_OPTIONS: dict[str, tuple[str, t.Callable[[str, str], object]]] = {
     "sim_error": ("error", lambda n, r: _choice(n, r, ("flat", "nested"))),
     "sim_error_at": ("error_at", _optional_int(0)),
     "sim_cancel_mode": ("cancel_mode", lambda n, r: _choice(n, r, ("fail", "continue"))),
+    "sim_cached_tokens": ("cached_tokens", _optional_int(0, 1_000_000_000)),
+    "sim_reasoning_tokens": ("reasoning_tokens", _optional_int(0, 1_000_000_000)),
+    "sim_web_search_calls": ("web_search_calls", _optional_int(0, 100)),
 }
 
 

@@ -121,14 +121,22 @@ def count_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def usage(input_tokens: int, output_tokens: int) -> JsonDict:
+def usage(input_tokens: int, output_tokens: int, *, cached: int = 0, reasoning: int = 0) -> JsonDict:
+    """A Response's usage: ``cached`` of the input tokens came from the cache (at most all of them),
+    and ``reasoning`` tokens were spent on top of the ``output_tokens`` of the reply."""
+    output = output_tokens + reasoning
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": input_tokens + output_tokens,
+        "input_tokens_details": {"cached_tokens": min(cached, input_tokens)},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": input_tokens + output,
     }
+
+
+def served_tier(requested: object) -> str:
+    """The ``service_tier`` a finished response reports: the tier asked for, ``default`` for ``auto``."""
+    return requested if isinstance(requested, str) and requested != "auto" else "default"
 
 
 def delta_texts(text: str, words: int, delta_bytes: int | None = None, unicode: bool = False) -> list[str]:
@@ -216,6 +224,9 @@ class Plan:
     keepalive_first: bool = False
     error: t.Literal["flat", "nested"] | None = None
     error_at: int | None = None
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    web_search_calls: int = 0
 
 
 class Step(t.NamedTuple):
@@ -267,13 +278,24 @@ def _planned_events(plan: Plan) -> tuple[int, t.Iterator[t.Callable[[int], Step]
 
         return build
 
+    searches = [
+        {"type": "web_search_call", "id": new_id("ws_"), "status": "completed", "action": {"type": "search"}}
+        for _ in range(plan.web_search_calls)
+    ]
+
     def completed(seq: int) -> Step:
         snapshot = {
             **base,
             "status": "completed",
             "completed_at": int(time.time()),
-            "output": [item("completed", [part(text)])],
-            "usage": usage(plan.input_tokens, len(plan.deltas)),
+            "output": [*searches, item("completed", [part(text)])],
+            "usage": usage(
+                plan.input_tokens,
+                len(plan.deltas),
+                cached=plan.cached_tokens,
+                reasoning=plan.reasoning_tokens,
+            ),
+            "service_tier": served_tier(base.get("service_tier")),
         }
         return Step(
             {"type": "response.completed", "sequence_number": seq, "response": snapshot}, snapshot, True

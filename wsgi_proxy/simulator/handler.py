@@ -630,6 +630,9 @@ class _Handler(BaseHTTPRequestHandler):
             keepalive_first=faults.keepalive_first,
             error=faults.error,
             error_at=faults.error_at,
+            cached_tokens=faults.cached_tokens,
+            reasoning_tokens=faults.reasoning_tokens,
+            web_search_calls=faults.web_search_calls,
         )
         if conversation is not None:
             snapshot["conversation"] = {"id": conversation}
@@ -775,8 +778,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._json_body(call)
         self._require_model(body)
         config = self._server.config
-        faults = self._faults(call.sim_args, config.faults)
-        plan = ChatPlan(body, config.words if faults.words is None else faults.words, legacy=legacy)
+        metadata = body.get("metadata")
+        given = (
+            {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(metadata, dict) else {}
+        )
+        faults = self._faults(call.sim_args, self._faults(given, config.faults))
+        plan = ChatPlan(
+            body, config.words if faults.words is None else faults.words, legacy=legacy, faults=faults
+        )
         if not _optional_bool(body, "stream"):
             self._send_json(200, plan.completion())
             return

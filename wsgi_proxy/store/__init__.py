@@ -4,6 +4,7 @@ from .base import RateDecision as RateDecision
 from .base import ResponseRecord as ResponseRecord
 from .base import Store as Store
 from .base import StoreError as StoreError
+from .base import UsageEntry as UsageEntry
 from .base import UsageRow as UsageRow
 from .factory import check_store as check_store
 from .factory import open_store as open_store
@@ -16,6 +17,7 @@ __all__ = [
     "ResponseRecord",
     "Store",
     "StoreError",
+    "UsageEntry",
     "UsageRow",
     "open_store",
 ]

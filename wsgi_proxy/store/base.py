@@ -18,20 +18,26 @@ import typing as t
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from ..wire.usage import COUNTERS, Usage
+
 __all__ = [
+    "USAGE_COLUMNS",
+    "USAGE_DIMENSIONS",
     "USAGE_TTL_S",
     "RateDecision",
     "ResponseRecord",
     "Store",
     "StoreError",
+    "UsageEntry",
     "UsageRow",
     "check_day",
+    "check_entry",
     "check_positive",
-    "check_tokens",
     "fixed_window",
     "rate_decision",
     "redact_url",
     "usage_day",
+    "usage_names",
     "usage_sort_key",
 ]
 
@@ -69,11 +75,37 @@ class RateDecision:
 
 
 @dataclass(frozen=True)
-class UsageRow:
-    """The tokens used on one UTC day by one key, in one team, with one model.
+class UsageEntry:
+    """One finished response's usage, as :meth:`Store.record_usage` counts it.
 
-    ``key_name``, ``team`` and ``model`` are None when the response had none (an anonymous or
-    pass-through request, or a response that named no model); an empty name counts as None.
+    ``cost_nano_usd`` is what it cost in nano-dollars (1e-9 USD), None when its model has no price.
+    """
+
+    response_id: str
+    key_name: str | None
+    team: str | None
+    model: str | None
+    upstream: str | None
+    service_tier: str | None
+    usage: Usage
+    cost_nano_usd: int | None = None
+
+
+#: The names a usage row is kept apart by, in their natural order (``day`` first).
+USAGE_DIMENSIONS = ("day", "team", "key_name", "model", "upstream", "service_tier")
+
+#: The counted columns of a usage row: responses, every counter of :class:`Usage`, the cost, and
+#: how many responses had no price (their cost is not in ``cost_nano_usd``).
+USAGE_COLUMNS = ("responses", *COUNTERS, "cost_nano_usd", "unpriced")
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """What was used on one UTC day by one key, in one team, with one model, upstream and tier.
+
+    A name is None when the response had none (an anonymous or pass-through request, a response
+    that named no model or tier, or a total recorded before upstreams and tiers were); an empty
+    name counts as None.
     """
 
     day: str
@@ -81,11 +113,41 @@ class UsageRow:
     key_name: str | None
     team: str | None
     model: str | None
-    responses: int
+    upstream: str | None = None
+    service_tier: str | None = None
+    responses: int = 0
     """How many responses were counted."""
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
+    usage: Usage = Usage()
+    cost_nano_usd: int = 0
+    unpriced: int = 0
+    """How many of the responses had no price, so that ``cost_nano_usd`` leaves them out."""
+
+    def value(self, column: str) -> int:
+        """The row's count in one of :data:`USAGE_COLUMNS`."""
+        if column in _ROW_COUNTS:
+            return t.cast(int, getattr(self, column))
+        return t.cast(int, getattr(self.usage, column))
+
+    @classmethod
+    def of(cls, names: t.Sequence[str | None], counts: t.Mapping[str, int]) -> UsageRow:
+        """A row from its :data:`USAGE_DIMENSIONS` values (empty names as None) and its counts by
+        column (a column not given is 0)."""
+        day, team, key_name, model, upstream, tier = (name or None for name in names)
+        return cls(
+            day=t.cast(str, day),
+            key_name=key_name,
+            team=team,
+            model=model,
+            upstream=upstream,
+            service_tier=tier,
+            responses=counts.get("responses", 0),
+            usage=Usage(**{name: counts.get(name, 0) for name in COUNTERS}),
+            cost_nano_usd=counts.get("cost_nano_usd", 0),
+            unpriced=counts.get("unpriced", 0),
+        )
+
+
+_ROW_COUNTS = frozenset({"responses", "cost_nano_usd", "unpriced"})
 
 
 class Store(abc.ABC):
@@ -143,33 +205,22 @@ class Store(abc.ABC):
         """Give back the slot held by ``lease`` (nothing happens if it is not held)."""
 
     @abc.abstractmethod
-    def record_usage(
-        self,
-        response_id: str,
-        *,
-        key_name: str | None,
-        team: str | None,
-        model: str | None,
-        input_tokens: int,
-        output_tokens: int,
-        total_tokens: int,
-        at: float | None = None,
-        ttl_s: float = USAGE_TTL_S,
-    ) -> bool:
-        """Add the usage of ``response_id`` to the totals of its day, key, team and model, once.
+    def record_usage(self, entry: UsageEntry, *, at: float | None = None, ttl_s: float = USAGE_TTL_S) -> bool:
+        """Add ``entry`` to the totals of its day, key, team, model, upstream and tier, once.
 
-        The first call for a response id adds the tokens, and 1 to the ``responses`` count, to the
-        totals of the UTC day of ``at`` (a unix time, default now) and returns True. Later calls for
-        the same id return False and change nothing, from any thread, process or host: a resumed
-        stream replays ``response.completed`` and a background response may be polled as well.
-        The id is remembered for ``ttl_s`` seconds; the totals are kept until deleted.
+        The first call for a response id adds the counts, the cost (or 1 to ``unpriced``), and 1 to
+        the ``responses`` count, to the totals of the UTC day of ``at`` (a unix time, default now)
+        and returns True. Later calls for the same id return False and change nothing, from any
+        thread, process or host: a resumed stream replays ``response.completed`` and a background
+        response may be polled as well. The id is remembered for ``ttl_s`` seconds; the totals are
+        kept until deleted.
         """
 
     @abc.abstractmethod
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
         """The usage totals from day ``since`` to day ``until`` (both ``YYYY-MM-DD``, inclusive).
 
-        Rows are sorted by day, team, key and model, with None before any name.
+        Rows are sorted by day, team, key, model, upstream and tier, with None before any name.
         """
 
     @abc.abstractmethod
@@ -212,11 +263,24 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive number of seconds, not {value!r}.")
 
 
-def check_tokens(**counts: int) -> None:
-    """Reject a token count that is not a whole number of at least 0 (a programming error)."""
+def check_entry(entry: UsageEntry) -> dict[str, int]:
+    """The counts ``entry`` adds to its row, by column; ValueError for a count that is not a whole
+    number of at least 0 (a programming error)."""
+    counts = {"responses": 1, **entry.usage.counts()}
+    if entry.cost_nano_usd is None:
+        counts["unpriced"] = 1
+    else:
+        counts["cost_nano_usd"] = entry.cost_nano_usd
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a whole number of tokens of at least 0, not {value!r}.")
+            raise ValueError(f"{name} must be a whole number of at least 0, not {value!r}.")
+    return counts
+
+
+def usage_names(entry: UsageEntry, day: str) -> tuple[str, ...]:
+    """The :data:`USAGE_DIMENSIONS` values of ``entry``'s row, with "" for a missing name."""
+    names = (entry.team, entry.key_name, entry.model, entry.upstream, entry.service_tier)
+    return (day, *(name or "" for name in names))
 
 
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -241,9 +305,9 @@ def usage_day(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, tz=datetime.UTC).strftime("%Y-%m-%d")
 
 
-def usage_sort_key(row: UsageRow) -> tuple[str, str, str, str]:
-    """Order rows by day, team, key and model; None (stored as "") sorts before any name."""
-    return (row.day, row.team or "", row.key_name or "", row.model or "")
+def usage_sort_key(row: UsageRow) -> tuple[str, ...]:
+    """Order rows by day, team, key, model, upstream and tier; None (stored as "") sorts first."""
+    return tuple(getattr(row, name) or "" for name in USAGE_DIMENSIONS)
 
 
 def fixed_window(now: float, window_s: float) -> tuple[int, float]:

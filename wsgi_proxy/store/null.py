@@ -7,7 +7,7 @@ checks whether it has one. Limits never reach it: such a gateway has none.
 
 from __future__ import annotations
 
-from .base import USAGE_TTL_S, RateDecision, ResponseRecord, Store, UsageRow
+from .base import USAGE_TTL_S, RateDecision, ResponseRecord, Store, UsageEntry, UsageRow
 
 __all__ = ["NullStore"]
 
@@ -44,19 +44,7 @@ class NullStore(Store):
     def release_slot(self, key: str, lease: str) -> None:
         pass
 
-    def record_usage(
-        self,
-        response_id: str,
-        *,
-        key_name: str | None,
-        team: str | None,
-        model: str | None,
-        input_tokens: int,
-        output_tokens: int,
-        total_tokens: int,
-        at: float | None = None,
-        ttl_s: float = USAGE_TTL_S,
-    ) -> bool:
+    def record_usage(self, entry: UsageEntry, *, at: float | None = None, ttl_s: float = USAGE_TTL_S) -> bool:
         return False
 
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:

@@ -7,9 +7,11 @@ Layout, under a key prefix (``wsgi_proxy:`` by default)::
     {prefix}rate:{key}:{window}      integer: INCR per request, expiring after its window ends
     {prefix}slots:{key}              sorted set: lease -> expiry time, changed only by Lua scripts
     {prefix}usage:seen:{response_id} string: "1" with a PX expiry, once the response's usage is counted
-    {prefix}usage:day:{YYYY-MM-DD}   hash: "{counter}|{dims}" -> total, where counter is responses,
-                                     input_tokens, output_tokens or total_tokens and dims is the JSON
-                                     array [key_name, team, model] (null for None)
+    {prefix}usage:day:{YYYY-MM-DD}   hash: "{column}|{dims}" -> total, where column is one of
+                                     USAGE_COLUMNS (responses, the token and call counters, the
+                                     cost, unpriced) and dims is the JSON array [key_name, team,
+                                     model, upstream, service_tier] (null for None; earlier
+                                     releases wrote the first three only)
     {prefix}usage:days               sorted set: YYYY-MM-DD -> the date as the number YYYYMMDD
 
 Responses, rate windows and usage markers expire by Redis's own key expiry, so
@@ -40,10 +42,11 @@ from .base import (
     ResponseRecord,
     Store,
     StoreError,
+    UsageEntry,
     UsageRow,
     check_day,
+    check_entry,
     check_positive,
-    check_tokens,
     fixed_window,
     rate_decision,
     redact_url,
@@ -88,15 +91,12 @@ if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
     return 0
 end
 local dims = ARGV[2]
-redis.call('HINCRBY', KEYS[2], 'responses|' .. dims, 1)
-redis.call('HINCRBY', KEYS[2], 'input_tokens|' .. dims, ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'output_tokens|' .. dims, ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'total_tokens|' .. dims, ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+for i = 5, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[2], ARGV[i] .. '|' .. dims, ARGV[i + 1])
+end
 return 1
 """
-
-_COUNTERS = ("responses", "input_tokens", "output_tokens", "total_tokens")
 
 # A rate window's key outlives the window a little, so a host whose clock runs behind still finds it.
 _RATE_GRACE_MS = 1000
@@ -260,37 +260,21 @@ class RedisStore(Store):
         with self._translate("release a stream slot"):
             self._client.zrem(self._key("slots", key), lease)
 
-    def record_usage(
-        self,
-        response_id: str,
-        *,
-        key_name: str | None,
-        team: str | None,
-        model: str | None,
-        input_tokens: int,
-        output_tokens: int,
-        total_tokens: int,
-        at: float | None = None,
-        ttl_s: float = USAGE_TTL_S,
-    ) -> bool:
+    def record_usage(self, entry: UsageEntry, *, at: float | None = None, ttl_s: float = USAGE_TTL_S) -> bool:
         check_positive("ttl_s", ttl_s)
-        check_tokens(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=total_tokens)
+        counts = check_entry(entry)
         day = usage_day(time.time() if at is None else at)
-        dims = json.dumps([key_name or None, team or None, model or None], separators=(",", ":"))
+        names = [entry.key_name, entry.team, entry.model, entry.upstream, entry.service_tier]
+        dims = json.dumps([name or None for name in names], separators=(",", ":"))
         keys = [
-            self._key("usage", f"seen:{response_id}"),
+            self._key("usage", f"seen:{entry.response_id}"),
             self._key("usage", f"day:{day}"),
             self._key("usage", "days"),
         ]
-        args: list[str | int] = [
-            _ms(ttl_s),
-            dims,
-            input_tokens,
-            output_tokens,
-            total_tokens,
-            _day_score(day),
-            day,
-        ]
+        args: list[str | int] = [_ms(ttl_s), dims, _day_score(day), day]
+        for column, value in counts.items():
+            if value:
+                args += [column, value]
         with self._translate("record token usage"):
             first = self._record_usage(keys=keys, args=args)
         return bool(first)
@@ -308,21 +292,31 @@ class RedisStore(Store):
             hashes = pipe.execute()
         rows = []
         for day, fields in zip(days, hashes, strict=True):
-            totals: dict[str, dict[str, int]] = collections.defaultdict(dict)
+            # By names: an earlier release's [key, team, model] adds to [key, team, model, null, null].
+            totals: dict[tuple[str | None, ...], collections.Counter[str]] = collections.defaultdict(
+                collections.Counter
+            )
             for field, value in fields.items():
-                counter, _, dims = _text(field).partition("|")
-                totals[dims][counter] = int(value)
-            for dims, counts in totals.items():
-                try:
-                    key_name, team, model = json.loads(dims)
-                    row = UsageRow(day, key_name, team, model, *(counts.get(name, 0) for name in _COUNTERS))
-                except (ValueError, TypeError):
-                    raise StoreError(
-                        f"The Redis store at {self.url} holds an unreadable usage total {dims!r} for {day};"
-                        f" check what else writes under the prefix {self.prefix!r}."
-                    ) from None
-                rows.append(row)
+                column, _, dims = _text(field).partition("|")
+                totals[self._usage_names(day, dims)][column] += int(value)
+            rows += [UsageRow.of(names, counts) for names, counts in totals.items()]
         return sorted(rows, key=usage_sort_key)
+
+    def _usage_names(self, day: str, dims: str) -> tuple[str | None, ...]:
+        """A usage field's names in ``USAGE_DIMENSIONS`` order, from its JSON array of names."""
+        try:
+            names = json.loads(dims)
+            if not isinstance(names, list) or len(names) not in (3, 5):
+                raise ValueError
+            if not all(name is None or isinstance(name, str) for name in names):
+                raise ValueError
+        except ValueError:
+            raise StoreError(
+                f"The Redis store at {self.url} holds an unreadable usage total {dims!r} for {day};"
+                f" check what else writes under the prefix {self.prefix!r}."
+            ) from None
+        key_name, team, model, upstream, tier = (*names, None, None)[:5]
+        return (day, team, key_name, model, upstream, tier)
 
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

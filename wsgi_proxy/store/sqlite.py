@@ -8,8 +8,8 @@ IMMEDIATE`` plus ``busy_timeout`` across processes. Every read-modify-write (rat
 leases, usage totals) runs inside one such transaction, which makes it atomic for all workers on
 the host.
 
-Usage totals keep "" for a missing key, team or model: NULLs would never conflict in the primary
-key, so every response without a key would get a row of its own instead of adding to one.
+Usage totals keep "" for a missing key, team, model, upstream or tier: NULLs would never conflict in
+the primary key, so every response without a key would get a row of its own instead of adding to one.
 """
 
 from __future__ import annotations
@@ -25,18 +25,22 @@ import weakref
 from pathlib import Path
 
 from .base import (
+    USAGE_COLUMNS,
+    USAGE_DIMENSIONS,
     USAGE_TTL_S,
     RateDecision,
     ResponseRecord,
     Store,
     StoreError,
+    UsageEntry,
     UsageRow,
     check_day,
+    check_entry,
     check_positive,
-    check_tokens,
     fixed_window,
     rate_decision,
     usage_day,
+    usage_names,
 )
 
 __all__ = ["SQLiteStore"]
@@ -85,16 +89,10 @@ CREATE TABLE IF NOT EXISTS usage_seen (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_seen_expires_at ON usage_seen (expires_at);
 
-CREATE TABLE IF NOT EXISTS usage_totals (
-    day TEXT NOT NULL,
-    team TEXT NOT NULL,
-    key_name TEXT NOT NULL,
-    model TEXT NOT NULL,
-    responses INTEGER NOT NULL,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    total_tokens INTEGER NOT NULL,
-    PRIMARY KEY (day, team, key_name, model)
+CREATE TABLE IF NOT EXISTS usage_daily (
+    {dimensions},
+    {columns},
+    PRIMARY KEY ({names})
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS heartbeat (
@@ -102,6 +100,30 @@ CREATE TABLE IF NOT EXISTS heartbeat (
     at REAL NOT NULL
 );
 """
+
+_SCHEMA = _SCHEMA.format(
+    dimensions=",\n    ".join(f"{name} TEXT NOT NULL" for name in USAGE_DIMENSIONS),
+    columns=",\n    ".join(f"{name} INTEGER NOT NULL DEFAULT 0" for name in USAGE_COLUMNS),
+    names=", ".join(USAGE_DIMENSIONS),
+)
+
+#: Totals kept by earlier releases (one row per day, team, key and model, three token counts) move
+#: into ``usage_daily`` once, with no upstream or tier, when a store is opened.
+_MIGRATE_USAGE_TOTALS = (
+    "INSERT INTO usage_daily (day, team, key_name, model, upstream, service_tier, responses, input_tokens,"
+    " output_tokens, total_tokens)"
+    " SELECT day, team, key_name, model, '', '', responses, input_tokens, output_tokens, total_tokens"
+    " FROM usage_totals WHERE 1"
+    " ON CONFLICT DO UPDATE SET responses = responses + excluded.responses,"
+    " input_tokens = input_tokens + excluded.input_tokens,"
+    " output_tokens = output_tokens + excluded.output_tokens,"
+    " total_tokens = total_tokens + excluded.total_tokens"
+)
+
+_ADD_USAGE = (
+    "INSERT INTO usage_daily ({names}, {columns}) VALUES ({marks}) ON CONFLICT ({names}) DO UPDATE SET {sums}"
+)
+_READ_USAGE = "SELECT {names}, {columns} FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY {names}"
 
 #: The tables whose rows expire (usage totals are kept until deleted).
 _TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen")
@@ -149,6 +171,11 @@ class SQLiteStore(Store):
             with self._write_lock:
                 conn.executescript(_SCHEMA)
         self._inode = self.path.stat().st_ino
+        with self._write("move the usage totals of an earlier release") as conn:
+            # Checked inside the transaction: another worker opening the file may have moved them.
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'usage_totals'").fetchone():
+                conn.execute(_MIGRATE_USAGE_TOTALS)
+                conn.execute("DROP TABLE usage_totals")
 
     def _reset(self, pid: int) -> None:
         """Start this process's connection bookkeeping afresh (at open, and in a forked child).
@@ -397,62 +424,39 @@ class SQLiteStore(Store):
         with self._write("release a stream slot") as conn:
             conn.execute("DELETE FROM slot_leases WHERE key = ? AND lease = ?", (key, lease))
 
-    def record_usage(
-        self,
-        response_id: str,
-        *,
-        key_name: str | None,
-        team: str | None,
-        model: str | None,
-        input_tokens: int,
-        output_tokens: int,
-        total_tokens: int,
-        at: float | None = None,
-        ttl_s: float = USAGE_TTL_S,
-    ) -> bool:
+    def record_usage(self, entry: UsageEntry, *, at: float | None = None, ttl_s: float = USAGE_TTL_S) -> bool:
         check_positive("ttl_s", ttl_s)
-        check_tokens(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=total_tokens)
+        counts = check_entry(entry)
         now = time.time()
-        day = usage_day(now if at is None else at)
+        names = usage_names(entry, usage_day(now if at is None else at))
         with self._write("record token usage") as conn:
             # A marker that expired but was not purged yet counts as absent, as in Redis.
             first = conn.execute(
                 "INSERT INTO usage_seen (response_id, expires_at) VALUES (?, ?)"
                 " ON CONFLICT (response_id) DO UPDATE SET expires_at = excluded.expires_at"
                 " WHERE usage_seen.expires_at <= ?",
-                (response_id, now + ttl_s, now),
+                (entry.response_id, now + ttl_s, now),
             ).rowcount
             if not first:
                 return False
-            conn.execute(
-                "INSERT INTO usage_totals (day, team, key_name, model, responses, input_tokens,"
-                " output_tokens, total_tokens) VALUES (?, ?, ?, ?, 1, ?, ?, ?)"
-                " ON CONFLICT (day, team, key_name, model) DO UPDATE SET responses = responses + 1,"
-                " input_tokens = input_tokens + excluded.input_tokens,"
-                " output_tokens = output_tokens + excluded.output_tokens,"
-                " total_tokens = total_tokens + excluded.total_tokens",
-                (day, team or "", key_name or "", model or "", input_tokens, output_tokens, total_tokens),
+            columns = tuple(counts)
+            sql = _ADD_USAGE.format(
+                names=", ".join(USAGE_DIMENSIONS),
+                columns=", ".join(columns),
+                marks=", ".join("?" * (len(names) + len(columns))),
+                sums=", ".join(f"{name} = {name} + excluded.{name}" for name in columns),
             )
+            conn.execute(sql, (*names, *counts.values()))
         return True
 
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
         check_day("since", since)
         check_day("until", until)
+        sql = _READ_USAGE.format(names=", ".join(USAGE_DIMENSIONS), columns=", ".join(USAGE_COLUMNS))
         with self._translate("read the usage totals"):
-            rows = (
-                self._connection()
-                .execute(
-                    "SELECT day, key_name, team, model, responses, input_tokens, output_tokens,"
-                    " total_tokens FROM usage_totals WHERE day >= ? AND day <= ?"
-                    " ORDER BY day, team, key_name, model",
-                    (since or "", until or "9999-12-31"),
-                )
-                .fetchall()
-            )
-        return [
-            UsageRow(day, key or None, team or None, model or None, *counts)
-            for day, key, team, model, *counts in rows
-        ]
+            rows = self._connection().execute(sql, (since or "", until or "9999-12-31")).fetchall()
+        width = len(USAGE_DIMENSIONS)
+        return [UsageRow.of(row[:width], dict(zip(USAGE_COLUMNS, row[width:], strict=True))) for row in rows]
 
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

@@ -176,8 +176,9 @@ def main(argv: t.Sequence[str] | None = None) -> int:
 
     usage = commands.add_parser(
         "usage",
-        help="report the tokens used per day, team, key and model, from the gateway's store",
-        description="Report the tokens used per day, team, key and model, from the gateway's store."
+        help="report the tokens, tool calls and cost per day, team, key and model, from the gateway's store",
+        description="Report the tokens, tool calls and cost per day, team, key, model, upstream and"
+        " service tier, from the gateway's store."
         " The store is --store, else WSGI_PROXY_STORE_URL, else the store_url of the configuration"
         " file (--config, else WSGI_PROXY_CONFIG). Days are UTC dates.",
     )
@@ -189,8 +190,8 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         "--by",
         default="day,team,key,model",
         metavar="COLUMNS",
-        help="the columns to group by, in order, from day,team,key,model; the others are added up"
-        " (day,team,key,model)",
+        help="the columns to group by, in order, from day,team,key,model,upstream,tier; the others"
+        " are added up (day,team,key,model)",
     )
     usage.add_argument(
         "--format", choices=["table", "csv", "json"], default="table", help="the output format (table)"

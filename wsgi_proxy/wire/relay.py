@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..errors import StreamAborted, UpstreamStreamInterrupted
 from .responses import chunk_summary, completed_summary, created_id
 from .sse import TERMINAL_TYPES, EventSplitter, EventTooLarge, data_of, parse_event
+from .usage import Usage
 
 __all__ = [
     "Dialect",
@@ -64,7 +65,8 @@ class StreamStats:
     first_event_at: float | None = None
     response_id: str | None = None
     model: str | None = None
-    usage: dict[str, int] | None = None
+    usage: Usage | None = None
+    service_tier: str | None = None
     last_sequence: int | None = None
     terminal: str | None = None
     failure: str | None = None
@@ -234,7 +236,8 @@ class StreamRelay:
         self._resumes = 0
         self._first_event_at: float | None = None
         self._model: str | None = None
-        self._usage: dict[str, int] | None = None
+        self._usage: Usage | None = None
+        self._tier: str | None = None
         self._last_sequence: int | None = None
         self._terminal: str | None = None
         self._ended_at: float | None = None  # when the terminal event arrived
@@ -258,6 +261,7 @@ class StreamRelay:
             response_id=self._response_id,
             model=self._model,
             usage=self._usage,
+            service_tier=self._tier,
             last_sequence=self._last_sequence,
             terminal=self._terminal,
             failure=self._failure,
@@ -308,7 +312,7 @@ class StreamRelay:
                 self._ended_at = time.monotonic()
             if info.type == "response.completed":
                 summary = completed_summary(event)
-                self._usage, self._model = summary.usage, summary.model
+                self._usage, self._model, self._tier = summary.usage, summary.model, summary.service_tier
         elif info.type == "response.created" and self._response_id is None:
             self._response_id = created_id(event)
             self._control.set_resumable(self._resumer is not None and self._response_id is not None)
@@ -331,11 +335,8 @@ class StreamRelay:
         elif b'"usage"' in data:
             summary = chunk_summary(data)
             if summary.usage is not None:
-                self._usage, self._model, self._response_id = (
-                    summary.usage,
-                    summary.model,
-                    summary.response_id,
-                )
+                self._usage, self._model, self._tier = summary.usage, summary.model, summary.service_tier
+                self._response_id = summary.response_id
 
     def _failure_at_eof(self) -> str | None:
         if self._splitter.pending:

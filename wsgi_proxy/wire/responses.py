@@ -1,4 +1,4 @@
-"""What the proxy reads of Response objects, as pure functions: their id, model and token usage.
+"""What the proxy reads of Response objects, as pure functions: their id, model, tier and usage.
 
 From a JSON answer (:func:`summary_of`) or from the ``response.created`` and ``response.completed``
 events of a stream (:func:`created_id`, :func:`completed_summary`). Each reads a copy and never
@@ -8,10 +8,12 @@ raises: a payload of another shape simply yields nothing.
 from __future__ import annotations
 
 import json
+import re
 import typing as t
 from dataclasses import dataclass
 
 from .sse import data_of
+from .usage import Usage, usage_of
 from .validation import RESPONSE_ID
 
 __all__ = [
@@ -22,48 +24,32 @@ __all__ = [
     "created_id",
     "event_summary",
     "summary_of",
-    "usage_of",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """A finished response's id (when it is a safe one), model and token usage, each when present."""
+    """A finished response's id (when it is a safe one), model, service tier and usage, each when present."""
 
     response_id: str | None = None
     model: str | None = None
-    usage: dict[str, int] | None = None
+    usage: Usage | None = None
+    service_tier: str | None = None
 
 
 _EMPTY = Summary()
-
-
-def usage_of(payload: t.Mapping[str, t.Any]) -> dict[str, int] | None:
-    """Token counts from an object's ``usage`` (input, output, total), if it has them: a Response's,
-    or a chat completion's or an embedding's (``prompt_tokens``, ``completion_tokens``), renamed."""
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    if "input_tokens" not in usage and "prompt_tokens" in usage:
-        usage = {
-            "input_tokens": usage.get("prompt_tokens"),
-            "output_tokens": usage.get("completion_tokens", 0),
-            "total_tokens": usage.get("total_tokens"),
-        }
-    counts = {k: usage.get(k) for k in ("input_tokens", "output_tokens", "total_tokens")}
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
-        return None
-    return t.cast(dict[str, int], counts)
+_TIER = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # a service tier is a name, such as default or flex
 
 
 def _summary(response: object) -> Summary:
     if not isinstance(response, dict):
         return _EMPTY
-    value, model = response.get("id"), response.get("model")
+    value, model, tier = response.get("id"), response.get("model"), response.get("service_tier")
     return Summary(
         response_id=value if isinstance(value, str) and RESPONSE_ID.fullmatch(value) else None,
         model=model if isinstance(model, str) else None,
         usage=usage_of(response),
+        service_tier=tier if isinstance(tier, str) and _TIER.fullmatch(tier) else None,
     )
 
 
