@@ -5,9 +5,11 @@
 
 Three proxies in front of one simulator, in one run: the single-upstream shorthand (no store), a
 config-file gateway with its store in SQLite, and the same with Redis (when redis-server is
-installed), and a SQLite gateway whose model has two routes, its creates carrying a
-``prompt_cache_key`` (each looks the session's pin up and writes it again). Each create records
-where the response lives and counts the key's rate; each retrieve looks it up and checks its owner.
+installed), a SQLite gateway whose model has two routes, its creates carrying a
+``prompt_cache_key`` (each looks the session's pin up and writes it again), and a SQLite gateway
+whose team has token and cost budgets (each create reads the spend, each answer adds to it). Each
+create records where the response lives and counts the key's rate; each retrieve looks it up and
+checks its owner.
 Reported: p50/p99 of create and retrieve through each, and the added cost against the shorthand.
 """
 
@@ -35,7 +37,7 @@ url = "{direct}"
 api_key_env = "BENCH_UPSTREAM_KEY"
 {models}[teams.bench]
 rpm = 1000000
-[[keys]]
+{budgets}[[keys]]
 name = "bench"
 team = "bench"
 key_env = "BENCH_CLIENT_KEY"
@@ -57,6 +59,10 @@ name = "gpt-4o-mini"
 routes = [{{ upstream = "main" }}, {{ upstream = "again" }}]
 """
 PINNED = "config file, sqlite store, two routes and a prompt_cache_key"
+
+#: Budgets that never run out: each create reads the team's spend and each answer adds to it.
+BUDGETS = "tpm = 1000000000\ntokens_per_day = 1000000000000\nusd_per_month = 1000000.0\n"
+BUDGETED = "config file, sqlite store, three team budgets"
 
 
 def _measure(base: str, calls: int, session_key: str | None = None) -> dict[str, float]:
@@ -104,11 +110,25 @@ def _store_costs(url: str, calls: int) -> dict[str, float]:
             ("hit_rate_us", lambda i: store.hit_rate("rpm:bench", 10**9)),
             ("pin_us", lambda i: store.pin(f"pin:{i % 100}", "main", 3600)),
             ("pinned_us", lambda i: store.pinned(f"pin:{i % 100}")),
+            ("spend_us", lambda i: store.spend(["team:bench", "key:bench"])),
+            ("record_usage_us", lambda i: store.record_usage(_entry(f"plain_{i}", ()))),
+            ("record_usage_charged_us", lambda i: store.record_usage(_entry(f"charged_{i}", CHARGES))),
         ):
             timings[name] = round(per_call_us(operation, calls), 1)
     finally:
         store.close()
     return timings
+
+
+CHARGES = ("team:bench", "key:bench")
+
+
+def _entry(response_id: str, charges: tuple[str, ...]) -> t.Any:
+    from wsgi_proxy.store import UsageEntry
+    from wsgi_proxy.wire.usage import Usage
+
+    usage = Usage(input_tokens=12, cached_input_tokens=4, output_tokens=40, total_tokens=52)
+    return UsageEntry(response_id, "bench", "bench", "gpt-4o-mini", "main", "default", usage, 25_200, charges)
 
 
 def run(calls: int) -> dict[str, t.Any]:
@@ -130,11 +150,13 @@ def run(calls: int) -> dict[str, t.Any]:
                 time.sleep(0.5)
                 stores["redis"] = f"redis://127.0.0.1:{redis_port}/0"
             gateways = {"shorthand (no store)": bed.proxied}
-            variants = [(f"config file, {name} store", url, "") for name, url in stores.items()]
-            variants.append((PINNED, f"sqlite:///{tmp / 'pinned.db'}", TWO_ROUTES.format(direct=bed.direct)))
-            for label, url, models in variants:
+            variants = [(f"config file, {name} store", url, "", "") for name, url in stores.items()]
+            two_routes = TWO_ROUTES.format(direct=bed.direct)
+            variants.append((PINNED, f"sqlite:///{tmp / 'pinned.db'}", two_routes, ""))
+            variants.append((BUDGETED, f"sqlite:///{tmp / 'budgeted.db'}", "", BUDGETS))
+            for label, url, models, budgets in variants:
                 path = tmp / f"{len(gateways)}.toml"
-                path.write_text(CONFIG.format(store=url, direct=bed.direct, models=models))
+                path.write_text(CONFIG.format(store=url, direct=bed.direct, models=models, budgets=budgets))
                 port = free_port()
                 env = {
                     "WSGI_PROXY_CONFIG": str(path),
@@ -165,7 +187,15 @@ def run(calls: int) -> dict[str, t.Any]:
     for measured in (m for name, m in results.items() if not name.startswith("store operations")):
         measured["added_create_p50_ms"] = round(measured["create_p50_ms"] - base["create_p50_ms"], 3)
         measured["added_retrieve_p50_ms"] = round(measured["retrieve_p50_ms"] - base["retrieve_p50_ms"], 3)
-    return {"calls": calls, "date": time.strftime("%Y-%m-%d"), "results": results}
+    budgets = round(
+        results[BUDGETED]["create_p50_ms"] - results["config file, sqlite store"]["create_p50_ms"], 3
+    )
+    return {
+        "calls": calls,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+        "budget_checks_added_create_p50_ms": budgets,
+    }
 
 
 def bench(quick: bool) -> dict[str, t.Any]:
@@ -192,6 +222,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             f"| {name} | {m['create_p50_ms']} / {m['create_p99_ms']} ms | {m['retrieve_p50_ms']} /"
             f" {m['retrieve_p99_ms']} ms | +{m['added_create_p50_ms']} / +{m['added_retrieve_p50_ms']} ms |"
         )
+    print(f"budget checks add {result['budget_checks_added_create_p50_ms']} ms to a create (p50, SQLite)")
     if not args.quick:
         save_result("locator", result)
     return 0

@@ -933,6 +933,8 @@ def _md_locator(r: Result) -> list[str]:
                     f"{m['put_response_us']} µs",
                     f"{m['get_response_us']} µs",
                     f"{m['hit_rate_us']} µs",
+                    f"{m['spend_us']} µs",
+                    f"{m['record_usage_us']} / {m['record_usage_charged_us']} µs",
                 )
             )
         else:
@@ -948,7 +950,21 @@ def _md_locator(r: Result) -> list[str]:
         ("gateway", "create p50 / p99", "retrieve p50 / p99", "added per create / retrieve (p50)"), gateways
     )
     lines += [""]
-    lines += _table(("store", "record a response", "look one up", "count a request"), stores)
+    lines += _table(
+        (
+            "store",
+            "record a response",
+            "look one up",
+            "count a request",
+            "read two budgets' spend",
+            "count usage (without / with two budgets)",
+        ),
+        stores,
+    )
+    lines += [
+        "",
+        f"Budget checks add {r['budget_checks_added_create_p50_ms']:+.2f} ms to a create (p50, SQLite).",
+    ]
     return lines
 
 

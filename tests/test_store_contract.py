@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from wsgi_proxy.store import RateDecision, ResponseRecord, Store, StoreError, UsageEntry, UsageRow
-from wsgi_proxy.store.base import USAGE_TTL_S, usage_day
+from wsgi_proxy.store.base import USAGE_TTL_S, Spend, usage_day
 from wsgi_proxy.store.redis_store import RedisStore
 from wsgi_proxy.store.sqlite import SQLiteStore
 from wsgi_proxy.tools.launch import free_port
@@ -467,6 +467,31 @@ class TestUsage:
             use(store, "resp_1", **changes)
         assert store.usage_totals() == []
         assert use(store, "resp_1"), "a refused record leaves no marker behind"
+
+    def test_spend_is_charged_per_minute_day_and_month_once_per_response(self, store: Store) -> None:
+        charges = ("key:ci", "team:search")
+        noon = utc("2025-01-31T12:00:30")
+        assert use(store, "resp_1", tokens=(10, 5), charges=charges, at=noon)
+        assert not use(store, "resp_1", tokens=(10, 5), charges=charges, at=noon)  # replayed: not again
+        assert use(store, "resp_2", tokens=(1, 1), charges=("team:search",), at=noon + 60)  # next minute
+        assert use(store, "resp_3", tokens=(2, 2), charges=("team:search",), at=utc("2025-01-01T08:00"))
+        assert use(store, "resp_4", tokens=(7, 0), cost_nano_usd=None, charges=charges, at=noon)  # unpriced
+        spent = store.spend(["key:ci", "team:search", "key:nobody"], now=noon + 65)
+        assert spent["key:ci"] == Spend(
+            tokens_minute=0, tokens_day=22, tokens_month=22, cost_day=7, cost_month=7
+        )
+        assert spent["team:search"] == Spend(
+            tokens_minute=2, tokens_day=24, tokens_month=28, cost_day=14, cost_month=21
+        )
+        assert spent["key:nobody"] == Spend()
+        assert store.spend(["key:ci"], now=noon)["key:ci"].tokens_minute == 22
+        assert store.spend(["key:ci"], now=utc("2025-02-01T00:00"))["key:ci"] == Spend()
+        assert store.spend([], now=noon) == {}
+
+    def test_other_handle_sees_the_spend(self, backend: Backend) -> None:
+        assert use(backend.store, "resp_1", charges=("key:ci",), at=time.time())
+        with backend.open() as other:
+            assert other.spend(["key:ci"])["key:ci"].tokens_day == 15
 
     @pytest.mark.parametrize(
         "day", ["2025-1-31", "20250131", "2025-02-30", "2025-01-31T00:00", "yesterday", ""]

@@ -11,7 +11,8 @@ relayed as they are and never become one. The tree::
     ├── AuthenticationFailed          401  invalid_request_error   (missing or unknown client key)
     ├── ModelNotFound                 404  invalid_request_error   (not routed, or not for this key)
     ├── ResponseNotFound              404  invalid_request_error   (unknown id, or another team's object)
-    ├── RateLimited                   429  rate_limit_error        (requests per minute, concurrent streams)
+    ├── RateLimited                   429  rate_limit_error        (requests or tokens per minute, streams)
+    │   └── BudgetExhausted           429  insufficient_quota      (a daily or monthly token or cost budget)
     ├── RouteNotFound                 404  invalid_request_error
     ├── MethodNotAllowed              405  invalid_request_error
     ├── WebSocketUnavailable          426  invalid_request_error   (an upgrade: clients fall back to HTTP)
@@ -36,6 +37,7 @@ import typing as t
 
 __all__ = [
     "AuthenticationFailed",
+    "BudgetExhausted",
     "HeadersTooLarge",
     "InvalidRequest",
     "LengthRequired",
@@ -156,19 +158,28 @@ class ResponseNotFound(ProxyError):
 
 
 class RateLimited(ProxyError):
-    """A key or team went over its requests per minute or its concurrent streams."""
+    """A key or team went over its requests or tokens per minute, or its concurrent streams."""
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float, limit: t.Literal["rpm", "streams"]) -> None:
+    def __init__(self, message: str, *, retry_after: float, limit: str) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: ``rpm``, ``streams``, ``tpm``, or a budget's kind: a metric label from that small set.
         self.limit = limit
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+
+
+class BudgetExhausted(RateLimited):
+    """A key or team spent its daily or monthly token or cost budget: OpenAI's quota error, which
+    clients do not retry (``Retry-After`` still says when the budget resets)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class RouteNotFound(ProxyError):

@@ -133,6 +133,12 @@ class _Limits(_Strict):
     models: tuple[str, ...] | None = None
     rpm: int | None = Field(default=None, ge=1)
     max_streams: int | None = Field(default=None, ge=1)
+    #: Tokens per minute, and token and cost (US dollars) budgets per UTC day and month.
+    tpm: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+    tokens_per_month: int | None = Field(default=None, ge=1)
+    usd_per_day: float | None = Field(default=None, gt=0)
+    usd_per_month: float | None = Field(default=None, gt=0)
 
 
 class TeamEntry(_Limits):

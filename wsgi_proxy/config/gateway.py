@@ -23,6 +23,9 @@ from .settings import MIN_CLIENT_KEY, ConfigError, ProxySettings
 
 __all__ = [
     "ANONYMOUS",
+    "BUDGET_KINDS",
+    "Budget",
+    "BudgetKind",
     "ClientKey",
     "GatewayConfig",
     "Identity",
@@ -96,6 +99,21 @@ def websockets_mode(kind: str, chosen: t.Literal["native", "off"] | None) -> t.L
     return "native" if kind == "openai" else "off"
 
 
+#: The budgets a team or key may have, as the configuration names them.
+BudgetKind = t.Literal["tpm", "tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month"]
+BUDGET_KINDS: tuple[BudgetKind, ...] = t.get_args(BudgetKind)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One budget of a team or key: ``counter`` names whose spend it limits (``key:alice``,
+    ``team:research``); ``limit`` is in tokens, or in nano-dollars for the ``usd_*`` kinds."""
+
+    counter: str
+    kind: BudgetKind
+    limit: int
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who is calling: the key's name and team, the models it may use, and the limits that apply.
@@ -103,6 +121,7 @@ class Identity:
     ``models`` holds one tuple of ``fnmatch`` patterns per level (team, key); a model must match
     every level. ``rpm`` and ``max_streams`` are ``(counter name, limit)`` pairs, all enforced.
     ``endpoints`` narrows the gateway's endpoint families for this team (None: all of them).
+    ``budgets`` are the team's and the key's token and cost budgets, all enforced.
     """
 
     key_name: str | None
@@ -111,6 +130,12 @@ class Identity:
     rpm: tuple[tuple[str, int], ...] = ()
     max_streams: tuple[tuple[str, int], ...] = ()
     endpoints: tuple[str, ...] | None = None
+    budgets: tuple[Budget, ...] = ()
+
+    @property
+    def charges(self) -> tuple[str, ...]:
+        """The budget counters a response of this caller's is charged to."""
+        return tuple(dict.fromkeys(budget.counter for budget in self.budgets))
 
     def may_use(self, model: str) -> bool:
         return all(any(fnmatch.fnmatchcase(model, p) for p in patterns) for patterns in self.models)
@@ -267,5 +292,11 @@ def _file_key(key: KeyEntry, config: FileConfig, environ: t.Mapping[str, str]) -
             (counter, entry.max_streams) for counter, entry in levels if entry.max_streams is not None
         ),
         endpoints=team.endpoints,
+        budgets=tuple(
+            Budget(counter, kind, round(limit * 1e9) if kind.startswith("usd") else int(limit))
+            for counter, entry in levels
+            for kind in BUDGET_KINDS
+            if (limit := getattr(entry, kind)) is not None
+        ),
     )
     return ClientKey(digest, identity)

@@ -112,6 +112,8 @@ class Gateway:
             tenant.check_model(call.model)
         if call.creates:
             tenant.admit_create()
+        if call.counts_usage and call.method == "POST":  # a create that spends tokens, not a retrieve
+            record.budgeted(tenant.check_budgets())
         targets = self._targets(call, tenant)
         targets, pinned = tenant.pinned_first(targets, call.session)
         release = tenant.open_stream() if call.stream else _nothing

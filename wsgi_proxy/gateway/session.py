@@ -349,6 +349,7 @@ class WebSocketSession:
             tenant.charge_request()
             tenant.check_model(fields.model)
             tenant.admit_create()
+            tenant.check_budgets()
             self._check_owned(frame.owned)
             payload = self._to_upstream((Opcode.TEXT, payload), model=fields.model, record=record)
         except ProxyError as exc:

@@ -11,6 +11,7 @@ here is the same in every mode.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -19,8 +20,9 @@ import time
 import typing as t
 import uuid
 
-from ..config.gateway import Identity
+from ..config.gateway import Budget, Identity
 from ..errors import (
+    BudgetExhausted,
     InvalidRequest,
     ModelNotFound,
     RateLimited,
@@ -30,6 +32,7 @@ from ..errors import (
     UpstreamProtocolError,
 )
 from ..store import ResponseRecord, Store, StoreError, UsageEntry
+from ..store.base import Spend
 from ..upstream.client import UpstreamClient
 from ..wire.responses import Summary
 from .routing import Target
@@ -98,6 +101,28 @@ class Tenant:
                     retry_after=decision.retry_after,
                     limit="rpm",
                 )
+
+    def check_budgets(self) -> tuple[tuple[Budget, int], ...]:
+        """Refuse a call that uses tokens once a budget of this caller's is spent: its tokens per
+        minute (:class:`RateLimited`), or a daily or monthly budget (:class:`BudgetExhausted`).
+        Returns what is left of each budget (tokens, or nano-dollars for cost budgets).
+
+        Spend is counted when a response ends, so requests admitted while a budget still had room
+        may take it past its limit: by at most what those requests use (see the README).
+        """
+        budgets = self.identity.budgets
+        if not budgets:
+            return ()
+        now = time.time()
+        with _store_errors():
+            spent = self.state.store.spend(self.identity.charges, now)
+        left = []
+        for budget in budgets:
+            used = _spent(spent[budget.counter], budget)
+            if used >= budget.limit:
+                raise _refusal(budget, used, now)
+            left.append((budget, budget.limit - used))
+        return tuple(left)
 
     def open_stream(self) -> t.Callable[[], None]:
         """Take a concurrent-stream slot under every limit; returns the function that frees them.
@@ -285,6 +310,7 @@ class Tenant:
             service_tier=summary.service_tier,
             usage=usage,
             cost_nano_usd=cost,
+            charges=identity.charges,
         )
 
         def write(store: Store) -> object:
@@ -311,6 +337,62 @@ class Tenant:
     def forget(self, response_id: str) -> None:
         with contextlib.suppress(StoreError):
             self.state.store.delete_response(response_id)
+
+
+def _spent(spend: Spend, budget: Budget) -> int:
+    """What ``spend`` counts against ``budget``: tokens this minute, day or month, or cost."""
+    return {
+        "tpm": spend.tokens_minute,
+        "tokens_per_day": spend.tokens_day,
+        "tokens_per_month": spend.tokens_month,
+        "usd_per_day": spend.cost_day,
+        "usd_per_month": spend.cost_month,
+    }[budget.kind]
+
+
+def _resets(kind: str, now: float) -> datetime.datetime:
+    """When the window of a budget of ``kind`` that holds ``now`` ends (UTC)."""
+    moment = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
+    if kind == "tpm":
+        return moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind.endswith("_per_day"):
+        return day + datetime.timedelta(days=1)
+    return (day.replace(day=1) + datetime.timedelta(days=32)).replace(day=1)
+
+
+def _refusal(budget: Budget, used: int, now: float) -> RateLimited:
+    """The 429 of a spent budget: which one, how much of it was used, and when it resets."""
+    who = budget.counter.replace(":", " ")
+    resets = _resets(budget.kind, now)
+    retry_after = max(resets.timestamp() - now, 1e-3)
+    if budget.kind == "tpm":
+        return RateLimited(
+            f"Rate limit reached: {budget.limit:,} tokens per minute for {who} ({used:,} used this minute)."
+            f" Try again in {retry_after:.0f} s.",
+            retry_after=retry_after,
+            limit="tpm",
+        )
+    period = "today" if budget.kind.endswith("_per_day") else "this month"
+    span = "daily" if period == "today" else "monthly"
+    if budget.kind.startswith("usd"):
+        amount = f"{_dollars(used)} of {_dollars(budget.limit)} spent {period}"
+        what = "cost"
+    else:
+        amount = f"{used:,} of {budget.limit:,} tokens used {period}"
+        what = "token"
+    return BudgetExhausted(
+        f"The {span} {what} budget of {who} is spent ({amount}, UTC). It resets at"
+        f" {resets:%Y-%m-%dT%H:%M:%SZ}; ask the gateway's operator if you need more before then.",
+        retry_after=retry_after,
+        limit=budget.kind,
+    )
+
+
+def _dollars(nano: int) -> str:
+    """Nano-dollars as ``US$1.50`` or ``US$0.000175``: cents, and smaller amounts to the millionth."""
+    whole = f"{nano / 1e9:,.6f}".rstrip("0")
+    return "US$" + (whole + "0" * (2 - len(whole.partition(".")[2])))
 
 
 def _free_nothing() -> None:

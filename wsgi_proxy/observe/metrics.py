@@ -200,7 +200,7 @@ class Metrics:
             )
             self._rate_limited = Counter(
                 "wsgi_proxy_rate_limited_total",
-                "Requests refused by a rate limit, by limit (rpm or streams).",
+                "Requests refused by a limit: rpm, streams, tpm, or a budget's kind (tokens_per_day, ...).",
                 ("limit",),
                 registry=reg,
             )
@@ -279,7 +279,7 @@ class Metrics:
         self._labels(self._affinity_failovers, _upstream(upstream)).inc()
 
     def rate_limited(self, *, limit: str) -> None:
-        """Count one request refused by ``limit`` (``"rpm"`` or ``"streams"``)."""
+        """Count one request refused by ``limit`` (``rpm``, ``streams``, ``tpm`` or a budget's kind)."""
         self._labels(self._rate_limited, limit).inc()
 
     def used(self, *, team: str | None, upstream: str, usage: Usage, cost_nano_usd: int | None) -> None:

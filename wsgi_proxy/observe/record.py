@@ -18,9 +18,11 @@ import typing as t
 
 from ..config.prices import usd
 from ..errors import ProxyError, RateLimited, UpstreamError
+from ..wire.headers import budget_remaining
 from ..wire.usage import Usage
 
 if t.TYPE_CHECKING:  # pragma: no cover
+    from ..config.gateway import Budget
     from ..gateway.session import SessionStats
     from ..wire.relay import StreamStats
     from .metrics import Metrics
@@ -64,6 +66,7 @@ class RequestRecord:
         self.attempts = 0
         self.usage: Usage | None = None
         self.cost_nano_usd: int | None = None
+        self.budget_left: str | None = None
         self.error: str | None = None
         self.stream: StreamStats | None = None
         self.streaming = False
@@ -91,6 +94,11 @@ class RequestRecord:
 
     def answered(self, upstream_request_id: str | None) -> None:
         self.upstream_request_id = upstream_request_id
+
+    def budgeted(self, left: t.Sequence[tuple[Budget, int]]) -> None:
+        """The caller's budgets had room; ``left`` is what remains of each (for the answer's header)."""
+        if left:
+            self.budget_left = budget_remaining((b.counter, b.kind, amount) for b, amount in left)
 
     def used(self, usage: Usage | None, cost_nano_usd: int | None) -> None:
         """What the answer used, and what that cost in nano-dollars (None: no price)."""

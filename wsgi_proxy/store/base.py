@@ -26,6 +26,8 @@ __all__ = [
     "USAGE_TTL_S",
     "RateDecision",
     "ResponseRecord",
+    "SPEND_WINDOWS",
+    "Spend",
     "Store",
     "StoreError",
     "UsageEntry",
@@ -36,6 +38,7 @@ __all__ = [
     "fixed_window",
     "rate_decision",
     "redact_url",
+    "spend_of",
     "usage_day",
     "usage_names",
     "usage_sort_key",
@@ -89,6 +92,35 @@ class UsageEntry:
     service_tier: str | None
     usage: Usage
     cost_nano_usd: int | None = None
+    charges: tuple[str, ...] = ()
+    """The budget counters (``key:alice``, ``team:research``) its tokens and cost count against."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What a budget counter has spent in the windows that hold one moment: its tokens this minute,
+    today and this month, and its cost (in nano-dollars) today and this month (UTC)."""
+
+    tokens_minute: int = 0
+    tokens_day: int = 0
+    tokens_month: int = 0
+    cost_day: int = 0
+    cost_month: int = 0
+
+
+#: The windows a budget counter's spend is kept in: (name, how its key is made from a unix time,
+#: seconds its total is kept after the window began). Minutes are ``[i * 60, (i + 1) * 60)``.
+SPEND_WINDOWS: tuple[tuple[str, t.Callable[[float], str], float], ...] = (
+    ("minute", lambda at: f"m:{math.floor(at / 60)}", 180.0),
+    ("day", lambda at: f"d:{usage_day(at)}", 2 * 86400.0),
+    ("month", lambda at: f"M:{usage_day(at)[:7]}", 33 * 86400.0),
+)
+
+
+def spend_of(windows: t.Mapping[str, tuple[int, int]]) -> Spend:
+    """A :class:`Spend` from the (tokens, cost) of each of :data:`SPEND_WINDOWS` by name."""
+    minute, day, month = (windows.get(name, (0, 0)) for name, _, _ in SPEND_WINDOWS)
+    return Spend(minute[0], day[0], month[0], day[1], month[1])
 
 
 #: The names a usage row is kept apart by, in their natural order (``day`` first).
@@ -209,12 +241,18 @@ class Store(abc.ABC):
         """Add ``entry`` to the totals of its day, key, team, model, upstream and tier, once.
 
         The first call for a response id adds the counts, the cost (or 1 to ``unpriced``), and 1 to
-        the ``responses`` count, to the totals of the UTC day of ``at`` (a unix time, default now)
-        and returns True. Later calls for the same id return False and change nothing, from any
-        thread, process or host: a resumed stream replays ``response.completed`` and a background
-        response may be polled as well. The id is remembered for ``ttl_s`` seconds; the totals are
-        kept until deleted.
+        the ``responses`` count, to the totals of the UTC day of ``at`` (a unix time, default now),
+        and its total tokens and cost to the spend of each of ``entry.charges`` in the minute, day
+        and month of ``at``; and returns True. Later calls for the same id return False and change
+        nothing, from any thread, process or host: a resumed stream replays ``response.completed``
+        and a background response may be polled as well. The id is remembered for ``ttl_s``
+        seconds; the totals are kept until deleted.
         """
+
+    @abc.abstractmethod
+    def spend(self, counters: t.Sequence[str], now: float | None = None) -> dict[str, Spend]:
+        """What each budget counter has spent in the minute, day and month (UTC) that hold ``now``,
+        as :meth:`record_usage` added it for the entries charged to it."""
 
     @abc.abstractmethod
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:

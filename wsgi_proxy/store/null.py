@@ -7,7 +7,9 @@ checks whether it has one. Limits never reach it: such a gateway has none.
 
 from __future__ import annotations
 
-from .base import USAGE_TTL_S, RateDecision, ResponseRecord, Store, UsageEntry, UsageRow
+import typing as t
+
+from .base import USAGE_TTL_S, RateDecision, ResponseRecord, Spend, Store, UsageEntry, UsageRow
 
 __all__ = ["NullStore"]
 
@@ -46,6 +48,9 @@ class NullStore(Store):
 
     def record_usage(self, entry: UsageEntry, *, at: float | None = None, ttl_s: float = USAGE_TTL_S) -> bool:
         return False
+
+    def spend(self, counters: t.Sequence[str], now: float | None = None) -> dict[str, Spend]:
+        return {counter: Spend() for counter in counters}
 
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
         return []

@@ -13,6 +13,9 @@ Layout, under a key prefix (``wsgi_proxy:`` by default)::
                                      model, upstream, service_tier] (null for None; earlier
                                      releases wrote the first three only)
     {prefix}usage:days               sorted set: YYYY-MM-DD -> the date as the number YYYYMMDD
+    {prefix}spend:{counter}:{window} hash: tokens, cost (nano-dollars) a budget counter spent in one
+                                     minute (m:N), day (d:YYYY-MM-DD) or month (M:YYYY-MM), expiring
+                                     after it
 
 Responses, rate windows and usage markers expire by Redis's own key expiry, so
 :meth:`RedisStore.purge_expired` only has expired slot leases to remove (the scripts also drop
@@ -37,9 +40,11 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .base import (
+    SPEND_WINDOWS,
     USAGE_TTL_S,
     RateDecision,
     ResponseRecord,
+    Spend,
     Store,
     StoreError,
     UsageEntry,
@@ -50,6 +55,7 @@ from .base import (
     fixed_window,
     rate_decision,
     redact_url,
+    spend_of,
     usage_day,
     usage_sort_key,
 )
@@ -92,7 +98,17 @@ if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
 end
 local dims = ARGV[2]
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-for i = 5, #ARGV, 2 do
+-- KEYS[4..]: the spend hashes charged, ARGV[5] and ARGV[6] the tokens and cost they add, ARGV[7]
+-- how many there are, then each one's expiry; the usage columns and values come in pairs after.
+local spent = tonumber(ARGV[7])
+for i = 1, spent do
+    redis.call('HINCRBY', KEYS[3 + i], 'tokens', ARGV[5])
+    redis.call('HINCRBY', KEYS[3 + i], 'cost', ARGV[6])
+    if redis.call('PTTL', KEYS[3 + i]) < tonumber(ARGV[7 + i]) then
+        redis.call('PEXPIRE', KEYS[3 + i], ARGV[7 + i])
+    end
+end
+for i = 8 + spent, #ARGV, 2 do
     redis.call('HINCRBY', KEYS[2], ARGV[i] .. '|' .. dims, ARGV[i + 1])
 end
 return 1
@@ -271,13 +287,34 @@ class RedisStore(Store):
             self._key("usage", f"day:{day}"),
             self._key("usage", "days"),
         ]
+        when = time.time() if at is None else at
+        charged = [
+            (self._key("spend", f"{counter}:{key_of(when)}"), _ms(keep))
+            for counter in entry.charges
+            for _, key_of, keep in SPEND_WINDOWS
+        ]
+        keys += [key for key, _ in charged]
         args: list[str | int] = [_ms(ttl_s), dims, _day_score(day), day]
+        args += [entry.usage.total_tokens, entry.cost_nano_usd or 0, len(charged), *(ms for _, ms in charged)]
         for column, value in counts.items():
             if value:
                 args += [column, value]
         with self._translate("record token usage"):
             first = self._record_usage(keys=keys, args=args)
         return bool(first)
+
+    def spend(self, counters: t.Sequence[str], now: float | None = None) -> dict[str, Spend]:
+        now = time.time() if now is None else now
+        windows = [(counter, name, key_of(now)) for counter in counters for name, key_of, _ in SPEND_WINDOWS]
+        with self._translate("read the budgets' spend"):
+            pipe = self._client.pipeline(transaction=False)
+            for counter, _, window in windows:
+                pipe.hmget(self._key("spend", f"{counter}:{window}"), ["tokens", "cost"])
+            answers = pipe.execute()
+        found: dict[str, dict[str, tuple[int, int]]] = {counter: {} for counter in counters}
+        for (counter, name, _), (tokens, cost) in zip(windows, answers, strict=True):
+            found[counter][name] = (int(tokens or 0), int(cost or 0))
+        return {counter: spend_of(spent) for counter, spent in found.items()}
 
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
         check_day("since", since)

@@ -15,6 +15,7 @@ the primary key, so every response without a key would get a row of its own inst
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -25,11 +26,13 @@ import weakref
 from pathlib import Path
 
 from .base import (
+    SPEND_WINDOWS,
     USAGE_COLUMNS,
     USAGE_DIMENSIONS,
     USAGE_TTL_S,
     RateDecision,
     ResponseRecord,
+    Spend,
     Store,
     StoreError,
     UsageEntry,
@@ -39,6 +42,7 @@ from .base import (
     check_positive,
     fixed_window,
     rate_decision,
+    spend_of,
     usage_day,
     usage_names,
 )
@@ -95,6 +99,16 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     PRIMARY KEY ({names})
 ) WITHOUT ROWID;
 
+CREATE TABLE IF NOT EXISTS spend (
+    counter TEXT NOT NULL,
+    span TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    cost INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (counter, span)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS spend_expires_at ON spend (expires_at);
+
 CREATE TABLE IF NOT EXISTS heartbeat (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     at REAL NOT NULL
@@ -123,10 +137,23 @@ _MIGRATE_USAGE_TOTALS = (
 _ADD_USAGE = (
     "INSERT INTO usage_daily ({names}, {columns}) VALUES ({marks}) ON CONFLICT ({names}) DO UPDATE SET {sums}"
 )
+
+
+@functools.lru_cache(maxsize=64)
+def _add_usage(columns: tuple[str, ...]) -> str:
+    """The statement that adds the counts of ``columns`` to a usage row (a few shapes in all)."""
+    return _ADD_USAGE.format(
+        names=", ".join(USAGE_DIMENSIONS),
+        columns=", ".join(columns),
+        marks=", ".join("?" * (len(USAGE_DIMENSIONS) + len(columns))),
+        sums=", ".join(f"{name} = {name} + excluded.{name}" for name in columns),
+    )
+
+
 _READ_USAGE = "SELECT {names}, {columns} FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY {names}"
 
 #: The tables whose rows expire (usage totals are kept until deleted).
-_TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen")
+_TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen", "spend")
 
 
 class SQLiteStore(Store):
@@ -439,15 +466,39 @@ class SQLiteStore(Store):
             ).rowcount
             if not first:
                 return False
-            columns = tuple(counts)
-            sql = _ADD_USAGE.format(
-                names=", ".join(USAGE_DIMENSIONS),
-                columns=", ".join(columns),
-                marks=", ".join("?" * (len(names) + len(columns))),
-                sums=", ".join(f"{name} = {name} + excluded.{name}" for name in columns),
+            conn.execute(_add_usage(tuple(counts)), (*names, *counts.values()))
+            tokens, cost = entry.usage.total_tokens, entry.cost_nano_usd or 0
+            when = now if at is None else at
+            conn.executemany(
+                "INSERT INTO spend (counter, span, tokens, cost, expires_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (counter, span) DO UPDATE SET tokens = tokens + excluded.tokens,"
+                " cost = cost + excluded.cost, expires_at = MAX(expires_at, excluded.expires_at)",
+                [
+                    (counter, key_of(when), tokens, cost, when + keep)
+                    for counter in entry.charges
+                    for _, key_of, keep in SPEND_WINDOWS
+                ],
             )
-            conn.execute(sql, (*names, *counts.values()))
         return True
+
+    def spend(self, counters: t.Sequence[str], now: float | None = None) -> dict[str, Spend]:
+        now = time.time() if now is None else now
+        names = {key_of(now): name for name, key_of, _ in SPEND_WINDOWS}
+        found: dict[str, dict[str, tuple[int, int]]] = {counter: {} for counter in counters}
+        if counters:
+            with self._translate("read the budgets' spend"):
+                rows = (
+                    self._connection()
+                    .execute(
+                        f"SELECT counter, span, tokens, cost FROM spend WHERE counter IN"
+                        f" ({', '.join('?' * len(counters))}) AND span IN (?, ?, ?)",
+                        (*counters, *names),
+                    )
+                    .fetchall()
+                )
+            for counter, span, tokens, cost in rows:
+                found[counter][names[span]] = (tokens, cost)
+        return {counter: spend_of(windows) for counter, windows in found.items()}
 
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
         check_day("since", since)

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import InvalidRequest, ProxyError, RequestTooLarge, error_body
 from ..gateway.core import Gateway
 from ..observe.record import RequestRecord, request_id_from
+from ..wire.headers import BUDGET_HEADER
 
 __all__ = ["ATTEMPTS_HEADER", "EXTENSION_KEY", "gateway", "install", "record"]
 
@@ -53,6 +54,8 @@ def _close_record(response: Response) -> Response:
     response.headers[ATTEMPTS_HEADER] = str(current.attempts)
     if current.upstream_request_id:
         response.headers["X-Upstream-Request-ID"] = current.upstream_request_id
+    if current.budget_left:
+        response.headers[BUDGET_HEADER] = current.budget_left
     current.sent(response.status_code)  # a stream's record closes when its relay ends
     return response
 

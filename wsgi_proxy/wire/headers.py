@@ -7,6 +7,8 @@ import typing as t
 from ..errors import HeadersTooLarge
 
 __all__ = [
+    "BUDGET_HEADER",
+    "budget_remaining",
     "CREDENTIAL_HEADERS",
     "FORWARDED",
     "MAX_FORWARDED_HEADER_BYTES",
@@ -123,3 +125,17 @@ def client_response_headers(upstream_headers: t.Iterable[tuple[str, str]]) -> li
 def redact(headers: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers with every credential value replaced, for logs and error reports."""
     return [(n, "<redacted>" if n.lower() in CREDENTIAL_HEADERS else v) for n, v in headers]
+
+
+#: The answer header that says what is left of the caller's budgets.
+BUDGET_HEADER = "X-Budget-Remaining"
+
+
+def budget_remaining(left: t.Iterable[tuple[str, str, int]]) -> str:
+    """The value of :data:`BUDGET_HEADER`: ``<counter> <kind>=<left>`` for each (counter, kind,
+    left) budget, comma-separated; cost budgets' ``left`` (nano-dollars) in US dollars."""
+    parts = []
+    for counter, kind, amount in left:
+        value = f"{amount / 1e9:.6f}".rstrip("0").rstrip(".") if kind.startswith("usd") else str(amount)
+        parts.append(f"{counter} {kind}={value}")
+    return ", ".join(parts)
