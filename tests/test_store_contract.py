@@ -14,12 +14,12 @@ import threading
 import time
 import typing as t
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from wsgi_proxy.store import RateDecision, ResponseRecord, Store, StoreError, UsageEntry, UsageRow
+from wsgi_proxy.store import KeyRecord, RateDecision, ResponseRecord, Store, StoreError, UsageEntry, UsageRow
 from wsgi_proxy.store.base import USAGE_TTL_S, Spend, usage_day
 from wsgi_proxy.store.redis_store import RedisStore
 from wsgi_proxy.store.sqlite import SQLiteStore
@@ -500,6 +500,35 @@ class TestUsage:
     def test_days_must_be_real_dates(self, store: Store, bound: str, day: str) -> None:
         with pytest.raises(ValueError, match=f"{bound} must be a date written YYYY-MM-DD"):
             store.usage_totals(**{bound: day})
+
+
+class TestKeys:
+    def test_keys_round_trip_and_list_by_name_then_age(self, backend: Backend) -> None:
+        store = backend.store
+        later = KeyRecord("b" * 64, "alice", "red", "wxyz", '{"rpm":5}', T0 + 10, T0 + 100, None)
+        first = KeyRecord("a" * 64, "alice", "red", "abcd", "{}", T0, None, None)
+        other = KeyRecord("c" * 64, "bob", "blue", "0000", "{}", T0 - 5, None, T0 + 1)
+        for record in (later, first, other):
+            store.put_key(record)
+        assert store.get_key("a" * 64) == first
+        assert store.get_key("f" * 64) is None
+        assert store.list_keys() == [first, later, other]
+        store.put_key(replace(first, revoked_at=T0 + 50))
+        with backend.open() as again:
+            assert again.get_key("a" * 64) == replace(first, revoked_at=T0 + 50)
+        assert [first.usable(T0), later.usable(T0 + 99), later.usable(T0 + 100), other.usable(T0)] == [
+            True,
+            True,
+            False,
+            False,
+        ]
+
+    def test_the_audit_log_keeps_lines_in_order(self, backend: Backend) -> None:
+        lines = [{"audit": "key_created", "name": "alice", "n": n} for n in range(3)]
+        for line in lines:
+            backend.store.add_audit(line)
+        with backend.open() as again:
+            assert again.audit_log() == lines
 
 
 class TestMaintenance:

@@ -52,7 +52,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .prices import ModelPrice
 from .settings import ConfigError, check_api_version, check_base_url, check_endpoints
 
-__all__ = ["FileConfig", "KeyEntry", "ModelEntry", "Route", "TeamEntry", "UpstreamEntry", "load_config_file"]
+__all__ = [
+    "FileConfig",
+    "KeyEntry",
+    "KeyLimits",
+    "ModelEntry",
+    "Route",
+    "TeamEntry",
+    "UpstreamEntry",
+    "load_config_file",
+]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -141,6 +150,10 @@ class _Limits(_Strict):
     usd_per_month: float | None = Field(default=None, gt=0)
 
 
+class KeyLimits(_Limits):
+    """A key's own models, limits and budgets, narrower than its team's (a stored key's, as JSON)."""
+
+
 class TeamEntry(_Limits):
     """A team: the models and endpoint families its keys may use, and limits counted over all its keys."""
 
@@ -190,6 +203,7 @@ class FileConfig(_Strict):
     response_ttl_days: float = Field(default=30.0, gt=0)
     store_url: str | None = None
     allow_anonymous: bool = False
+    keys_in_store: bool = False
     prices: dict[str, ModelPrice] = {}
 
     @model_validator(mode="after")
@@ -225,10 +239,21 @@ class FileConfig(_Strict):
                 f" {len(self.teams)} teams one team could reach another's responses whenever a record is"
                 ' missing: use "auto" or "reject"'
             )
-        if not self.keys and not self.allow_anonymous:
+        if not self.keys and not self.keys_in_store and not self.allow_anonymous:
             raise ValueError(
                 "the file defines no [[keys]], so anyone who can reach the proxy could spend on its upstream"
-                " keys: add [[keys]] entries, or set allow_anonymous = true to allow this deliberately"
+                " keys: add [[keys]] entries, set keys_in_store = true to use keys made with wsgi-proxy"
+                " keys, or set allow_anonymous = true to allow this deliberately"
+            )
+        keyless = [u.name for u in self.upstreams if u.api_key_env is None]
+        if self.keys_in_store and keyless:
+            raise ValueError(
+                f"upstream {keyless[0]!r} has no api_key_env, but keys_in_store = true makes the gateway"
+                " authenticate clients itself, so it must hold every upstream's key: add api_key_env"
+            )
+        if self.keys_in_store and self.allow_anonymous:
+            raise ValueError(
+                "keys_in_store = true and allow_anonymous = true contradict each other: choose one"
             )
         return self
 

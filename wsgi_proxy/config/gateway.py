@@ -17,7 +17,7 @@ import tempfile
 import typing as t
 from dataclasses import dataclass, field
 
-from .file import FileConfig, KeyEntry, ModelEntry, load_config_file
+from .file import FileConfig, KeyEntry, KeyLimits, ModelEntry, TeamEntry, load_config_file
 from .prices import DEFAULT_PRICES, PriceTable
 from .settings import MIN_CLIENT_KEY, ConfigError, ProxySettings
 
@@ -31,6 +31,7 @@ __all__ = [
     "Identity",
     "UpstreamSpec",
     "default_store_url",
+    "identity_of",
     "key_digest",
 ]
 
@@ -165,6 +166,8 @@ class GatewayConfig:
         first upstream, or ``reject`` it with the 404 of an unknown id.
     :param response_ttl_s: how long the store remembers where a response lives.
     :param prices: what responses cost, by model, tier and upstream.
+    :param teams: the file's teams, which keys kept in the store belong to.
+    :param keys_in_store: keys made with ``wsgi-proxy keys`` are accepted too.
     """
 
     upstreams: tuple[UpstreamSpec, ...]
@@ -174,6 +177,8 @@ class GatewayConfig:
     unknown_ids: t.Literal["forward", "reject"] = "forward"
     response_ttl_s: float = 30 * 86400.0
     prices: PriceTable = field(default_factory=PriceTable)
+    teams: t.Mapping[str, TeamEntry] = field(default_factory=dict)
+    keys_in_store: bool = False
 
     @classmethod
     def from_settings(
@@ -249,6 +254,8 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
             {**DEFAULT_PRICES, **config.prices},
             {entry.name: entry.prices for entry in config.upstreams if entry.prices},
         ),
+        teams=config.teams,
+        keys_in_store=config.keys_in_store,
     )
 
 
@@ -269,24 +276,14 @@ def _check_distinct(keys: tuple[ClientKey, ...]) -> None:
         seen[key.digest] = name
 
 
-def _file_key(key: KeyEntry, config: FileConfig, environ: t.Mapping[str, str]) -> ClientKey:
-    """A ``[[keys]]`` entry with its team's and its own model lists and limits."""
-    team = config.teams[key.team]
-    if key.sha256:
-        digest = bytes.fromhex(key.sha256)
-    else:
-        secret = environ[t.cast(str, key.key_env)].strip()
-        if len(secret) < MIN_CLIENT_KEY:
-            raise ConfigError(
-                f"The client key {key.name!r} ({key.key_env}) has fewer than {MIN_CLIENT_KEY} characters,"
-                " so it could be guessed: generate one with openssl rand -hex 24."
-            )
-        digest = key_digest(secret)
-    levels = ((f"team:{key.team}", team), (f"key:{key.name}", key))
-    identity = Identity(
-        key_name=key.name,
-        team=key.team,
-        models=tuple(m for m in (team.models, key.models) if m is not None),
+def identity_of(name: str, team_name: str, team: TeamEntry, limits: KeyLimits | KeyEntry) -> Identity:
+    """The identity of key ``name`` in ``team``: the team's and the key's own models, limits and
+    budgets (a ``[[keys]]`` entry's, or a stored key's)."""
+    levels = ((f"team:{team_name}", team), (f"key:{name}", limits))
+    return Identity(
+        key_name=name,
+        team=team_name,
+        models=tuple(m for m in (team.models, limits.models) if m is not None),
         rpm=tuple((counter, entry.rpm) for counter, entry in levels if entry.rpm is not None),
         max_streams=tuple(
             (counter, entry.max_streams) for counter, entry in levels if entry.max_streams is not None
@@ -299,4 +296,19 @@ def _file_key(key: KeyEntry, config: FileConfig, environ: t.Mapping[str, str]) -
             if (limit := getattr(entry, kind)) is not None
         ),
     )
+
+
+def _file_key(key: KeyEntry, config: FileConfig, environ: t.Mapping[str, str]) -> ClientKey:
+    """A ``[[keys]]`` entry with its team's and its own model lists and limits."""
+    if key.sha256:
+        digest = bytes.fromhex(key.sha256)
+    else:
+        secret = environ[t.cast(str, key.key_env)].strip()
+        if len(secret) < MIN_CLIENT_KEY:
+            raise ConfigError(
+                f"The client key {key.name!r} ({key.key_env}) has fewer than {MIN_CLIENT_KEY} characters,"
+                " so it could be guessed: generate one with openssl rand -hex 24."
+            )
+        digest = key_digest(secret)
+    identity = identity_of(key.name, key.team, config.teams[key.team], key)
     return ClientKey(digest, identity)

@@ -217,6 +217,9 @@ class ProxySettings(BaseSettings):
     endpoints: t.Annotated[tuple[str, ...], NoDecode] = DEFAULT_ENDPOINTS
     """The ``/v1`` endpoint families served besides Responses, Conversations and Models (comma-separated;
     empty: none); a team of the file may be narrowed further with its own ``endpoints``."""
+    key_cache_ttl: float = Field(default=2.0, ge=0, le=60)
+    """Seconds a worker trusts what it read of a key kept in the store (``keys_in_store``): a revoked
+    key is refused everywhere within this; 0 reads the store on every request."""
     affinity_ttl: float = Field(default=3600.0, ge=0)
     """Seconds a session stays pinned to the upstream that last served it (0: no pins). A session is
     a team's ``prompt_cache_key``, or Codex's ``Session-Id``; pins apply where a model has several routes."""

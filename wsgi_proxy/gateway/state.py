@@ -15,6 +15,7 @@ from ..upstream.resume import ResumePolicy
 from ..upstream.retries import RetryPolicy
 from ..wire.headers import upstream_request_headers
 from .auth import Keyring
+from .keys import StoredKeys
 from .leases import LeaseKeeper
 from .pending import PendingWrites
 from .routing import Router
@@ -86,7 +87,17 @@ class GatewayState:
         return cls(
             settings=settings,
             upstreams=upstreams,
-            keyring=Keyring(config.keys),
+            keyring=Keyring(
+                config.keys,
+                StoredKeys(
+                    store,
+                    config.teams,
+                    settings.key_cache_ttl,
+                    [k.identity.key_name or "" for k in config.keys],
+                )
+                if config.keys_in_store
+                else None,
+            ),
             router=Router(config.models, list(upstreams)),
             store=store,
             leases=LeaseKeeper(store, settings.stream_lease_ttl),

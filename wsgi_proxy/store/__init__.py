@@ -1,5 +1,6 @@
 """Shared state for multi-tenant routing: response locators, rate limits, stream slots and token usage."""
 
+from .base import KeyRecord as KeyRecord
 from .base import RateDecision as RateDecision
 from .base import ResponseRecord as ResponseRecord
 from .base import Store as Store
@@ -12,6 +13,7 @@ from .null import NullStore as NullStore
 
 __all__ = [
     "check_store",
+    "KeyRecord",
     "NullStore",
     "RateDecision",
     "ResponseRecord",

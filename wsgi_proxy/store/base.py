@@ -24,6 +24,7 @@ __all__ = [
     "USAGE_COLUMNS",
     "USAGE_DIMENSIONS",
     "USAGE_TTL_S",
+    "KeyRecord",
     "RateDecision",
     "ResponseRecord",
     "SPEND_WINDOWS",
@@ -64,6 +65,30 @@ class ResponseRecord:
     created_at: float
     """Unix time."""
     background: bool
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One secret of a client key kept in the store (``wsgi-proxy keys``), by its SHA-256 digest.
+
+    Every secret of one ``name`` is the same identity: its team, its own ``limits`` (the JSON of
+    the configuration's per-key limits and budgets) and its usage. A secret is usable until it is
+    revoked or expires.
+    """
+
+    digest: str
+    """The hex SHA-256 digest of the secret; the secret itself is never stored."""
+    name: str
+    team: str
+    hint: str
+    """The secret's last four characters, to tell secrets apart in listings."""
+    limits: str
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
 
 @dataclass(frozen=True)
@@ -260,6 +285,26 @@ class Store(abc.ABC):
 
         Rows are sorted by day, team, key, model, upstream and tier, with None before any name.
         """
+
+    @abc.abstractmethod
+    def put_key(self, record: KeyRecord) -> None:
+        """Store a client key's secret (by its digest), replacing any record of that digest."""
+
+    @abc.abstractmethod
+    def get_key(self, digest: str) -> KeyRecord | None:
+        """The record of the secret whose hex SHA-256 digest is ``digest``, or None."""
+
+    @abc.abstractmethod
+    def list_keys(self) -> list[KeyRecord]:
+        """Every stored secret, revoked and expired ones too, by name and then by creation."""
+
+    @abc.abstractmethod
+    def add_audit(self, line: t.Mapping[str, t.Any]) -> None:
+        """Append one audit line (a JSON object) to the store's audit log."""
+
+    @abc.abstractmethod
+    def audit_log(self) -> list[dict[str, t.Any]]:
+        """The audit log, oldest first."""
 
     @abc.abstractmethod
     def purge_expired(self, now: float | None = None) -> int:

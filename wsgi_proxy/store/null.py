@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import typing as t
 
-from .base import USAGE_TTL_S, RateDecision, ResponseRecord, Spend, Store, UsageEntry, UsageRow
+from .base import (
+    USAGE_TTL_S,
+    KeyRecord,
+    RateDecision,
+    ResponseRecord,
+    Spend,
+    Store,
+    StoreError,
+    UsageEntry,
+    UsageRow,
+)
 
 __all__ = ["NullStore"]
 
@@ -51,6 +61,23 @@ class NullStore(Store):
 
     def spend(self, counters: t.Sequence[str], now: float | None = None) -> dict[str, Spend]:
         return {counter: Spend() for counter in counters}
+
+    def put_key(self, record: KeyRecord) -> None:
+        raise StoreError(
+            "A gateway without a store keeps no client keys: name one with WSGI_PROXY_STORE_URL."
+        )
+
+    def get_key(self, digest: str) -> KeyRecord | None:
+        return None
+
+    def list_keys(self) -> list[KeyRecord]:
+        return []
+
+    def add_audit(self, line: t.Mapping[str, t.Any]) -> None:
+        pass
+
+    def audit_log(self) -> list[dict[str, t.Any]]:
+        return []
 
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
         return []

@@ -13,6 +13,9 @@ Layout, under a key prefix (``wsgi_proxy:`` by default)::
                                      model, upstream, service_tier] (null for None; earlier
                                      releases wrote the first three only)
     {prefix}usage:days               sorted set: YYYY-MM-DD -> the date as the number YYYYMMDD
+    {prefix}key:{digest}             string: a client key's KeyRecord as JSON (never the secret)
+    {prefix}keys:all                 set: the digests of every stored client key
+    {prefix}audit:log                list: the audit lines of key changes, oldest first
     {prefix}spend:{counter}:{window} hash: tokens, cost (nano-dollars) a budget counter spent in one
                                      minute (m:N), day (d:YYYY-MM-DD) or month (M:YYYY-MM), expiring
                                      after it
@@ -42,6 +45,7 @@ from redis.retry import Retry
 from .base import (
     SPEND_WINDOWS,
     USAGE_TTL_S,
+    KeyRecord,
     RateDecision,
     ResponseRecord,
     Spend,
@@ -315,6 +319,44 @@ class RedisStore(Store):
         for (counter, name, _), (tokens, cost) in zip(windows, answers, strict=True):
             found[counter][name] = (int(tokens or 0), int(cost or 0))
         return {counter: spend_of(spent) for counter, spent in found.items()}
+
+    def put_key(self, record: KeyRecord) -> None:
+        value = json.dumps(dataclasses.asdict(record), separators=(",", ":"))
+        with self._translate("store a client key"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(self._key("key", record.digest), value)
+            pipe.sadd(self._key("keys", "all"), record.digest)
+            pipe.execute()
+
+    def get_key(self, digest: str) -> KeyRecord | None:
+        with self._translate("look up a client key"):
+            value = self._client.get(self._key("key", digest))
+        return None if value is None else self._key_record(digest, value)
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._translate("list the client keys"):
+            digests = sorted(_text(d) for d in self._client.smembers(self._key("keys", "all")))
+            values = self._client.mget([self._key("key", d) for d in digests]) if digests else []
+        records = [self._key_record(d, v) for d, v in zip(digests, values, strict=True) if v is not None]
+        return sorted(records, key=lambda r: (r.name, r.created_at))
+
+    def _key_record(self, digest: str, value: t.Any) -> KeyRecord:
+        try:
+            return KeyRecord(**json.loads(value))
+        except (ValueError, TypeError):
+            raise StoreError(
+                f"The Redis store at {self.url} holds an unreadable client key record for digest"
+                f" {digest[:12]}...; check what else writes under the prefix {self.prefix!r}."
+            ) from None
+
+    def add_audit(self, line: t.Mapping[str, t.Any]) -> None:
+        with self._translate("write an audit line"):
+            self._client.rpush(self._key("audit", "log"), json.dumps(line, separators=(",", ":")))
+
+    def audit_log(self) -> list[dict[str, t.Any]]:
+        with self._translate("read the audit log"):
+            lines = self._client.lrange(self._key("audit", "log"), 0, -1)
+        return [json.loads(line) for line in lines]
 
     def usage_totals(self, *, since: str | None = None, until: str | None = None) -> list[UsageRow]:
         check_day("since", since)

@@ -15,7 +15,9 @@ the primary key, so every response without a key would get a row of its own inst
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -30,6 +32,7 @@ from .base import (
     USAGE_COLUMNS,
     USAGE_DIMENSIONS,
     USAGE_TTL_S,
+    KeyRecord,
     RateDecision,
     ResponseRecord,
     Spend,
@@ -109,6 +112,22 @@ CREATE TABLE IF NOT EXISTS spend (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_expires_at ON spend (expires_at);
 
+CREATE TABLE IF NOT EXISTS client_keys (
+    digest TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    team TEXT NOT NULL,
+    hint TEXT NOT NULL,
+    limits TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    line TEXT NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS heartbeat (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     at REAL NOT NULL
@@ -150,6 +169,7 @@ def _add_usage(columns: tuple[str, ...]) -> str:
     )
 
 
+_KEYS = "SELECT digest, name, team, hint, limits, created_at, expires_at, revoked_at FROM client_keys"
 _READ_USAGE = "SELECT {names}, {columns} FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY {names}"
 
 #: The tables whose rows expire (usage totals are kept until deleted).
@@ -508,6 +528,33 @@ class SQLiteStore(Store):
             rows = self._connection().execute(sql, (since or "", until or "9999-12-31")).fetchall()
         width = len(USAGE_DIMENSIONS)
         return [UsageRow.of(row[:width], dict(zip(USAGE_COLUMNS, row[width:], strict=True))) for row in rows]
+
+    def put_key(self, record: KeyRecord) -> None:
+        with self._write("store a client key") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO client_keys (digest, name, team, hint, limits, created_at,"
+                " expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                dataclasses.astuple(record),
+            )
+
+    def get_key(self, digest: str) -> KeyRecord | None:
+        with self._translate("look up a client key"):
+            row = self._connection().execute(f"{_KEYS} WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else KeyRecord(*row)
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._translate("list the client keys"):
+            rows = self._connection().execute(f"{_KEYS} ORDER BY name, created_at").fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def add_audit(self, line: t.Mapping[str, t.Any]) -> None:
+        with self._write("write an audit line") as conn:
+            conn.execute("INSERT INTO audit (line) VALUES (?)", (json.dumps(line, separators=(",", ":")),))
+
+    def audit_log(self) -> list[dict[str, t.Any]]:
+        with self._translate("read the audit log"):
+            rows = self._connection().execute("SELECT line FROM audit ORDER BY id").fetchall()
+        return [json.loads(line) for (line,) in rows]
 
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

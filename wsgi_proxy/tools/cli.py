@@ -1,4 +1,4 @@
-"""The ``wsgi-proxy`` command: ``demo``, ``check-config``, ``simulate`` and ``usage``.
+"""The ``wsgi-proxy`` command: ``demo``, ``check-config``, ``simulate``, ``usage`` and ``keys``.
 
 The proxy itself is served by gunicorn (``gunicorn -c gunicorn.conf.py``); see the README.
 """
@@ -6,6 +6,7 @@ The proxy itself is served by gunicorn (``gunicorn -c gunicorn.conf.py``); see t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import typing as t
@@ -134,6 +135,94 @@ def _usage_store_url(store: str | None, config: str | None, environ: t.Mapping[s
     return url
 
 
+def _file_teams_and_keys(config: str | None, environ: t.Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """The teams and ``[[keys]]`` names of the configuration file (read as TOML alone: the secrets
+    it names need not be exported where keys are managed)."""
+    import tomllib
+    from pathlib import Path
+
+    from ..config.settings import ConfigError
+
+    path = config or environ.get("WSGI_PROXY_CONFIG", "").strip()
+    if not path:
+        raise ConfigError(
+            "Keys belong to the teams of the gateway's configuration file: name it with --config or"
+            " WSGI_PROXY_CONFIG."
+        )
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"The configuration file {path!r} could not be read ({exc}); check --config."
+        ) from None
+    teams = raw.get("teams", {})
+    keys = raw.get("keys", [])
+    names = [k.get("name") for k in keys if isinstance(k, dict)] if isinstance(keys, list) else []
+    return (list(teams) if isinstance(teams, dict) else []), [n for n in names if isinstance(n, str)]
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import time
+
+    from ..config.settings import ConfigError
+    from ..store import StoreError, open_store
+    from . import keys as tool
+
+    limits = {
+        name: getattr(args, name, None)
+        for name in (
+            "rpm",
+            "max_streams",
+            "tpm",
+            "tokens_per_day",
+            "tokens_per_month",
+            "usd_per_day",
+            "usd_per_month",
+        )
+    }
+    if getattr(args, "models", None):
+        limits["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        url = _usage_store_url(args.store, args.config, os.environ)
+        expires_at = None
+        if getattr(args, "expires", None):
+            expires_at = tool.parse_moment(args.expires, "--expires")
+        if getattr(args, "expires_in", None):
+            expires_at = time.time() + tool.parse_duration(args.expires_in, "--expires-in")
+        grace = tool.parse_duration(args.grace, "--grace") if args.action == "rotate" else 0.0
+        teams, file_keys = (
+            _file_teams_and_keys(args.config, os.environ) if args.action == "create" else ([], [])
+        )
+        with open_store(url, create=False) as store:
+            if args.action == "create":
+                secret = tool.create_key(
+                    store,
+                    args.name,
+                    args.team,
+                    teams=teams,
+                    file_keys=file_keys,
+                    limits={k: v for k, v in limits.items() if v is not None},
+                    expires_at=expires_at,
+                )
+                print(secret)
+            elif args.action == "rotate":
+                print(tool.rotate_key(store, args.name, grace_s=grace, expires_at=expires_at))
+            elif args.action == "revoke":
+                tool.revoke_key(store, args.name, hint=args.hint)
+            elif args.action == "list":
+                sys.stdout.write(tool.render_keys(store.list_keys(), args.format, time.time()))
+            else:
+                for line in store.audit_log():
+                    print(json.dumps(line, separators=(",", ":")))
+    except (ValueError, ConfigError) as exc:
+        print(f"wsgi-proxy: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"wsgi-proxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: t.Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="wsgi-proxy", description=__doc__)
@@ -197,6 +286,63 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         "--format", choices=["table", "csv", "json"], default="table", help="the output format (table)"
     )
     usage.set_defaults(run=_usage)
+
+    keys = commands.add_parser(
+        "keys",
+        help="make, list, rotate and revoke client keys kept in the store (keys_in_store = true)",
+        description="Client keys kept in the gateway's store, for a configuration file with keys_in_store ="
+        " true: no file to edit, nothing to restart; a revoked key is refused everywhere within"
+        " WSGI_PROXY_KEY_CACHE_TTL seconds. Secrets are printed once, on standard output; each change"
+        " is an audit line on standard error and in the store. The store is --store, else"
+        " WSGI_PROXY_STORE_URL, else the store_url of the configuration file.",
+    )
+    actions = keys.add_subparsers(dest="action", required=True)
+
+    def keys_command(name: str, help: str) -> argparse.ArgumentParser:
+        command = actions.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        command.add_argument(
+            "--store", metavar="URL", help="the store: sqlite:///path.db or redis://host:6379/0"
+        )
+        command.add_argument("--config", metavar="PATH", help="the gateway's configuration file")
+        command.set_defaults(run=_keys)
+        return command
+
+    def expiry(command: argparse.ArgumentParser) -> None:
+        ends = command.add_mutually_exclusive_group()
+        ends.add_argument("--expires", metavar="WHEN", help="a UTC date or date and time it stops working")
+        ends.add_argument("--expires-in", metavar="DURATION", help="how long it works: 90s, 15m, 12h, 30d")
+
+    create = keys_command("create", "make a key in a team, and print its secret once")
+    create.add_argument("name", help="the key's name (in logs, usage and budgets)")
+    create.add_argument("--team", required=True, help="one of the configuration file's teams")
+    expiry(create)
+    for option, kind, what in (
+        ("--rpm", int, "requests per minute"),
+        ("--max-streams", int, "concurrent open streams"),
+        ("--tpm", int, "tokens per minute"),
+        ("--tokens-per-day", int, "tokens per UTC day"),
+        ("--tokens-per-month", int, "tokens per UTC month"),
+        ("--usd-per-day", float, "US dollars per UTC day"),
+        ("--usd-per-month", float, "US dollars per UTC month"),
+    ):
+        create.add_argument(option, type=kind, metavar="N", help=f"the key's own limit of {what}")
+    create.add_argument("--models", metavar="PATTERNS", help="the models it may use, such as gpt-4o*,o4-*")
+    rotate = keys_command(
+        "rotate", "give a key a new secret (printed once); the old ones work for --grace more"
+    )
+    rotate.add_argument("name")
+    rotate.add_argument(
+        "--grace", default="1h", metavar="DURATION", help="how long the old secrets still work (1h)"
+    )
+    expiry(rotate)
+    revoke = keys_command("revoke", "stop a key's secrets working, everywhere, within seconds")
+    revoke.add_argument("name")
+    revoke.add_argument("--hint", metavar="LAST4", help="only the secret ending in these four characters")
+    listing = keys_command("list", "list the stored keys and the state of each secret")
+    listing.add_argument(
+        "--format", choices=["table", "json"], default="table", help="the output format (table)"
+    )
+    keys_command("audit", "print the audit log of key changes, oldest first, one JSON line each")
 
     args = parser.parse_args(argv)
     return int(args.run(args))
