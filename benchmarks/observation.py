@@ -6,8 +6,9 @@
 Timed in this process, on the same code the workers run, with the metrics in multiprocess mode
 (files in a temporary directory, as under gunicorn.conf.py) and the log line written to a file:
 
-- per request: the metrics a finished request updates (a counter and a latency histogram), and the
-  JSON log line (formatting and writing);
+- per request: the metrics a finished request updates (a counter and a latency histogram), the
+  JSON log line (formatting and writing), and what OpenTelemetry spans add when traces are on (a
+  request's span and one attempt's, with their attributes; exporting happens on another thread);
 - per stream write: the events and bytes counters;
 - per event: what the relay notes of each event (its type and sequence number, for resumes and
   counts), on an output_text.delta event as OpenAI sends it; and the whole relay of such events
@@ -30,6 +31,7 @@ import typing as t
 from harness import per_call_us, save_result
 
 from wsgi_proxy.observe.record import ACCESS_LOGGER, RequestRecord
+from wsgi_proxy.observe.tracing import Tracing
 from wsgi_proxy.wire.usage import Usage
 
 _DELTA = (
@@ -130,16 +132,21 @@ def _measure(calls: int, directory: str) -> dict[str, t.Any]:
     access.handlers, access.propagate = [handler], False
     access.setLevel(logging.INFO)
 
-    def log_line() -> None:
-        record = RequestRecord("req_0123456789abcdef", "POST", "create")  # metrics=None: the line alone
+    tracing = Tracing("bench", exporter=_NoExport)
+
+    def log_line(traced: bool = False) -> None:
+        trace = tracing.start("POST", "create", {"traceparent": _TRACEPARENT}.get) if traced else None
+        record = RequestRecord("req_0123456789abcdef", "POST", "create", trace=trace)  # metrics=None
         record.identified("team-a", "a")
         record.asked_for("gpt-4o-mini")
         record.attempt("default")
+        record.answered("req_upstream")
         record.used(Usage(input_tokens=12, output_tokens=40, total_tokens=52), 24_600)
         record.sent(200)
 
     try:
         line_us = _per_call_us(log_line, calls)
+        traced_us = _per_call_us(lambda: log_line(traced=True), calls)
     finally:
         handler.close()
         access.handlers, access.propagate, access.level = saved
@@ -147,11 +154,31 @@ def _measure(calls: int, directory: str) -> dict[str, t.Any]:
         "calls": calls,
         "per_request_metrics_us": _per_call_us(request_metrics, calls),
         "per_request_log_line_us": line_us,
+        "per_request_traced_us": round(traced_us - line_us, 2),
         "per_write_metrics_us": _per_call_us(lambda: metrics.events_forwarded(events=3, nbytes=750), calls),
         "per_event_observation_us": _per_call_us(lambda: parse_event(_DELTA), calls),
         "per_event_relay_us": _relay_us(calls),
         "event_bytes": len(_DELTA),
     }
+
+
+_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class _NoExport:
+    """A span exporter that drops what it gets: the benchmark times making spans, not sending them
+    (the batch processor sends from a thread of its own)."""
+
+    def export(self, spans: t.Sequence[t.Any]) -> t.Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
 
 
 def bench(quick: bool) -> dict[str, t.Any]:

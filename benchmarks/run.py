@@ -979,6 +979,11 @@ def _md_observation(r: Result) -> list[str]:
             ),
             ("JSON log line: format and write", "per request", f"{r['per_request_log_line_us']} µs"),
             (
+                "OpenTelemetry spans (request and attempt) when traces are on; off: one None check per fact",
+                "per request",
+                f"{r.get('per_request_traced_us', '-')} µs",
+            ),
+            (
                 "metrics: events and bytes counters",
                 "per write to a stream's client",
                 f"{r['per_write_metrics_us']} µs",

@@ -12,7 +12,8 @@ import responses
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
-from wsgi_proxy.observe.record import ACCESS_LOGGER, request_id_from
+from wsgi_proxy.observe.record import ACCESS_LOGGER, RequestRecord, request_id_from
+from wsgi_proxy.observe.tracing import tracing_from_env
 
 from .envelope import assert_error
 
@@ -256,3 +257,31 @@ def test_readiness_is_lost_when_the_store_directory_is_deleted(tmp_path: t.Any) 
     shutil.rmtree(directory)
     answer = client.get("/readyz")
     assert answer.status_code == 503 and answer.json == {"status": "unavailable", "store": "unreachable"}
+
+
+@pytest.mark.parametrize(
+    ("environ", "on"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "false"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_SERVICE_NAME": "gw"}, False),  # a name alone exports nowhere
+    ],
+)
+def test_traces_are_on_only_when_the_standard_variables_ask(environ: dict[str, str], on: bool) -> None:
+    assert (tracing_from_env(environ) is not None) is on
+
+
+def test_a_record_without_a_trace_touches_no_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # any import of it would now fail
+    record = RequestRecord("req_1", "POST", "create")
+    record.attempt("default")
+    record.answered("req_up")
+    record.reopened(3, 0.0, "resumed")
+    record.sent(200)
+    assert record.trace is None and record.attempts == 1

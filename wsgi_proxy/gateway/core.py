@@ -255,6 +255,9 @@ class Gateway:
         self, call: Call, client: UpstreamClient, target: Target, record: RequestRecord
     ) -> UpstreamRequest:
         headers = self.state.upstream_headers(client, call.headers, record.request_id, stream=call.stream)
+        if record.trace is not None:  # the upstream's spans go below this request's, not the client's
+            headers = {k: v for k, v in headers.items() if k.lower() != "traceparent"}
+            headers["traceparent"] = record.trace.traceparent()
         body = call.body
         if target.deployment is not None and isinstance(body, bytes):
             body = with_model(body, target.deployment)
@@ -319,7 +322,13 @@ class Gateway:
         resume = call.resume
         resumer = None
         if resume is not None and settings.resume_attempts:
-            resumer = StreamResumer(sent.client, sent.request.headers, resume.query, state.resume_policy)
+            resumer = StreamResumer(
+                sent.client,
+                sent.request.headers,
+                resume.query,
+                state.resume_policy,
+                on_reopen=record.reopened,
+            )
 
         def finished(stats: StreamStats) -> None:
             release()

@@ -366,7 +366,10 @@ class WebSocketSession:
 
     def _create_record(self, model: str | None) -> RequestRecord:
         """The record of one response on this connection (its own JSON line when it ends)."""
-        record = RequestRecord(request_id_from(None), "WS", "ws_create", metrics=self.state.metrics)
+        trace = self.record.trace.child("WS", "ws_create") if self.record.trace is not None else None
+        record = RequestRecord(
+            request_id_from(None), "WS", "ws_create", metrics=self.state.metrics, trace=trace
+        )
         record.identified(self.tenant.identity.key_name, self.tenant.identity.team)
         record.asked_for(model)
         return record
@@ -453,7 +456,11 @@ class WebSocketSession:
         """The handshake's forwarded headers as an upstream request carries them, without what a
         request without a body (a handshake, a resume's GET) has no use for."""
         headers = self.state.upstream_headers(client, self.headers, self.record.request_id, stream=True)
-        return {k: v for k, v in headers.items() if k.lower() not in ("accept-encoding", "content-type")}
+        dropped = ("accept-encoding", "content-type", *(("traceparent",) if self.record.trace else ()))
+        headers = {k: v for k, v in headers.items() if k.lower() not in dropped}
+        if self.record.trace is not None:  # the upstream's spans go below the connection's
+            headers["traceparent"] = self.record.trace.traceparent()
+        return headers
 
     def _attach(self, target: Target, opened: UpstreamSocket) -> None:
         self._target = target
@@ -617,7 +624,9 @@ class WebSocketSession:
         """Stream a running response over HTTP after ``after`` into this session (a helper thread)."""
         assert client is not None
         headers = self._upstream_headers(client)
-        resumer = StreamResumer(client, headers, query, self.state.resume_policy)
+        resumer = StreamResumer(
+            client, headers, query, self.state.resume_policy, on_reopen=self.record.reopened
+        )
         attempt, last = 0, after
         while attempt < resumer.max_attempts and not self._done.is_set():
             if attempt and self._done.wait(resumer.backoff(attempt)):

@@ -9,6 +9,7 @@ from ..config.gateway import GatewayConfig
 from ..config.prices import PriceTable
 from ..config.settings import ConfigError, ProxySettings
 from ..observe.metrics import Metrics
+from ..observe.tracing import Tracing, tracing_from_env
 from ..store import NullStore, Store, StoreError, open_store
 from ..upstream.client import UpstreamClient
 from ..upstream.resume import ResumePolicy
@@ -46,6 +47,7 @@ class GatewayState:
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     resume_policy: ResumePolicy = field(default_factory=ResumePolicy)
     prices: PriceTable = field(default_factory=PriceTable)
+    tracing: Tracing | None = None
 
     def upstream_headers(
         self,
@@ -110,6 +112,7 @@ class GatewayState:
                 settings.resume_attempts, settings.resume_backoff, settings.resume_backoff_max
             ),
             prices=config.prices,
+            tracing=tracing_from_env(),
         )
 
 

@@ -20,12 +20,14 @@ from ..config.prices import usd
 from ..errors import ProxyError, RateLimited, UpstreamError
 from ..wire.headers import budget_remaining
 from ..wire.usage import Usage
+from .tracing import operation_of
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from ..config.gateway import Budget
     from ..gateway.session import SessionStats
     from ..wire.relay import StreamStats
     from .metrics import Metrics
+    from .tracing import RequestTrace
 
 __all__ = ["ACCESS_LOGGER", "RequestRecord", "request_id_from"]
 
@@ -52,7 +54,15 @@ class RequestRecord:
     :param metrics: where the request is counted when it ends; None counts nothing.
     """
 
-    def __init__(self, request_id: str, method: str, route: str, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        method: str,
+        route: str,
+        *,
+        metrics: Metrics | None = None,
+        trace: RequestTrace | None = None,
+    ) -> None:
         self.request_id = request_id
         self.method = method
         self.route = route
@@ -72,6 +82,8 @@ class RequestRecord:
         self.streaming = False
         self.connection: SessionStats | None = None
         self._metrics = metrics
+        #: The request's spans, when traces are on (see :mod:`~wsgi_proxy.observe.tracing`).
+        self.trace = trace
         self._error_metric: tuple[str, str] | None = None
         self._finished = False
 
@@ -91,9 +103,18 @@ class RequestRecord:
         """One more try upstream is about to be made (counted whatever its outcome)."""
         self.attempts += 1
         self.upstream = upstream
+        if self.trace is not None:
+            self.trace.attempt(upstream, self.attempts)
 
     def answered(self, upstream_request_id: str | None) -> None:
         self.upstream_request_id = upstream_request_id
+        if self.trace is not None:
+            self.trace.answered(upstream_request_id)
+
+    def reopened(self, after: int | None, started: float, outcome: str) -> None:
+        """One attempt to resume the relayed stream, begun at ``started`` (a :func:`time.time`)."""
+        if self.trace is not None:
+            self.trace.resumed(self.upstream or "none", after, started, outcome)
 
     def budgeted(self, left: t.Sequence[tuple[Budget, int]]) -> None:
         """The caller's budgets had room; ``left`` is what remains of each (for the answer's header)."""
@@ -196,9 +217,33 @@ class RequestRecord:
             return
         self._finished = True
         now = time.monotonic()
-        log.info(json.dumps(self.line(now), separators=(",", ":")))
+        line = self.line(now)
+        log.info(json.dumps(line, separators=(",", ":")))
         if self._metrics is not None:
             self._report(self._metrics, now - self.started)
+        if self.trace is not None:
+            self.trace.finish(self._span_attributes(line), self.status, self.error)
+
+    def _span_attributes(self, line: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+        """The request span's attributes: the GenAI conventions' and the proxy's own."""
+        stream, usage = self.stream, self.usage
+        return {
+            "gen_ai.operation.name": operation_of(self.route),
+            "gen_ai.provider.name": "openai" if self.model is not None else None,
+            "gen_ai.request.model": self.model,
+            "gen_ai.response.model": stream.model if stream is not None else None,
+            "gen_ai.response.id": stream.response_id if stream is not None else None,
+            "gen_ai.usage.input_tokens": usage.input_tokens if usage is not None else None,
+            "gen_ai.usage.output_tokens": usage.output_tokens if usage is not None else None,
+            "openai.response.service_tier": stream.service_tier if stream is not None else None,
+            "wsgi_proxy.request_id": self.request_id,
+            "wsgi_proxy.key": self.key,
+            "wsgi_proxy.team": self.team,
+            "wsgi_proxy.upstream": self.upstream,
+            "wsgi_proxy.attempts": self.attempts,
+            "wsgi_proxy.resumes": stream.resumes if stream is not None else None,
+            "wsgi_proxy.cost_usd": line.get("cost_usd"),
+        }
 
     def _report(self, metrics: Metrics, seconds: float) -> None:
         upstream = self.upstream

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import typing as t
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -72,21 +73,37 @@ class StreamResumer:
     :param headers: the upstream headers of the original request (credentials included).
     :param query: the query to replay the stream with (without ``starting_after`` for a create).
     :param policy: the attempts per break before the client's connection is aborted, and their waits.
+    :param on_reopen: told of each attempt once it is over: the sequence number it resumed after,
+        when it began (a :func:`time.time`), and what came of it (``resumed``, or the value of the
+        :class:`~wsgi_proxy.wire.relay.Resume` it came to).
     """
 
     def __init__(
-        self, upstream: UpstreamClient, headers: t.Mapping[str, str], query: bytes, policy: ResumePolicy
+        self,
+        upstream: UpstreamClient,
+        headers: t.Mapping[str, str],
+        query: bytes,
+        policy: ResumePolicy,
+        on_reopen: t.Callable[[int | None, float, str], None] | None = None,
     ) -> None:
         self.max_attempts = policy.attempts
         self._upstream = upstream
         self._headers = dict(headers)
         self._query = query
         self._policy = policy
+        self._on_reopen = on_reopen
 
     def backoff(self, attempt: int) -> float:
         return backoff(attempt, self._policy.backoff, self._policy.backoff_max)
 
     def reopen(self, response_id: str, after: int | None) -> UpstreamBody | Resume:
+        started = time.time()
+        outcome = self._reopen(response_id, after)
+        if self._on_reopen is not None:
+            self._on_reopen(after, started, outcome.value if isinstance(outcome, Resume) else "resumed")
+        return outcome
+
+    def _reopen(self, response_id: str, after: int | None) -> UpstreamBody | Resume:
         call = UpstreamRequest(
             "GET", f"/responses/{response_id}", resume_query(self._query, after), self._headers, stream=True
         )

@@ -40,11 +40,15 @@ def record() -> RequestRecord:
 
 def _open_record() -> None:
     route = (request.endpoint or "").rpartition(".")[2] or "unknown"
+    state = gateway().state
     g.wsgi_proxy_record = RequestRecord(
         request_id_from(request.headers.get("X-Request-ID")),
         request.method,
         route,
-        metrics=gateway().state.metrics,
+        metrics=state.metrics,
+        trace=None
+        if state.tracing is None
+        else state.tracing.start(request.method, route, request.headers.get),
     )
 
 
