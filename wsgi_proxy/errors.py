@@ -21,6 +21,7 @@ relayed as they are and never become one. The tree::
         ├── UpstreamUnavailable       502  (could not connect, or the connection broke before an answer)
         ├── UpstreamCredentialsRejected 502  (the upstream refused the gateway's own key)
         ├── UpstreamProtocolError     502  (the upstream answered something a proxy cannot relay)
+        ├── WebhookUndelivered        502  (a webhook's destination did not take it: the sender retries)
         └── UpstreamTimeout           504
 
     StreamAborted (ConnectionResetError)  raised inside an SSE relay after the first byte; not a response
@@ -57,6 +58,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "WebSocketUnavailable",
+    "WebhookUndelivered",
     "error_body",
 ]
 
@@ -244,6 +246,12 @@ class UpstreamError(ProxyError):
     #: True when the request provably never reached the upstream (no connection was made),
     #: so that even a create may be sent again.
     never_sent: bool = False
+
+
+class WebhookUndelivered(UpstreamError):
+    """A webhook could not be delivered where it goes: the sender is answered 502 and retries."""
+
+    code = "webhook_undelivered"
 
 
 class UpstreamUnavailable(UpstreamError):

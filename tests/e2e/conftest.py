@@ -106,15 +106,17 @@ def start_red_and_blue(
     extra: str = "",
     env: t.Mapping[str, str] | None = None,
     red: str = "",
+    upstream_extra: str = "",
 ) -> tuple[Proxy, str]:
-    """A config-file gateway in front of ``upstream_url`` for two teams, red and blue (keys named
-    ``red`` and ``blue``, read from ``RED_KEY`` and ``BLUE_KEY`` in ``keys``), with a SQLite store,
-    ``red`` TOML inside ``[teams.red]`` and ``extra`` TOML after them; returns it and its store's URL."""
+    """A config-file gateway in front of ``upstream_url`` (the upstream ``main``) for two teams, red
+    and blue (keys named ``red`` and ``blue``, read from ``RED_KEY`` and ``BLUE_KEY`` in ``keys``),
+    with a SQLite store, ``upstream_extra`` TOML inside the upstream's entry, ``red`` TOML inside
+    ``[teams.red]`` and ``extra`` TOML after them; returns it and its store's URL."""
     store_url = f"sqlite:///{directory / 'state.db'}"
     path = directory / "gateway.toml"
     path.write_text(
         f'store_url = "{store_url}"\n'
-        f'[[upstreams]]\nname = "main"\nurl = "{upstream_url}"\napi_key_env = "UPSTREAM_KEY"\n'
+        f'[[upstreams]]\nname = "main"\nurl = "{upstream_url}"\napi_key_env = "UPSTREAM_KEY"\n{upstream_extra}'
         f"[teams.red]\n{red}[teams.blue]\n"
         '[[keys]]\nname = "red"\nteam = "red"\nkey_env = "RED_KEY"\n'
         '[[keys]]\nname = "blue"\nteam = "blue"\nkey_env = "BLUE_KEY"\n' + extra

@@ -98,9 +98,11 @@ class UpstreamEntry(_Strict):
     read_timeout: float = Field(default=600.0, gt=0)
     websockets: t.Literal["native", "off"] | None = None
     prices: dict[str, ModelPrice] = {}
+    #: The variable holding the signing secret of this upstream's webhooks (``whsec_...``).
+    webhook_secret_env: str | None = None
 
     _check_name = field_validator("name")(_name)
-    _check_env = field_validator("api_key_env")(_env_name)
+    _check_env = field_validator("api_key_env", "webhook_secret_env")(_env_name)
 
     _check_url = field_validator("url")(check_base_url)
     _check_api_version = field_validator("api_version")(check_api_version)
@@ -154,8 +156,31 @@ class KeyLimits(_Limits):
     """A key's own models, limits and budgets, narrower than its team's (a stored key's, as JSON)."""
 
 
-class TeamEntry(_Limits):
-    """A team: the models and endpoint families its keys may use, and limits counted over all its keys."""
+class _WebhookDestination(_Strict):
+    webhook_url: str | None = None
+    webhook_secret_env: str | None = None
+
+    _check_env = field_validator("webhook_secret_env")(_env_name)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError("it must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> t.Self:
+        if (self.webhook_url is None) != (self.webhook_secret_env is None):
+            raise ValueError(
+                "give webhook_url and webhook_secret_env together (the secret signs what goes there)"
+            )
+        return self
+
+
+class TeamEntry(_Limits, _WebhookDestination):
+    """A team: the models and endpoint families its keys may use, limits counted over all its keys,
+    and where its webhooks go."""
 
     endpoints: tuple[str, ...] | None = None
 
@@ -205,6 +230,8 @@ class FileConfig(_Strict):
     allow_anonymous: bool = False
     keys_in_store: bool = False
     prices: dict[str, ModelPrice] = {}
+    #: Where webhooks about objects no team is known to own go (and the secret that signs them).
+    operator_webhook: _WebhookDestination = _WebhookDestination()
 
     @model_validator(mode="after")
     def _cross_check(self) -> FileConfig:
@@ -304,6 +331,14 @@ def load_config_file(path: str | Path, environ: t.Mapping[str, str] | None = Non
         )
     for index, key in enumerate(config.keys):
         _require_env(environ, key.key_env, f"keys[{index}] (name {key.name!r}).key_env", where)
+    for index, upstream in enumerate(config.upstreams):
+        place = f"upstreams[{index}] (name {upstream.name!r}).webhook_secret_env"
+        _require_env(environ, upstream.webhook_secret_env, place, where)
+    for name, team in config.teams.items():
+        _require_env(environ, team.webhook_secret_env, f"teams.{name}.webhook_secret_env", where)
+    _require_env(
+        environ, config.operator_webhook.webhook_secret_env, "operator_webhook.webhook_secret_env", where
+    )
     return config
 
 

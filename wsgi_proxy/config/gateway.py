@@ -17,6 +17,7 @@ import tempfile
 import typing as t
 from dataclasses import dataclass, field
 
+from ..wire.webhooks import sign
 from .file import FileConfig, KeyEntry, KeyLimits, ModelEntry, TeamEntry, load_config_file
 from .prices import DEFAULT_PRICES, PriceTable
 from .settings import MIN_CLIENT_KEY, ConfigError, ProxySettings
@@ -30,6 +31,8 @@ __all__ = [
     "GatewayConfig",
     "Identity",
     "UpstreamSpec",
+    "WebhookDestination",
+    "Webhooks",
     "default_store_url",
     "identity_of",
     "key_digest",
@@ -155,6 +158,24 @@ class ClientKey:
 
 
 @dataclass(frozen=True)
+class WebhookDestination:
+    """Where webhooks are delivered, and the secret they are signed with there."""
+
+    url: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Webhooks:
+    """The webhook fan-out: each upstream's signing secret (of what it sends), each team's
+    destination, and the operator's for events of objects no team is known to own."""
+
+    secrets: t.Mapping[str, str] = field(default_factory=dict, repr=False)
+    teams: t.Mapping[str, WebhookDestination] = field(default_factory=dict)
+    operator: WebhookDestination | None = None
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything a gateway is built from: upstreams, client keys, model routes and the store.
 
@@ -168,6 +189,7 @@ class GatewayConfig:
     :param prices: what responses cost, by model, tier and upstream.
     :param teams: the file's teams, which keys kept in the store belong to.
     :param keys_in_store: keys made with ``wsgi-proxy keys`` are accepted too.
+    :param webhooks: where the upstreams' webhooks go.
     """
 
     upstreams: tuple[UpstreamSpec, ...]
@@ -179,6 +201,7 @@ class GatewayConfig:
     prices: PriceTable = field(default_factory=PriceTable)
     teams: t.Mapping[str, TeamEntry] = field(default_factory=dict)
     keys_in_store: bool = False
+    webhooks: Webhooks = field(default_factory=Webhooks)
 
     @classmethod
     def from_settings(
@@ -256,6 +279,35 @@ def _from_file(config: FileConfig, settings: ProxySettings, environ: t.Mapping[s
         ),
         teams=config.teams,
         keys_in_store=config.keys_in_store,
+        webhooks=_webhooks(config, environ),
+    )
+
+
+def _webhooks(config: FileConfig, environ: t.Mapping[str, str]) -> Webhooks:
+    def secret_of(name: str) -> str:
+        secret = environ[name].strip()
+        try:
+            sign(secret, "check", 0, b"")
+        except ValueError:
+            raise ConfigError(
+                f"The webhook secret in {name} starts with whsec_ but is not base64 after it: copy it"
+                " again from where it was made."
+            ) from None
+        return secret
+
+    def destination(url: str | None, secret_env: str | None) -> WebhookDestination | None:
+        return None if url is None or secret_env is None else WebhookDestination(url, secret_of(secret_env))
+
+    teams = {
+        name: found
+        for name, team in config.teams.items()
+        if (found := destination(team.webhook_url, team.webhook_secret_env)) is not None
+    }
+    operator = config.operator_webhook
+    return Webhooks(
+        secrets={u.name: secret_of(u.webhook_secret_env) for u in config.upstreams if u.webhook_secret_env},
+        teams=teams,
+        operator=destination(operator.webhook_url, operator.webhook_secret_env),
     )
 
 

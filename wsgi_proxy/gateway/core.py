@@ -45,6 +45,7 @@ from .session import SessionStats, WebSocketSession
 from .state import GatewayState
 from .tenancy import Tenant
 from .watchdog import NoWatch
+from .webhooks import WebhookFanout
 
 __all__ = ["FAILOVER_STATUSES", "Gateway"]
 
@@ -82,6 +83,8 @@ class Gateway:
 
     def __init__(self, state: GatewayState) -> None:
         self.state = state
+        #: The receiver of the upstreams' webhooks.
+        self.webhooks = WebhookFanout(state)
 
     @classmethod
     def build(cls, settings: ProxySettings, environ: t.Mapping[str, str] | None = None) -> Gateway:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing as t
 from dataclasses import dataclass, field
 
-from ..config.gateway import GatewayConfig
+from ..config.gateway import GatewayConfig, Webhooks
 from ..config.prices import PriceTable
 from ..config.settings import ConfigError, ProxySettings
 from ..observe.metrics import Metrics
@@ -48,6 +48,7 @@ class GatewayState:
     resume_policy: ResumePolicy = field(default_factory=ResumePolicy)
     prices: PriceTable = field(default_factory=PriceTable)
     tracing: Tracing | None = None
+    webhooks: Webhooks = field(default_factory=Webhooks)
 
     def upstream_headers(
         self,
@@ -113,6 +114,7 @@ class GatewayState:
             ),
             prices=config.prices,
             tracing=tracing_from_env(),
+            webhooks=config.webhooks,
         )
 
 

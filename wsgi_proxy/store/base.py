@@ -287,6 +287,15 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def mark(self, key: str, ttl_s: float) -> bool:
+        """Set the marker ``key`` for ``ttl_s`` seconds; True if it was not set (from any thread,
+        process or host: one caller wins)."""
+
+    @abc.abstractmethod
+    def marked(self, key: str) -> bool:
+        """Whether the marker ``key`` is set."""
+
+    @abc.abstractmethod
     def put_key(self, record: KeyRecord) -> None:
         """Store a client key's secret (by its digest), replacing any record of that digest."""
 

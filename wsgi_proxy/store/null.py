@@ -62,6 +62,12 @@ class NullStore(Store):
     def spend(self, counters: t.Sequence[str], now: float | None = None) -> dict[str, Spend]:
         return {counter: Spend() for counter in counters}
 
+    def mark(self, key: str, ttl_s: float) -> bool:
+        return True
+
+    def marked(self, key: str) -> bool:
+        return False
+
     def put_key(self, record: KeyRecord) -> None:
         raise StoreError(
             "A gateway without a store keeps no client keys: name one with WSGI_PROXY_STORE_URL."

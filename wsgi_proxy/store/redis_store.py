@@ -13,6 +13,7 @@ Layout, under a key prefix (``wsgi_proxy:`` by default)::
                                      model, upstream, service_tier] (null for None; earlier
                                      releases wrote the first three only)
     {prefix}usage:days               sorted set: YYYY-MM-DD -> the date as the number YYYYMMDD
+    {prefix}mark:{key}               string: "1" with a PX expiry: a marker (a webhook delivered)
     {prefix}key:{digest}             string: a client key's KeyRecord as JSON (never the secret)
     {prefix}keys:all                 set: the digests of every stored client key
     {prefix}audit:log                list: the audit lines of key changes, oldest first
@@ -319,6 +320,15 @@ class RedisStore(Store):
         for (counter, name, _), (tokens, cost) in zip(windows, answers, strict=True):
             found[counter][name] = (int(tokens or 0), int(cost or 0))
         return {counter: spend_of(spent) for counter, spent in found.items()}
+
+    def mark(self, key: str, ttl_s: float) -> bool:
+        check_positive("ttl_s", ttl_s)
+        with self._translate("set a marker"):
+            return bool(self._client.set(self._key("mark", key), "1", nx=True, px=_ms(ttl_s)))
+
+    def marked(self, key: str) -> bool:
+        with self._translate("look a marker up"):
+            return bool(self._client.exists(self._key("mark", key)))
 
     def put_key(self, record: KeyRecord) -> None:
         value = json.dumps(dataclasses.asdict(record), separators=(",", ":"))

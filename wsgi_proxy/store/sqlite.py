@@ -112,6 +112,12 @@ CREATE TABLE IF NOT EXISTS spend (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_expires_at ON spend (expires_at);
 
+CREATE TABLE IF NOT EXISTS markers (
+    key TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS markers_expires_at ON markers (expires_at);
+
 CREATE TABLE IF NOT EXISTS client_keys (
     digest TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -173,7 +179,7 @@ _KEYS = "SELECT digest, name, team, hint, limits, created_at, expires_at, revoke
 _READ_USAGE = "SELECT {names}, {columns} FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY {names}"
 
 #: The tables whose rows expire (usage totals are kept until deleted).
-_TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen", "spend")
+_TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen", "spend", "markers")
 
 
 class SQLiteStore(Store):
@@ -528,6 +534,28 @@ class SQLiteStore(Store):
             rows = self._connection().execute(sql, (since or "", until or "9999-12-31")).fetchall()
         width = len(USAGE_DIMENSIONS)
         return [UsageRow.of(row[:width], dict(zip(USAGE_COLUMNS, row[width:], strict=True))) for row in rows]
+
+    def mark(self, key: str, ttl_s: float) -> bool:
+        check_positive("ttl_s", ttl_s)
+        now = time.time()
+        with self._write("set a marker") as conn:
+            # A marker that expired but was not purged yet counts as absent, as in Redis.
+            return bool(
+                conn.execute(
+                    "INSERT INTO markers (key, expires_at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+                    " SET expires_at = excluded.expires_at WHERE markers.expires_at <= ?",
+                    (key, now + ttl_s, now),
+                ).rowcount
+            )
+
+    def marked(self, key: str) -> bool:
+        with self._translate("look a marker up"):
+            row = (
+                self._connection()
+                .execute("SELECT 1 FROM markers WHERE key = ? AND expires_at > ?", (key, time.time()))
+                .fetchone()
+            )
+        return row is not None
 
     def put_key(self, record: KeyRecord) -> None:
         with self._write("store a client key") as conn:
