@@ -181,3 +181,49 @@ def test_the_file_becomes_budgets_per_level_cost_in_nano_dollars(tmp_path: Path)
 )
 def test_budget_remaining_header(left: list[tuple[str, str, int]], header: str) -> None:
     assert budget_remaining(left) == header
+
+
+def test_the_budgets_command_shows_use_left_and_reset_of_every_budget(
+    app: Flask, mocked: responses.RequestsMock, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsgi_proxy.tools.cli import main
+
+    assert _create(app, "A").status_code == 200  # 40 tokens of team small's 100 a day
+    capsys.readouterr()  # the request's own log line
+    status = main(
+        [
+            "budgets",
+            "--config",
+            str(tmp_path / "gateway.toml"),
+            "--store",
+            f"sqlite:///{tmp_path / 'state.db'}",
+            "--format",
+            "json",
+        ]
+    )
+    out, _ = capsys.readouterr()
+    rows = {(row["counter"], row["budget"]): row for row in json.loads(out)}
+    assert status == 0
+    assert set(rows) == {
+        ("team:small", "tokens_per_day"),
+        ("team:rich", "usd_per_month"),
+        ("key:b", "usd_per_day"),
+        ("key:c", "tpm"),
+    }
+    small = rows[("team:small", "tokens_per_day")]
+    assert (small["limit"], small["used"], small["left"], small["spent"]) == (100, 40, 60, False)
+    tomorrow = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
+    assert small["resets"] == f"{tomorrow}T00:00:00Z"
+    assert rows[("key:b", "usd_per_day")]["limit"] == 1.0
+    main(
+        [
+            "budgets",
+            "--config",
+            str(tmp_path / "gateway.toml"),
+            "--store",
+            f"sqlite:///{tmp_path / 'state.db'}",
+        ]
+    )
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["who", "budget", "limit", "used", "left", "resets", "state"]
+    assert any(line.split()[:5] == ["team:small", "tokens_per_day", "100", "40", "60"] for line in table)

@@ -11,7 +11,6 @@ here is the same in every mode.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from ..errors import (
     UpstreamProtocolError,
 )
 from ..store import ResponseRecord, Store, StoreError, UsageEntry
-from ..store.base import Spend
+from ..store.base import window_end
 from ..upstream.client import UpstreamClient
 from ..wire.responses import Summary
 from .routing import Target
@@ -118,7 +117,7 @@ class Tenant:
             spent = self.state.store.spend(self.identity.charges, now)
         left = []
         for budget in budgets:
-            used = _spent(spent[budget.counter], budget)
+            used = spent[budget.counter].against(budget.kind)
             if used >= budget.limit:
                 raise _refusal(budget, used, now)
             left.append((budget, budget.limit - used))
@@ -339,32 +338,10 @@ class Tenant:
             self.state.store.delete_response(response_id)
 
 
-def _spent(spend: Spend, budget: Budget) -> int:
-    """What ``spend`` counts against ``budget``: tokens this minute, day or month, or cost."""
-    return {
-        "tpm": spend.tokens_minute,
-        "tokens_per_day": spend.tokens_day,
-        "tokens_per_month": spend.tokens_month,
-        "usd_per_day": spend.cost_day,
-        "usd_per_month": spend.cost_month,
-    }[budget.kind]
-
-
-def _resets(kind: str, now: float) -> datetime.datetime:
-    """When the window of a budget of ``kind`` that holds ``now`` ends (UTC)."""
-    moment = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
-    if kind == "tpm":
-        return moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
-    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    if kind.endswith("_per_day"):
-        return day + datetime.timedelta(days=1)
-    return (day.replace(day=1) + datetime.timedelta(days=32)).replace(day=1)
-
-
 def _refusal(budget: Budget, used: int, now: float) -> RateLimited:
     """The 429 of a spent budget: which one, how much of it was used, and when it resets."""
     who = budget.counter.replace(":", " ")
-    resets = _resets(budget.kind, now)
+    resets = window_end(budget.kind, now)
     retry_after = max(resets.timestamp() - now, 1e-3)
     if budget.kind == "tpm":
         return RateLimited(

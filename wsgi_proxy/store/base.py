@@ -43,6 +43,7 @@ __all__ = [
     "usage_day",
     "usage_names",
     "usage_sort_key",
+    "window_end",
 ]
 
 #: How long :meth:`Store.record_usage` remembers a response id by default: 30 days.
@@ -131,6 +132,29 @@ class Spend:
     tokens_month: int = 0
     cost_day: int = 0
     cost_month: int = 0
+
+    def against(self, kind: str) -> int:
+        """What counts against a budget of ``kind`` (``tpm``, ``tokens_per_day``, ...,
+        ``usd_per_month``): tokens this minute, day or month, or cost in nano-dollars."""
+        return {
+            "tpm": self.tokens_minute,
+            "tokens_per_day": self.tokens_day,
+            "tokens_per_month": self.tokens_month,
+            "usd_per_day": self.cost_day,
+            "usd_per_month": self.cost_month,
+        }[kind]
+
+
+def window_end(kind: str, now: float) -> datetime.datetime:
+    """When the window of a budget of ``kind`` that holds ``now`` ends (UTC): the next minute for
+    ``tpm``, the next midnight for a daily budget, the first of the next month for a monthly one."""
+    moment = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
+    if kind == "tpm":
+        return moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind.endswith("_per_day"):
+        return day + datetime.timedelta(days=1)
+    return (day.replace(day=1) + datetime.timedelta(days=32)).replace(day=1)
 
 
 #: The windows a budget counter's spend is kept in: (name, how its key is made from a unix time,

@@ -1,4 +1,5 @@
-"""The ``wsgi-proxy`` command: ``demo``, ``check-config``, ``simulate``, ``usage`` and ``keys``.
+"""The ``wsgi-proxy`` command: ``demo``, ``check-config``, ``simulate``, ``usage``, ``keys`` and
+``budgets``.
 
 The proxy itself is served by gunicorn (``gunicorn -c gunicorn.conf.py``); see the README.
 """
@@ -135,30 +136,54 @@ def _usage_store_url(store: str | None, config: str | None, environ: t.Mapping[s
     return url
 
 
-def _file_teams_and_keys(config: str | None, environ: t.Mapping[str, str]) -> tuple[list[str], list[str]]:
-    """The teams and ``[[keys]]`` names of the configuration file (read as TOML alone: the secrets
-    it names need not be exported where keys are managed)."""
+def _file_config(config: str | None, environ: t.Mapping[str, str]) -> t.Any:
+    """The configuration file, validated as the gateway validates it, but without the secrets it
+    names by environment variable (they need not be exported where keys and budgets are managed)."""
     import tomllib
     from pathlib import Path
 
+    from pydantic import ValidationError
+
+    from ..config.file import FileConfig
     from ..config.settings import ConfigError
 
     path = config or environ.get("WSGI_PROXY_CONFIG", "").strip()
     if not path:
         raise ConfigError(
-            "Keys belong to the teams of the gateway's configuration file: name it with --config or"
-            " WSGI_PROXY_CONFIG."
+            "Keys and budgets belong to the teams of the gateway's configuration file: name it with"
+            " --config or WSGI_PROXY_CONFIG."
         )
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return FileConfig.model_validate(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValidationError) as exc:
         raise ConfigError(
-            f"The configuration file {path!r} could not be read ({exc}); check --config."
+            f"The configuration file {path!r} could not be read ({type(exc).__name__}); check it with"
+            " wsgi-proxy check-config."
         ) from None
-    teams = raw.get("teams", {})
-    keys = raw.get("keys", [])
-    names = [k.get("name") for k in keys if isinstance(k, dict)] if isinstance(keys, list) else []
-    return (list(teams) if isinstance(teams, dict) else []), [n for n in names if isinstance(n, str)]
+
+
+def _budgets(args: argparse.Namespace) -> int:
+    import time
+
+    from ..config.settings import ConfigError
+    from ..store import StoreError, open_store
+    from .budgets import budget_rows, render_budgets
+
+    try:
+        config = _file_config(args.config, os.environ)
+        url = _usage_store_url(args.store, args.config, os.environ)
+        with open_store(url, create=False) as store:
+            rows = budget_rows(config, store, time.time())
+    except ConfigError as exc:
+        print(f"wsgi-proxy: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"wsgi-proxy: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render_budgets(rows, args.format))
+    if not rows:
+        print("wsgi-proxy: No team or key of the configuration file has a budget.", file=sys.stderr)
+    return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -190,9 +215,9 @@ def _keys(args: argparse.Namespace) -> int:
         if getattr(args, "expires_in", None):
             expires_at = time.time() + tool.parse_duration(args.expires_in, "--expires-in")
         grace = tool.parse_duration(args.grace, "--grace") if args.action == "rotate" else 0.0
-        teams, file_keys = (
-            _file_teams_and_keys(args.config, os.environ) if args.action == "create" else ([], [])
-        )
+        file = _file_config(args.config, os.environ) if args.action == "create" else None
+        teams = list(file.teams) if file is not None else []
+        file_keys = [key.name for key in file.keys] if file is not None else []
         with open_store(url, create=False) as store:
             if args.action == "create":
                 secret = tool.create_key(
@@ -343,6 +368,19 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         "--format", choices=["table", "json"], default="table", help="the output format (table)"
     )
     keys_command("audit", "print the audit log of key changes, oldest first, one JSON line each")
+
+    budgets = commands.add_parser(
+        "budgets",
+        help="show every budget of the teams and keys, with what is used and left now",
+        description="Every token and cost budget of the configuration file's teams and keys (and of the"
+        " keys kept in the store), with what is used of it now, what is left and when it resets (UTC).",
+    )
+    budgets.add_argument("--store", metavar="URL", help="the store: sqlite:///path.db or redis://host:6379/0")
+    budgets.add_argument("--config", metavar="PATH", help="the gateway's configuration file")
+    budgets.add_argument(
+        "--format", choices=["table", "json"], default="table", help="the output format (table)"
+    )
+    budgets.set_defaults(run=_budgets)
 
     args = parser.parse_args(argv)
     return int(args.run(args))
