@@ -142,11 +142,19 @@ def start_background(client: OpenAI, k: int, **metadata: str) -> tuple[str, list
     return response_id, numbers
 
 
-@pytest.fixture(scope="module")
-def simulator() -> t.Iterator[Simulator]:
-    sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=5, words=12)).start()
-    yield sim
-    sim.stop()
+def simulator_fixture(*, delay_ms: float = 5, words: int = 12) -> t.Any:
+    """A module's ``simulator`` fixture: the simulator with these pacing options, for its tests."""
+
+    @pytest.fixture(scope="module", name="simulator")
+    def fixture() -> t.Iterator[Simulator]:
+        sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=delay_ms, words=words)).start()
+        yield sim
+        sim.stop()
+
+    return fixture
+
+
+simulator = simulator_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.simulator import Simulator
 
-from .conftest import UPSTREAM_KEY, Proxy, start_red_and_blue, usage_rows
+from .conftest import Proxy, simulator_fixture, start_red_and_blue, usage_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -22,11 +22,7 @@ BUDGET = 100
 CONCURRENT = 8
 
 
-@pytest.fixture(scope="module")
-def simulator() -> t.Iterator[Simulator]:
-    sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=20, words=12)).start()
-    yield sim
-    sim.stop()
+simulator = simulator_fixture(delay_ms=20, words=12)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.simulator import Simulator
 
-from .conftest import UPSTREAM_KEY, Proxy, start_proxy, usage_rows
+from .conftest import UPSTREAM_KEY, Proxy, simulator_fixture, start_proxy, usage_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -23,11 +23,7 @@ TTL = 0.5
 FILE_KEY = "sk-file-key-0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def simulator() -> t.Iterator[Simulator]:
-    sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=1, words=3)).start()
-    yield sim
-    sim.stop()
+simulator = simulator_fixture(delay_ms=1, words=3)
 
 
 @pytest.fixture(scope="module")

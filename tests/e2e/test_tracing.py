@@ -14,9 +14,9 @@ import pytest
 from openai import OpenAI
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.simulator import Simulator
 
-from .conftest import UPSTREAM_KEY, Proxy, start_red_and_blue
+from .conftest import UPSTREAM_KEY, Proxy, simulator_fixture, start_red_and_blue
 
 pytestmark = pytest.mark.e2e
 
@@ -92,11 +92,7 @@ def receiver() -> t.Iterator[Receiver]:
     server.close()
 
 
-@pytest.fixture(scope="module")
-def simulator() -> t.Iterator[Simulator]:
-    sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=2, words=8)).start()
-    yield sim
-    sim.stop()
+simulator = simulator_fixture(delay_ms=2, words=8)
 
 
 @pytest.fixture(scope="module")

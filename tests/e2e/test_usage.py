@@ -15,10 +15,10 @@ import requests
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.simulator import Simulator
 from wsgi_proxy.store import UsageRow
 
-from .conftest import UPSTREAM_KEY, Proxy, start_red_and_blue, usage_rows
+from .conftest import Proxy, simulator_fixture, start_red_and_blue, usage_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +50,7 @@ def nano_usd(usage: t.Any, *, flex: bool = False, searches: int = 0) -> int:
     return round(scale * tokens * 1000 + searches * 10_000_000)
 
 
-@pytest.fixture(scope="module")
-def simulator() -> t.Iterator[Simulator]:
-    sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=2, words=6)).start()
-    yield sim
-    sim.stop()
+simulator = simulator_fixture(delay_ms=2, words=6)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 import requests
 from openai import OpenAI
 
-from wsgi_proxy.simulator import Simulator, SimulatorConfig
+from wsgi_proxy.simulator import Simulator
 from wsgi_proxy.wire.webhooks import sign
 
-from .conftest import UPSTREAM_KEY, Proxy, start_red_and_blue
+from .conftest import Proxy, simulator_fixture, start_red_and_blue
 
 pytestmark = pytest.mark.e2e
 
@@ -79,11 +79,7 @@ def endpoints() -> t.Iterator[dict[str, Endpoint]]:
         endpoint.close()
 
 
-@pytest.fixture(scope="module")
-def simulator() -> t.Iterator[Simulator]:
-    sim = Simulator(config=SimulatorConfig(api_key=UPSTREAM_KEY, delay_ms=1, words=3)).start()
-    yield sim
-    sim.stop()
+simulator = simulator_fixture(delay_ms=1, words=3)
 
 
 @pytest.fixture(scope="module")
