@@ -27,7 +27,7 @@ UPSTREAM_KEY = "sk-up-7Qe4Lw9Zr2Xc5Vb8Nm1Kj6Hg3"
 CLIENT_KEY = "sk-cl-P0oI9uY8tR7eW6qA5sD4fG3h"
 
 
-@dataclass
+@dataclass(eq=False)  # each one is itself: the failure report collects them by identity
 class Proxy:
     """A running proxy: its base URL (ending in the API prefix) and its process."""
 
@@ -95,7 +95,9 @@ def start_proxy(
     )
     server.start()
     root = f"http://127.0.0.1:{port}"
-    return Proxy(base_url=root + prefix, root_url=root, server=server)
+    proxy = Proxy(base_url=root + prefix, root_url=root, server=server)
+    _STARTED.append(proxy)
+    return proxy
 
 
 def start_red_and_blue(
@@ -170,13 +172,27 @@ def client(proxy: Proxy) -> t.Iterator[OpenAI]:
         yield sdk
 
 
+_STARTED: list[Proxy] = []
+"""Every proxy :func:`start_proxy` made in this session, so that a failing test shows the logs of
+those it made itself, not only of its ``proxy`` fixture."""
+_FIRST_STARTED = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_FIRST_STARTED] = len(_STARTED)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> t.Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and call.when == "call":
-        running = item.funcargs.get("proxy") if hasattr(item, "funcargs") else None
-        if isinstance(running, Proxy):
-            report.sections.append(("proxy log (last 4000 chars)", running.log()[-4000:]))
+        given = [value for value in getattr(item, "funcargs", {}).values() if isinstance(value, Proxy)]
+        made = _STARTED[item.stash.get(_FIRST_STARTED, len(_STARTED)) :]
+        for running in dict.fromkeys(given + made):
+            report.sections.append(
+                (f"log of the proxy at {running.root_url} (last 4000 chars)", running.log()[-4000:])
+            )
     return report
