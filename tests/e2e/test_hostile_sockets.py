@@ -107,3 +107,53 @@ def test_a_base_url_without_v1_gets_a_json_404_that_says_so(proxy: Proxy) -> Non
         with pytest.raises(openai.NotFoundError) as caught:
             client.responses.create(model="gpt-4o-mini", input="hi")
     assert "end your client's base URL with it" in caught.value.message and "/v1" in caught.value.message
+
+
+def _post(path: str, body: bytes, key: str) -> tuple[bytes, bytes]:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode(), body
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One whole answer with a Content-Length, read off ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+        piece = sock.recv(65536)
+        assert piece, f"the connection closed after {data!r}"
+        data += piece
+    return data
+
+
+def _length(data: bytes) -> int:
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    return int(head.partition("content-length: ")[2].partition("\r\n")[0] or 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "status"),
+    [("/v1/chat/completions", "sk-not-a-key", b"401"), ("/nowhere", CLIENT_KEY, b"404")],
+    ids=["refused-key", "unknown-route"],
+)
+def test_a_refusal_reads_the_body_first_so_the_next_request_on_the_connection_is_answered(
+    proxy: Proxy, path: str, key: str, status: bytes
+) -> None:
+    """SDKs send a body just after its headers. An answer given before the body was read left it to
+    gunicorn, which read the body after answering; a next request that came in the same read sat in
+    gunicorn's buffer until the keep-alive timeout closed the connection without an answer (seen as
+    a rare "Server disconnected" in CI). The refusal now waits for the body."""
+    first = _post(path, b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}', key)
+    second = _post("/v1/embeddings", b'{"model":"text-embedding-3-small","input":"x"}', CLIENT_KEY)
+    address = urlsplit(proxy.root_url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.settimeout(0.5)
+        sock.sendall(first[0])
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # nothing yet: the body is still to come
+        sock.settimeout(4)  # under gunicorn's keep-alive timeout (5 s), which ended the old hang
+        sock.sendall(first[1])
+        assert _answer(sock).split(b" ")[1] == status
+        sock.sendall(b"".join(second))
+        assert _answer(sock).startswith(b"HTTP/1.1 200 ")

@@ -15,7 +15,7 @@ from ..errors import InvalidRequest, ProxyError, RouteNotFound, WebSocketUnavail
 from ..gateway.core import Gateway
 from ..observe.record import ACCESS_LOGGER
 from .extension import ResponsesProxy
-from .hooks import EXTENSION_KEY
+from .hooks import EXTENSION_KEY, drain_unread_body
 
 __all__ = ["create_app"]
 
@@ -114,7 +114,8 @@ def create_app(settings: ProxySettings | None = None, *, url_prefix: str = "/v1"
         else:
             error = InvalidRequest(f"The request could not be served: {exc.description}", param=None)
             status = exc.code or 400
-        return Response(error.body(), status=status, headers=error.headers(), content_type="application/json")
+        reply = Response(error.body(), status=status, headers=error.headers(), mimetype="application/json")
+        return drain_unread_body(reply)
 
     app.register_error_handler(HTTPException, not_served)
     app.add_url_rule("/metrics", "metrics", metrics)

@@ -18,7 +18,7 @@ from ..gateway.core import Gateway
 from ..observe.record import RequestRecord, request_id_from
 from ..wire.headers import BUDGET_HEADER
 
-__all__ = ["ATTEMPTS_HEADER", "EXTENSION_KEY", "gateway", "install", "record"]
+__all__ = ["ATTEMPTS_HEADER", "EXTENSION_KEY", "drain_unread_body", "gateway", "install", "record"]
 
 log = logging.getLogger("wsgi_proxy")
 
@@ -64,6 +64,32 @@ def _close_record(response: Response) -> Response:
     return response
 
 
+def drain_unread_body(response: Response) -> Response:
+    """Read what is left of a request body that the answer did not need, before the answer goes out.
+
+    An answer given before the view reads the body (a refused key, an endpoint not served, a limit)
+    leaves the body to gunicorn, whose gthread worker reads it after the answer. When the client's
+    next request on the connection arrives in that same read, gunicorn keeps it in its buffer and
+    waits for the socket to turn readable, which it never does: the request waited out the
+    keep-alive timeout (5 s) and the connection closed without an answer
+    (``tests/e2e/test_hostile_sockets.py``). A body above the request limit is still left to gunicorn:
+    a refusal is not worth reading megabytes for.
+    """
+    length = request.content_length
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if length == 0 or (length is None and not chunked):
+        return response
+    left = gateway().settings.max_request_bytes + 1
+    if length is not None and length >= left:
+        return response
+    try:
+        while left > 0 and (piece := request.stream.read(min(left, 65536))):
+            left -= len(piece)
+    except Exception:  # a gone client or a malformed chunked body: gunicorn closes the connection
+        log.debug("could not read the rest of a request body before answering")
+    return response
+
+
 def _proxy_error(exc: ProxyError) -> Response:
     record().failed(exc)
     return Response(exc.body(), status=exc.status, headers=exc.headers(), content_type="application/json")
@@ -92,6 +118,7 @@ def install(bp: Blueprint) -> None:
     """Register the record hooks and the error handlers on ``bp``."""
     bp.before_request(_open_record)
     bp.after_request(_close_record)
+    bp.after_request(drain_unread_body)
     bp.register_error_handler(ProxyError, _proxy_error)
     bp.register_error_handler(HTTPException, _http_error)
     bp.register_error_handler(Exception, _unexpected)
