@@ -73,8 +73,16 @@ def _statuses(proxy: Proxy, secret: str, times: int = 12) -> list[int]:
     return out
 
 
-def _pids(proxy: Proxy, key: str, status: int) -> set[int]:
-    return {line["pid"] for line in proxy.access_lines() if line["key"] == key and line["status"] == status}
+def _on_both_workers(proxy: Proxy, secret: str, status: int) -> int:
+    """How many creates on fresh connections it took until both workers had answered ``secret``, each
+    answer ``status``. The kernel may hand a dozen connections in a row to one worker, so a fixed
+    number would not prove that the other one honours the change."""
+    seen = len(proxy.access_lines())
+    for sent in range(1, 61):
+        assert _statuses(proxy, secret, 1) == [status]
+        if len({line["pid"] for line in proxy.access_lines()[seen:] if line["status"] == status}) == 2:
+            return sent
+    raise AssertionError(f"60 connections in a row went to one worker; the other never answered {status}")
 
 
 def test_a_stored_key_is_made_rotated_and_revoked_while_both_workers_serve(
@@ -84,31 +92,23 @@ def test_a_stored_key_is_made_rotated_and_revoked_while_both_workers_serve(
     assert _statuses(proxy, FILE_KEY, 2) == [200, 200]  # the file's keys work alongside
 
     first = _keys(config, "create", "alice", "--team", "red", "--tokens-per-day", "100000")
-    assert _statuses(proxy, first) == [200] * 12
-    assert len(_pids(proxy, "alice", 200)) == 2, "both workers took the new key"
+    served = _on_both_workers(proxy, first, 200)  # both workers take the new key
 
     second = _keys(config, "rotate", "alice", "--grace", "3s")
     assert _statuses(proxy, first, 4) == [200] * 4  # within its grace period
     assert _statuses(proxy, second, 4) == [200] * 4
     time.sleep(3 + TTL + 0.2)
-    assert _statuses(proxy, first) == [401] * 12  # past it, on every worker
-    assert (
-        len(_pids(proxy, "alice", 200)) == 2
-        and len({line["pid"] for line in proxy.access_lines() if line["status"] == 401}) == 2
-    )
+    _on_both_workers(proxy, first, 401)  # past it, on every worker
     assert _statuses(proxy, second, 2) == [200, 200]
 
     # One identity across the rotation: its usage is counted under one name.
-    rows = usage_rows(f"sqlite:///{config.parent / 'state.db'}", 22, lambda row: row.key_name == "alice")
-    assert sum(row.responses for row in rows) == 22 and {row.team for row in rows} == {"red"}
+    served += 10
+    rows = usage_rows(f"sqlite:///{config.parent / 'state.db'}", served, lambda row: row.key_name == "alice")
+    assert sum(row.responses for row in rows) == served and {row.team for row in rows} == {"red"}
 
     _keys(config, "revoke", "alice")
     time.sleep(TTL + 0.3)  # each worker trusts what it read for at most TTL: then every one refuses it
-    seen = len(proxy.access_lines())
-    assert _statuses(proxy, second) == [401] * 12  # on fresh connections...
-    assert (
-        len({line["pid"] for line in proxy.access_lines()[seen:] if line["status"] == 401}) == 2
-    )  # ...both workers
+    _on_both_workers(proxy, second, 401)
     audit = [line for line in _keys(config, "audit").splitlines()]
     assert [line.split('"audit":"')[1].split('"')[0] for line in audit] == [
         "key_created",
