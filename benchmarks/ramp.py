@@ -20,7 +20,10 @@ Reported per target: first bytes (the 101 for a session) within 30 s and 60 s an
 the event delay's p50/p99, the workers' RSS per open stream (against their RSS before the phase)
 and threads, the CPU milliseconds per stream of the workers and of the simulator over the phase,
 the seconds to free the upstream's streams, and whether gunicorn killed a worker
-(``WORKER TIMEOUT``). Each phase starts on new workers. The default rate is one this 2-core
+(``WORKER TIMEOUT``) in this phase and while it was opening, holding or leaving; and what else the
+machine did (its load before the phase, the share of its CPU the hypervisor stole, and the CPU
+seconds spent outside the bench's processes), so that a starved machine is not taken for a slow
+target. Each phase starts on new workers. The default rate is one this 2-core
 machine sustains for the three processes together: at 1,000/s even the floor forwarder's first
 bytes fall behind (see the README's sizing).
 """
@@ -31,6 +34,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -182,6 +186,26 @@ def _cpu(pids: list[int]) -> dict[int, float]:
     return found
 
 
+def _machine_ticks() -> tuple[int, int, int]:
+    """The machine's CPU ticks so far (``/proc/stat``): busy, stolen by the hypervisor, and all."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    return user + nice + system + irq + softirq, steal, sum(ticks)
+
+
+def _killed_while(server: ServerProcess | None, stages: list[tuple[str, float]]) -> list[str]:
+    """The stage of this phase (``stages``: each one's name and wall-clock start, in order) in which
+    gunicorn logged each ``WORKER TIMEOUT``, to the second of its log's timestamps. The log is the
+    server's whole life: a kill in an earlier phase is not this one's."""
+    found = []
+    for line in server.log().splitlines() if server is not None else []:
+        if "WORKER TIMEOUT" in line and line.startswith("["):
+            stamp = datetime.datetime.strptime(line[1:26], "%Y-%m-%d %H:%M:%S %z").timestamp()
+            started = [name for name, start in stages if stamp >= int(start)]
+            found += started[-1:]
+    return found
+
+
 def _curve(samples: list[tuple[int, int]], clients: list[_Client], step: int) -> list[dict[str, t.Any]]:
     """The capacity curve: at each sample, the streams opened, the workers' RSS, and the first-byte
     p50 of the ``step`` streams opened just before."""
@@ -211,6 +235,8 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     processes = target.processes()
     rss_before = sum(w["rss_kb"] for w in _statuses(processes))
     cpu_before = _cpu(processes + [upstream.pid])
+    ticks_before, own_before, load_before = _machine_ticks(), time.process_time(), os.getloadavg()[0]
+    stages = [("opening", time.time())]
     started = time.monotonic()
     deadline = started + streams / rate + 60.0
     settled = False
@@ -264,6 +290,7 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     while any(c.first is None for c in clients) and time.monotonic() < deadline:
         pump(0.2)
     settled = True
+    stages.append(("holding", time.time()))
     if kind == "sse":  # every stream's next event, on time or late
         until = time.monotonic() + 2 * EVENT_EVERY_S + 1
         while time.monotonic() < until:
@@ -272,6 +299,7 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     upstream_open = _upstream_open(upstream, kind)
     during = _statuses(processes)
     left = time.monotonic()
+    stages.append(("leaving", time.time()))
     for client in clients:
         client.sock.close()
     freed_after = None
@@ -281,9 +309,10 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
             freed_after = round(time.monotonic() - left, 2)
             break
         time.sleep(0.1)
-    used = {
-        pid: round((cpu - cpu_before[pid]) / streams * 1000, 2) for pid, cpu in _cpu(list(cpu_before)).items()
-    }
+    cpu_after = _cpu(list(cpu_before))
+    busy, steal, ticks = (now - then for now, then in zip(_machine_ticks(), ticks_before, strict=True))
+    ours = sum(cpu - cpu_before[pid] for pid, cpu in cpu_after.items()) + time.process_time() - own_before
+    used = {pid: round((cpu - cpu_before[pid]) / streams * 1000, 2) for pid, cpu in cpu_after.items()}
     delays.sort()
     held.sort()
     result: dict[str, t.Any] = {
@@ -296,6 +325,11 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
         "upstream_open_before_leaving": upstream_open,
         "seconds_until_upstream_closed": freed_after,
         "simulator_cpu_ms_per_stream": used.get(upstream.pid),
+        # What else the machine did meanwhile: a busy or starved machine, not the target, may be
+        # what a slow phase measured (a killed worker's CPU counts as the machine's here).
+        "load_before": round(load_before, 2),
+        "machine_steal_pct": round(100 * steal / max(1, ticks), 2),
+        "cpu_outside_the_bench_s": round(busy / os.sysconf("SC_CLK_TCK") - ours, 1),
     }
     if kind == "sse":
         result |= {
@@ -309,6 +343,7 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     else:
         result["upgraded"] = sum(1 for c in clients if c.upgraded)
     if processes:
+        killed = _killed_while(target.server, stages)
         curve.append((streams, sum(w["rss_kb"] for w in during)))
         result["curve"] = _curve(curve, clients, max(1, streams // 20))
         result |= {
@@ -316,7 +351,8 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
             "workers_gone": sum(1 for pid in processes if pid not in used),
             "rss_per_open_stream_kb": round((sum(w["rss_kb"] for w in during) - rss_before) / streams, 1),
             "threads": sum(w["threads"] for w in during),
-            "worker_killed_by_timeout": target.server is not None and "WORKER TIMEOUT" in target.server.log(),
+            "worker_killed_by_timeout": bool(killed),
+            "worker_killed_while": killed,
             "errors_logged": _errors(target.server),
         }
     return result

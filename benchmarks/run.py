@@ -830,7 +830,9 @@ def _md_ramp(r: Result) -> list[str]:
                     cell(m, "rss_per_open_stream_kb", " KB"),
                     cell(m, "workers_cpu_ms_per_stream", " ms"),
                     cell(m, "seconds_until_upstream_closed", " s"),
-                    {True: "**yes**", False: "no"}.get(m.get("worker_killed_by_timeout"), ""),
+                    {True: "**yes**", False: "no"}.get(m.get("worker_killed_by_timeout"), "")
+                    + "".join(f" ({stage})" for stage in m.get("worker_killed_while", [])),
+                    cell(m, "machine_steal_pct", "%"),
                 )
             )
         lines += [f"**{title}**", ""]
@@ -843,7 +845,8 @@ def _md_ramp(r: Result) -> list[str]:
                 "RSS per stream",
                 "workers' CPU per stream",
                 "upstream freed after the clients left",
-                "worker killed",
+                "worker killed (while)",
+                "CPU stolen from the machine",
             ),
             rows,
         )
