@@ -1,7 +1,7 @@
 """The cost of watching the proxy: Prometheus metrics, the JSON log line, event-level observation.
 
     python benchmarks/observation.py           # writes benchmarks/results/observation-<date>.json
-    python benchmarks/observation.py --quick   # a fraction of a second, for CI (nothing written)
+    python benchmarks/observation.py --quick   # a few seconds, for CI (nothing written)
 
 Timed in this process, on the same code the workers run, with the metrics in multiprocess mode
 (files in a temporary directory, as under gunicorn.conf.py) and the log line written to a file:
@@ -12,7 +12,8 @@ Timed in this process, on the same code the workers run, with the metrics in mul
 - per stream write: the events and bytes counters;
 - per event: what the relay notes of each event (its type and sequence number, for resumes and
   counts), on an output_text.delta event as OpenAI sends it; and the whole relay of such events
-  from a stored body (split, observe, count, yield), with no I/O.
+  from a stored body (split, observe, count, yield), with no I/O;
+- per client that leaves: what the disconnect watchdog spends noticing it, with thousands watched.
 
 Compare them with the added latency per call in overhead.py (milliseconds): they are microseconds.
 """
@@ -23,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -115,6 +117,35 @@ def _relay_us(events: int) -> float:
     return round(min(relay_once() for _ in range(3)), 2)
 
 
+def _departure_us(streams: int) -> float:
+    """The disconnect watchdog's CPU microseconds per client that leaves, with ``streams`` watched
+    and the clients leaving one at a time (a socket pair's peer closed every 0.2 ms): the process's
+    CPU over the departures, less that of the same departures unwatched."""
+    from wsgi_proxy.gateway.watchdog import DisconnectWatchdog
+
+    def departures(watched: bool) -> float:
+        watchdog, noticed = DisconnectWatchdog(), []
+        pairs = [socket.socketpair() for _ in range(streams)]
+        try:
+            if watched:
+                for ours, _ in pairs:
+                    watchdog.watch(ours, lambda: noticed.append(1))
+            start = time.process_time()
+            for _, theirs in pairs:
+                theirs.close()
+                time.sleep(0.0002)
+            deadline = time.monotonic() + 30
+            while watched and len(noticed) < streams and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return time.process_time() - start
+        finally:
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
+
+    return round((departures(True) - departures(False)) / streams * 1e6, 2)
+
+
 def _measure(calls: int, directory: str) -> dict[str, t.Any]:
     from wsgi_proxy.observe.metrics import Metrics  # after the variable is set: the mode is read at creation
     from wsgi_proxy.wire.sse import parse_event
@@ -158,6 +189,8 @@ def _measure(calls: int, directory: str) -> dict[str, t.Any]:
         "per_write_metrics_us": _per_call_us(lambda: metrics.events_forwarded(events=3, nbytes=750), calls),
         "per_event_observation_us": _per_call_us(lambda: parse_event(_DELTA), calls),
         "per_event_relay_us": _relay_us(calls),
+        "per_departure_watchdog_us": _departure_us(min(calls, 5000)),
+        "watched_streams": min(calls, 5000),
         "event_bytes": len(_DELTA),
     }
 

@@ -1001,6 +1001,12 @@ def _md_observation(r: Result) -> list[str]:
                 "per event",
                 f"{r.get('per_event_relay_us', '-')} µs",
             ),
+            (
+                f"disconnect watchdog, {r.get('watched_streams', 0):,} streams watched,"
+                " clients leaving one by one",
+                "per client that leaves",
+                f"{r.get('per_departure_watchdog_us', '-')} µs",
+            ),
         ],
     ) + ["", f"Timed in one process over {r['calls']:,} calls each, on the code the workers run."]
 
