@@ -80,10 +80,11 @@ def drain_unread_body(response: Response) -> Response:
     if length == 0 or (length is None and not chunked):
         return response
     left = gateway().settings.max_request_bytes + 1
-    if length is not None and length >= left:
-        return response
+    stream = request.stream
+    if (length is not None and length >= left) or getattr(stream, "is_exhausted", False):
+        return response  # too large to read for a refusal, or read already (a view took it)
     try:
-        while left > 0 and (piece := request.stream.read(min(left, 65536))):
+        while left > 0 and (piece := stream.read(min(left, 65536))):
             left -= len(piece)
     except Exception:  # a gone client or a malformed chunked body: gunicorn closes the connection
         log.debug("could not read the rest of a request body before answering")
