@@ -41,19 +41,23 @@ def budget_rows(config: FileConfig, store: Store, now: float) -> list[dict[str, 
     rows = []
     for budget in budgets:
         used = spent[budget.counter].against(budget.kind)
-        scale = 1e9 if budget.kind.startswith("usd") else 1
         rows.append(
             {
                 "counter": budget.counter,
                 "budget": budget.kind,
-                "limit": budget.limit / scale if scale != 1 else budget.limit,
-                "used": used / scale if scale != 1 else used,
-                "left": max(0, budget.limit - used) / scale if scale != 1 else max(0, budget.limit - used),
+                "limit": _shown(budget.limit, budget.kind),
+                "used": _shown(used, budget.kind),
+                "left": _shown(max(0, budget.limit - used), budget.kind),
                 "resets": f"{window_end(budget.kind, now):%Y-%m-%dT%H:%M:%SZ}",
                 "spent": used >= budget.limit,
             }
         )
     return rows
+
+
+def _shown(amount: int, kind: str) -> float | int:
+    """A budget's amount as reported: cost budgets are kept in nano-dollars and shown in dollars."""
+    return amount / 1e9 if kind.startswith("usd") else amount
 
 
 def render_budgets(rows: t.Sequence[t.Mapping[str, t.Any]], fmt: str) -> str:
