@@ -1,7 +1,8 @@
 """The proxy's Blueprint: thin views that read and validate a request, authenticate it, describe it
 as one :class:`~wsgi_proxy.gateway.call.Call` for the gateway core, and wrap its answer. This module
-has the Responses, Conversations, Models, WebSocket and webhook views and assembles the Blueprint;
-``families.py`` has the other endpoint families, ``inputs.py`` the helpers both share.
+has the Responses, Conversations, Models and WebSocket views and assembles the Blueprint;
+``families.py`` has the other endpoint families, ``webhooks.py`` the upstreams' webhooks, and
+``inputs.py`` the helpers they share.
 
 Every route accepts every method and dispatches itself, so a wrong method or an unknown path under
 the proxy's prefix gets an OpenAI-shaped error instead of the host app's HTML error page.
@@ -30,7 +31,7 @@ from ..wire.validation import (
     parse_retrieve_query,
 )
 from ..wire.websocket import accept_upgrade
-from . import families, hooks
+from . import families, hooks, webhooks
 from .hooks import EXTENSION_KEY, gateway, record
 from .inputs import (
     METHODS,
@@ -235,13 +236,6 @@ def _add_converter(setup: BlueprintSetupState) -> None:
     setup.app.url_map.converters.setdefault("wsgi_proxy_path", _AnyPathConverter)
 
 
-def webhook(upstream: str) -> Response:
-    """An upstream's webhook: authenticated by its signature, not by a client key."""
-    require("POST")
-    body = read_body()
-    return respond(gateway().webhooks.receive(upstream, request.headers.get, body, record()))
-
-
 def make_blueprint() -> Blueprint:
     """A fresh Blueprint with every proxy route (one per mounted proxy)."""
     bp = Blueprint("wsgi_proxy", __name__)
@@ -258,7 +252,7 @@ def make_blueprint() -> Blueprint:
     )
     families.add_rules(bp)
     bp.add_url_rule("/models", "models", models, methods=METHODS)
-    bp.add_url_rule("/webhooks/<upstream>", "webhook", webhook, methods=METHODS)
+    webhooks.add_rule(bp)
     bp.add_url_rule("", "not_found_root", not_found, methods=METHODS)
     bp.add_url_rule("/", "not_found", not_found, methods=METHODS)
     bp.add_url_rule("/<wsgi_proxy_path:rest>", "not_found_path", not_found, methods=METHODS)
