@@ -319,6 +319,8 @@ def test_data_fast_path_agrees_with_the_line_by_line_reading(event: bytes) -> No
 
 #: Queued in a FakeBody: the upstream stays silent for one keep-alive interval.
 SILENCE = object()
+#: Queued in a FakeBody: nothing is there yet, and the next item arrives during a wait.
+LATER = object()
 
 
 class FakeBody:
@@ -328,18 +330,20 @@ class FakeBody:
         self.framed = framed
         self._items = list(items)
         self.reads = 0
+        self.waits = 0
         self.closes = 0
 
     def wait(self, timeout: float) -> bool:
-        if self._items and self._items[0] is SILENCE:
-            if timeout > 0:  # a whole interval of silence passes; a zero wait only looks
-                self._items.pop(0)
-            return False
+        self.waits += 1
+        if self._items and self._items[0] in (SILENCE, LATER):
+            if timeout <= 0:  # a zero wait only looks
+                return False
+            return self._items.pop(0) is LATER  # a silence lasts the whole interval
         return True
 
     def read(self) -> bytes:
         self.reads += 1
-        while self._items and self._items[0] is SILENCE:  # a read without wait() just blocks on
+        while self._items and self._items[0] in (SILENCE, LATER):  # a read without wait() blocks on
             self._items.pop(0)
         if not self._items:
             return b""
@@ -562,6 +566,14 @@ def test_relay_sends_keepalive_comment_during_silence_at_event_boundaries_only()
     relay, _ = _relay(body, keepalive_interval=15.0)
     out = list(relay)
     assert out == [b"", CREATED, KEEPALIVE, DELTA, COMPLETED]  # no keep-alive inside the half event
+
+
+def test_relay_waits_once_per_read_on_a_quiet_stream() -> None:
+    # Each wait lets go of the GIL, which thousands of threads in a worker must then win back.
+    body = FakeBody([CREATED, LATER, DELTA, LATER, DELTA, LATER, COMPLETED])
+    relay, _ = _relay(body, keepalive_interval=15.0)
+    assert list(relay) == [b"", CREATED, DELTA, DELTA, COMPLETED]
+    assert body.waits == body.reads == 4 + 1  # the four events, then the end of the body
 
 
 def test_relay_without_keepalive_interval_never_sends_one() -> None:

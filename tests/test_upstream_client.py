@@ -13,6 +13,7 @@ import pytest
 
 from wsgi_proxy.config.gateway import UpstreamSpec
 from wsgi_proxy.errors import UpstreamStreamInterrupted, UpstreamUnavailable
+from wsgi_proxy.upstream import body as body_module
 from wsgi_proxy.upstream.body import UpstreamStream
 from wsgi_proxy.upstream.client import UpstreamClient, UpstreamRequest
 
@@ -173,6 +174,38 @@ def test_a_read_never_waits_for_a_chunk_still_on_its_way(scripted: t.Any) -> Non
     assert stream.read() == events[0]
     assert time.monotonic() - started < 1.0
     gate.set()
+    assert stream.read() == events[1]
+    assert stream.read() == b""
+
+
+def test_a_wait_finds_the_body_that_came_with_the_headers_and_then_is_one_poll(
+    scripted: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    events = _events(0, 2)
+    # The first event arrives with the headers: http.client's reader holds it, the kernel nothing.
+    stream = scripted([_HEAD + _chunk(events[0]), gate, _chunk(events[1]) + _chunk(b"")])
+    started = time.monotonic()
+    assert stream.wait(5.0)
+    assert time.monotonic() - started < 1.0
+    assert stream.read() == events[0]
+    peeks, polls = [], []
+    peek, poll = body_module._peek_without_blocking, stream._poll
+
+    def counted_peek(*args: t.Any) -> bytes:
+        peeks.append(args)
+        return peek(*args)
+
+    def counted_poll(*args: t.Any) -> bool:
+        polls.append(args)
+        return bool(poll(*args))
+
+    monkeypatch.setattr(body_module, "_peek_without_blocking", counted_peek)
+    monkeypatch.setattr(stream, "_poll", counted_poll)
+    assert not stream.wait(0.2)  # silence: with the reader's buffer empty, one poll and nothing else
+    assert (len(polls), peeks) == (1, [])
+    gate.set()
+    assert stream.wait(5.0)
     assert stream.read() == events[1]
     assert stream.read() == b""
 

@@ -50,6 +50,9 @@ class UpstreamStream:
         direct = chunked and "content-encoding" not in response.headers and hasattr(reader, "read1")
         self._reader: t.Any = reader if direct and getattr(fp, "chunk_left", 0) is None else None
         self._chunks = ChunkDecoder()
+        # Whether the reader's buffer may hold bytes of the body (those that came with the headers,
+        # at first): a wait must then look there before it waits on the socket.
+        self._buffered = True
         self._deferred: UpstreamStreamInterrupted | None = None
 
     def read_block(self, size: int) -> bytes:
@@ -74,6 +77,9 @@ class UpstreamStream:
         while not self._chunks.done:
             with translate_stream_errors():
                 received = self._reader.read1(READ_SIZE)
+                # read1 takes what is buffered, or reads past an empty buffer: fewer bytes than
+                # asked for mean the buffer is empty now.
+                self._buffered = len(received) == READ_SIZE
                 data = self._chunks.feed(received)  # broken framing: a ChunkedFramingError
             if data:
                 return data
@@ -89,19 +95,26 @@ class UpstreamStream:
         again. Reading with a socket timeout instead would not do: urllib3 closes the connection on a
         read timeout. Where the answer cannot be known (an unusual connection object) it says True,
         and the read simply blocks as it would without keep-alives.
+
+        Once the reader's buffer is known to be empty (a chunked body read directly, after its first
+        read) the wait is a single ``poll``: with thousands of streams in one worker every call that
+        lets go of the GIL has to win it back, so a quiet stream's event costs as few as it can.
         """
         try:
             fp = self._raw._fp  # type: ignore[attr-defined]  # http.client.HTTPResponse
             reader = fp.fp  # its BufferedReader over the socket
             sock: socket.socket = reader.raw._sock  # the SocketIO's socket, also when urllib3 let go of it
-            # Bytes waiting in the kernel mean the read will progress: one syscall on a busy stream.
-            if self._poll(sock) or len(self._raw._decoded_buffer):  # type: ignore[attr-defined]
+            if len(self._raw._decoded_buffer):  # type: ignore[attr-defined]
                 return True
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 return True
-            ahead = _peek_without_blocking(reader, sock)
-            if self._chunks.would_yield(ahead) if self._reader is not None else ahead:
-                return True
+            if self._reader is None or self._buffered:
+                # Bytes waiting in the kernel mean the read will progress: one syscall on a busy stream.
+                if self._poll(sock):
+                    return True
+                ahead = _peek_without_blocking(reader, sock)
+                if self._chunks.would_yield(ahead) if self._reader is not None else ahead:
+                    return True
             return self._poll(sock, timeout)
         except (AttributeError, TypeError, ValueError, OSError):
             return True

@@ -358,9 +358,8 @@ class StreamRelay:
         heard_at = spoke_at = time.monotonic()  # the upstream's last bytes; the last bytes sent
         while True:
             try:
-                waits = self._ended_at is not None or (self._keepalive and not self._splitter.pending)
-                # On a busy stream the bytes are there already: one poll, and no deadlines to work out.
-                if waits and not self._body.wait(0):
+                # One wait per read, busy stream or quiet: it returns at once when bytes are there.
+                if self._ended_at is not None or (self._keepalive and not self._splitter.pending):
                     quiet = self._quiet(heard_at, spoke_at)
                     if quiet is _Quiet.END:
                         return None
@@ -411,8 +410,8 @@ class StreamRelay:
             # Once the response is over, the grace alone decides.
             due = f"the upstream was silent for {self._silence_limit:g} s (its read timeout)"
             deadline = heard_at + self._silence_limit
-        wait = deadline - time.monotonic()
-        if wait > 0 and self._body.wait(wait):
+        # Overdue, it still looks: bytes that are there are read before anything else is done.
+        if self._body.wait(max(0.0, deadline - time.monotonic())):
             return _Quiet.DATA
         return due
 
