@@ -1,13 +1,15 @@
-"""The gunicorn worker hook: the heartbeat counts the event loop's progress (a fake gthread worker)."""
+"""The gunicorn worker hook: the heartbeat counts the event loop's progress (a fake gthread worker),
+and the cycle collector walks the heap less often."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import typing as t
 from types import SimpleNamespace
 
-from wsgi_proxy.web.serving import _keep_heartbeat
+from wsgi_proxy.web.serving import FULL_COLLECTION_EVERY, _collect_less_often, _keep_heartbeat
 
 
 class _Tmp:
@@ -65,3 +67,18 @@ def test_a_worker_of_another_kind_is_left_alone() -> None:
     threads = threading.active_count()
     _keep_heartbeat(worker)
     assert threading.active_count() == threads and not hasattr(worker, "accept")
+
+
+def test_the_worker_freezes_what_it_built_and_considers_full_collections_less_often() -> None:
+    thresholds = gc.get_threshold()
+    try:
+        _collect_less_often()
+        assert gc.get_freeze_count() > 1000  # the modules and objects loaded so far
+        assert gc.get_threshold() == (*thresholds[:2], FULL_COLLECTION_EVERY)
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1  # garbage made afterwards is still collected
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
