@@ -181,10 +181,11 @@ def test_a_read_never_waits_for_a_chunk_still_on_its_way(scripted: t.Any) -> Non
 def test_a_wait_finds_the_body_that_came_with_the_headers_and_then_is_one_poll(
     scripted: t.Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gate = threading.Event()
+    gate, hold = threading.Event(), threading.Event()
     events = _events(0, 2)
     # The first event arrives with the headers: http.client's reader holds it, the kernel nothing.
-    stream = scripted([_HEAD + _chunk(events[0]), gate, _chunk(events[1]) + _chunk(b"")])
+    # The body's end comes with the last event, and the connection stays open after it.
+    stream = scripted([_HEAD + _chunk(events[0]), gate, _chunk(events[1]) + _chunk(b""), hold])
     started = time.monotonic()
     assert stream.wait(5.0)
     assert time.monotonic() - started < 1.0
@@ -206,8 +207,12 @@ def test_a_wait_finds_the_body_that_came_with_the_headers_and_then_is_one_poll(
     assert (len(polls), peeks) == (1, [])
     gate.set()
     assert stream.wait(5.0)
-    assert stream.read() == events[1]
+    assert stream.read() == events[1]  # and the terminating chunk, read with it: nothing to wait for
+    started = time.monotonic()
+    assert stream.wait(5.0)
+    assert time.monotonic() - started < 1.0
     assert stream.read() == b""
+    hold.set()
 
 
 def test_a_failure_after_arrived_chunks_comes_after_them(scripted: t.Any) -> None:

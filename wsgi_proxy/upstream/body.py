@@ -53,7 +53,6 @@ class UpstreamStream:
         # Whether the reader's buffer may hold bytes of the body (those that came with the headers,
         # at first): a wait must then look there before it waits on the socket.
         self._buffered = True
-        self._deferred: UpstreamStreamInterrupted | None = None
 
     def read_block(self, size: int) -> bytes:
         """The next ``size`` bytes of a bulk body (a file's content), fewer only at its end; b"" after
@@ -68,9 +67,6 @@ class UpstreamStream:
         Broken chunked framing, or a connection that ends inside a chunk, raises
         :class:`UpstreamStreamInterrupted` after the payload before it has been returned.
         """
-        if self._deferred is not None:
-            error, self._deferred = self._deferred, None
-            raise error
         if self._reader is None:
             with translate_stream_errors():
                 return self._raw.read1(READ_SIZE, decode_content=True) or b""
@@ -100,6 +96,8 @@ class UpstreamStream:
         read) the wait is a single ``poll``: with thousands of streams in one worker every call that
         lets go of the GIL has to win it back, so a quiet stream's event costs as few as it can.
         """
+        if self._reader is not None and self._chunks.done:
+            return True  # the terminating chunk came with the last read: the next one ends the body
         try:
             fp = self._raw._fp  # type: ignore[attr-defined]  # http.client.HTTPResponse
             reader = fp.fp  # its BufferedReader over the socket
