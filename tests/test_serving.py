@@ -9,7 +9,7 @@ import time
 import typing as t
 from types import SimpleNamespace
 
-from wsgi_proxy.web.serving import FULL_COLLECTION_EVERY, _collect_less_often, _keep_heartbeat
+from wsgi_proxy.web.serving import FULL_COLLECTION_EVERY, _keep_heartbeat, collect_less_often
 
 
 class _Tmp:
@@ -72,7 +72,7 @@ def test_a_worker_of_another_kind_is_left_alone() -> None:
 def test_the_worker_freezes_what_it_built_and_considers_full_collections_less_often() -> None:
     thresholds = gc.get_threshold()
     try:
-        _collect_less_often()
+        collect_less_often()
         assert gc.get_freeze_count() > 1000  # the modules and objects loaded so far
         assert gc.get_threshold() == (*thresholds[:2], FULL_COLLECTION_EVERY)
         cycle: list[object] = []

@@ -8,7 +8,7 @@ import sys
 import threading
 import typing as t
 
-from ..web.serving import GIL_SWITCH_INTERVAL
+from ..web.serving import GIL_SWITCH_INTERVAL, collect_less_often
 from .config import FLAVOR_PREFIXES, SimulatorConfig
 from .handler import SimulatorServer
 from .recording import RecordedRequest, Recorder, StreamClosure
@@ -142,9 +142,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, config: SimulatorConfig | N
     the Azure flavor's base, see :attr:`Simulator.base_url`).
     """
     # Its own process, with thousands of threads (one per WebSocket session, per SSE stream without
-    # the shared writer): the GIL turns the proxy's workers take, for the same reason.
+    # the shared writer) and a record per response: the GIL turns the proxy's workers take, and
+    # their rarer full collections, for the same reasons. Holding 10,000 streams it otherwise made a
+    # dozen full collections of up to 2 s while they opened, each halting every stream's events and
+    # then releasing them all at once: bursts no real upstream sends in step.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     sim = Simulator(host, port, config).start()
+    collect_less_often()
     print(f"simulator listening on {sim.base_url}", flush=True)
     stopping = threading.Event()
     in_main_thread = threading.current_thread() is threading.main_thread()

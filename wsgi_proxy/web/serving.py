@@ -15,7 +15,7 @@ import typing as t
 
 from ..gateway.watchdog import drain_when
 
-__all__ = ["GIL_SWITCH_INTERVAL", "prepare_worker"]
+__all__ = ["FULL_COLLECTION_EVERY", "GIL_SWITCH_INTERVAL", "collect_less_often", "prepare_worker"]
 
 GIL_SWITCH_INTERVAL = 0.1
 """Seconds a worker's thread may hold the GIL while others wait (Python's default: 0.005).
@@ -34,7 +34,7 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
     ``post_worker_init`` hook).
 
     - Its threads take ``switch_interval`` turns of the GIL (:data:`GIL_SWITCH_INTERVAL`).
-    - Python's cycle collector walks the whole heap less often (:func:`_collect_less_often`).
+    - Python's cycle collector walks the whole heap less often (:func:`collect_less_often`).
 
     - On SIGTERM, SIGHUP or ``max_requests``, open streams are ended deliberately instead of by a
       SIGKILL: background streams at once, so that their clients resume (``starting_after``) on
@@ -49,7 +49,7 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
       a busy worker killed with every other stream on it.
     """
     sys.setswitchinterval(switch_interval)
-    _collect_less_often()
+    collect_less_often()
     drain_when(lambda: not worker.alive, grace=worker.cfg.graceful_timeout)
     _keep_heartbeat(worker)
     set_accept_enabled = getattr(worker, "set_accept_enabled", None)
@@ -69,7 +69,7 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
 FULL_COLLECTION_EVERY = 50
 
 
-def _collect_less_often() -> None:
+def collect_less_often() -> None:
     """Keep the cycle collector's full collections, which hold the GIL for as long as they walk every
     object the worker holds, from stalling thousands of open streams again and again.
 
@@ -77,10 +77,11 @@ def _collect_less_often() -> None:
     ours; ~130 in the floor forwarder): at 5,000 streams a full collection walks ~800,000 objects and
     held the GIL for 1-2 s, with every stream's events waiting. Python starts one each time the
     long-lived heap grows by a quarter, so opening 5,000 streams cost a worker ten of them, 9 s in
-    all (``benchmarks/ramp.py``, with the collections timed by ``gc.callbacks``). What the worker
-    built before it served (modules, the app, its configuration) lives as long as the worker, so it
-    is frozen out of every collection; and a full collection is considered after
-    :data:`FULL_COLLECTION_EVERY` collections of the second generation instead of 10, i.e. once
+    all (``benchmarks/ramp.py``, with the collections timed by ``gc.callbacks``). What the process
+    built before it served (modules, the app, its configuration) lives as long as the process, so it
+    is frozen out of every collection (call this once serving starts: :func:`prepare_worker` does in
+    each worker, the simulator in its own process); and a full collection is considered after
+    :data:`FULL_COLLECTION_EVERY` collections of the middle generation instead of 10, i.e. once
     ~350,000 surviving objects have been allocated: two while 5,000 streams open. The cost is
     cyclic garbage kept longer; a stream leaves none (its objects are freed by their counts: a full
     collection after 5,000 streams closed found nothing), and what an error leaves is collected
