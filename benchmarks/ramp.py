@@ -8,7 +8,8 @@
 The simulator (its own process; its background streams written by one thread, so that it holds them
 all) and, in front of it with the default two workers and threads sized to the streams, the proxy
 and the floor forwarder (``floor_app.py``: Flask and requests with nothing else), as deployed; and
-LiteLLM's proxy when it is installed (see ``run.py``). One client thread opens background streams
+LiteLLM's proxy when it is installed (``litellm_proxy.py``), given at most :data:`LITELLM_MOST`
+streams and rate (what its create rate allows). One client thread opens background streams
 on raw sockets at ``rate`` per second, to each target in turn, and one selector reads them all. The
 simulator stamps every event with the time it sent it (``sim_stamp``, a clock all processes share),
 so that each event's delay is its arrival minus its stamp; each stream sends one event every
@@ -48,6 +49,7 @@ import typing as t
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import litellm_proxy
 import requests
 from harness import (
     CLIENT_KEY,
@@ -72,7 +74,7 @@ BODY = json.dumps(
     }
 ).encode()
 KINDS = ("sse", "websocket")
-_STAMP = re.compile(rb'"sim_sent_at":([0-9.]+)\}')
+_STAMP = re.compile(rb'"sim_sent_at":\s*([0-9.]+)')  # also where a proxy re-serialised the event
 _PING = 0x89
 
 
@@ -86,6 +88,8 @@ class Target:
     processes: t.Callable[[], list[int]] = list
     server: ServerProcess | None = None
     websockets: bool = True
+    most: tuple[int, float] | None = None
+    """The most streams this target is given, and the fastest rate (None: the run's)."""
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,8 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
     delays.sort()
     held.sort()
     result: dict[str, t.Any] = {
+        "streams": streams,
+        "rate_per_s": rate,
         "connect_failures": failed,
         "answers": dict(collections.Counter(c.status for c in clients if c.first is not None)),
         "first_byte_within_30s": sum(1 for v in firsts if v <= 30),
@@ -376,11 +382,16 @@ def _settle(upstream: Upstream, target: Target) -> None:
     time.sleep(3.0)
 
 
-def run(
-    streams: int, rate: float, kinds: t.Sequence[str] = KINDS, extra: t.Sequence[Target] = ()
-) -> dict[str, t.Any]:
+#: What LiteLLM's proxy is given (streams, per second), when it is installed: it answered ~100
+#: creates/s with 32 clients here (``run.py``), so 10,000 at 250/s would overflow its listen queue
+#: and stall the one thread that opens every stream in its connects.
+LITELLM_MOST = (1000, 50.0)
+
+
+def run(streams: int, rate: float, kinds: t.Sequence[str] = KINDS) -> dict[str, t.Any]:
     """Every target's SSE phase, then every target's WebSocket phase (of ``kinds``), one after the
-    other; each phase's result is also printed to stderr as it ends."""
+    other; each phase's result is also printed to stderr as it ends. LiteLLM's proxy is a target
+    too when ``litellm_proxy.command()`` finds it, with at most :data:`LITELLM_MOST`."""
     with tempfile.TemporaryDirectory(prefix="wsgi-proxy-ramp-") as scratch:
         tmp = Path(scratch)
         threads = streams // 2 + 500
@@ -390,6 +401,13 @@ def run(
         sim_url = bed.direct.removesuffix("/v1")
         upstream = Upstream(sim_url, bed.simulator.pid)
         floor, floor_url = start_floor(tmp, bed.direct, threads=threads, workers=2, extra=backlog)
+        litellm, _version = litellm_proxy.command()
+        rival = None
+        if litellm is not None:
+            try:
+                rival, rival_url = litellm_proxy.start(litellm, tmp, bed.direct, UPSTREAM_KEY)
+            except Exception as exc:  # a comparison must never sink the run
+                print(f"litellm: did not start ({type(exc).__name__}); not measured", file=sys.stderr)
         targets = [
             Target("direct", int(sim_url.rsplit(":", 1)[1]), UPSTREAM_KEY),
             Target(
@@ -401,18 +419,33 @@ def run(
                 websockets=False,
             ),
             Target("proxy", bed.proxy_port, CLIENT_KEY, lambda: _workers(bed.proxy.pid), bed.proxy),
-            *extra,
         ]
+        if rival is not None:
+            pid = rival.pid
+            targets.append(
+                Target(
+                    "litellm",
+                    int(rival_url.split(":")[2].split("/")[0]),
+                    litellm_proxy.LITELLM_KEY,
+                    lambda: [pid, *_workers(pid)],
+                    rival,
+                    websockets=False,
+                    most=LITELLM_MOST,
+                )
+            )
         phases: dict[str, dict[str, t.Any]] = {kind: {} for kind in kinds}
         try:
             for kind, found in phases.items():
                 for target in targets:
                     if kind == "websocket" and not target.websockets:
                         continue
-                    found[target.name] = ramp(target, kind, streams, rate, upstream)
+                    most, fastest = target.most or (streams, rate)
+                    found[target.name] = ramp(target, kind, min(streams, most), min(rate, fastest), upstream)
                     print(kind, target.name, json.dumps(found[target.name]), file=sys.stderr, flush=True)
                     _settle(upstream, target)
         finally:
+            if rival is not None:
+                rival.stop()
             floor.stop()
             bed.stop()
     return {

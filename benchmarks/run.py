@@ -16,8 +16,9 @@ runs with (``--quick`` or not).
 
 When LiteLLM is installed (it is not a dependency of this project), its proxy (``litellm --config``)
 is started in front of the same simulator, and the same non-stream calls and one streamed create are
-measured direct, through wsgi-proxy and through LiteLLM, in turns; otherwise the summary says it was
-not measured. Any failure there is written down and skipped.
+measured direct, through wsgi-proxy and through LiteLLM, in turns, and ramp.py opens background
+streams through it too (``litellm_proxy.py``); otherwise the summary says it was not measured. Any
+failure there is written down and skipped.
 
 Written to the output directory:
 
@@ -51,6 +52,7 @@ from pathlib import Path
 
 import capacity
 import faults
+import litellm_proxy
 import locator
 import observation
 import overhead
@@ -62,22 +64,10 @@ import uploads
 import wsmode
 from harness import CLIENT_KEY, REPO, UPSTREAM_KEY, Bed
 
-from wsgi_proxy.tools.launch import ServerProcess, free_port
 from wsgi_proxy.wire.sse import EventSplitter, parse_event
 
 LATEST = REPO / "benchmarks" / "results" / "latest"
 PACKAGES = ("flask", "gunicorn", "requests", "urllib3", "pydantic", "prometheus_client", "openai")
-LITELLM_KEY = "sk-bench-litellm"
-LITELLM_CONFIG = """\
-model_list:
-  - model_name: gpt-4o-mini
-    litellm_params:
-      model: openai/gpt-4o-mini
-      api_base: "{direct}"
-      api_key: "{upstream_key}"
-general_settings:
-  master_key: "{master_key}"
-"""
 
 Result = dict[str, t.Any]
 
@@ -235,44 +225,6 @@ def resume_check(targets: t.Mapping[str, tuple[str, str]], after: int = 5) -> Re
     return {"starting_after": after, "results": found}
 
 
-#: The ``litellm`` command to compare with, when it lives outside this environment (its own venv:
-#: LiteLLM's proxy pins versions of packages that this project's environment should not take).
-LITELLM_ENV = "WSGI_PROXY_BENCH_LITELLM"
-
-
-def _litellm_command() -> tuple[list[str] | None, str]:
-    """The ``litellm`` command and its version, or None and the reason it cannot run."""
-    explicit = os.environ.get(LITELLM_ENV, "").strip()
-    if explicit:
-        executable = shutil.which(explicit)
-        if executable is None:
-            return None, f"litellm: {LITELLM_ENV}={explicit!r} is not a command; not measured"
-        return [executable], _version_beside(Path(executable)) or "unknown version"
-    version = _version("litellm")
-    if version is None and importlib.util.find_spec("litellm") is None:
-        return None, f"litellm: not installed (nor named by {LITELLM_ENV}), not measured"
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    executable = shutil.which("litellm", path=search)
-    if executable is None:
-        return None, f"litellm {version}: importable, but no `litellm` command on PATH; not measured"
-    return [executable], version or "unknown version"
-
-
-def _version_beside(executable: Path) -> str | None:
-    """LiteLLM's version, asked of the Python interpreter next to its command."""
-    code = "import importlib.metadata as m; print(m.version('litellm'))"
-    try:
-        done = subprocess.run(
-            [str(executable.resolve().parent / "python"), "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
 def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())[:600]
 
@@ -282,25 +234,12 @@ def litellm_side_by_side(bed: Bed, tmp: Path, sizes: overhead.Sizes) -> Result:
 
     Never raises: whatever goes wrong is returned as ``{"measured": False, "reason": ...}``.
     """
-    command, version = _litellm_command()
+    command, version = litellm_proxy.command()
     if command is None:
         return {"measured": False, "reason": version}
-    port = free_port()
-    config = tmp / "litellm.yaml"
-    config.write_text(
-        LITELLM_CONFIG.format(direct=bed.direct, upstream_key=UPSTREAM_KEY, master_key=LITELLM_KEY)
-    )
-    server = ServerProcess(
-        [*command, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
-        ready_url=f"http://127.0.0.1:{port}/health/liveliness",
-        env={"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_PROXY": "127.0.0.1"},
-        cwd=tmp,
-        log_path=tmp / "litellm.log",
-    )
     try:
-        server.start(timeout=180)
+        server, litellm_url = litellm_proxy.start(command, tmp, bed.direct, UPSTREAM_KEY)
     except Exception as exc:  # a comparison must never sink the run
-        server.stop()
         return {
             "measured": False,
             "version": version,
@@ -310,7 +249,7 @@ def litellm_side_by_side(bed: Bed, tmp: Path, sizes: overhead.Sizes) -> Result:
         targets = {
             "direct": (UPSTREAM_KEY, bed.direct),
             "wsgi-proxy": (CLIENT_KEY, bed.proxied),
-            "litellm": (LITELLM_KEY, f"http://127.0.0.1:{port}/v1"),
+            "litellm": (litellm_proxy.LITELLM_KEY, litellm_url),
         }
         samples = overhead.latency_samples(targets, sizes[0])
         rates = stream_rates(targets, sizes[2])
@@ -819,6 +758,9 @@ def _md_ramp(r: Result) -> list[str]:
             continue
         rows = []
         for name, m in found.items():
+            given = m.get("streams", r["streams"]), m.get("rate_per_s", r["rate_per_s"])
+            if given != (r["streams"], r["rate_per_s"]):  # LiteLLM's, smaller
+                name = f"{name} ({given[0]:,} at {given[1]:,.0f}/s)"
             rows.append(
                 (
                     name,
