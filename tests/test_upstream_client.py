@@ -215,6 +215,36 @@ def test_a_wait_finds_the_body_that_came_with_the_headers_and_then_is_one_poll(
     hold.set()
 
 
+def test_a_shutdown_tells_the_upstream_at_once_that_its_client_left() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+    event = _events(0, 1)[0]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(_HEAD + _chunk(event))
+            conn.settimeout(5)
+            seen.append(conn.recv(1))  # b"": the proxy's side of the connection is over
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    client = UpstreamClient(UpstreamSpec(name="u", url=url, read_timeout=10))
+    stream = UpstreamStream(client.send(UpstreamRequest("GET", "/s", b"", stream=True)))
+    try:
+        assert stream.read() == event
+        stream.shutdown()  # what the watchdog does when the client has gone; nothing is closed yet
+        thread.join(5)
+        assert seen == [b""]
+        with pytest.raises(UpstreamStreamInterrupted):  # and the relay's next read ends the stream
+            stream.read()
+    finally:
+        stream.close()
+        listener.close()
+
+
 def test_a_failure_after_arrived_chunks_comes_after_them(scripted: t.Any) -> None:
     events = _events(0, 3)
     cut = _chunk(events[2])[:-5]  # the last chunk is cut short, then the connection reset

@@ -99,9 +99,8 @@ class UpstreamStream:
         if self._reader is not None and self._chunks.done:
             return True  # the terminating chunk came with the last read: the next one ends the body
         try:
-            fp = self._raw._fp  # type: ignore[attr-defined]  # http.client.HTTPResponse
-            reader = fp.fp  # its BufferedReader over the socket
-            sock: socket.socket = reader.raw._sock  # the SocketIO's socket, also when urllib3 let go of it
+            reader = self._raw._fp.fp  # type: ignore[attr-defined]  # http.client's BufferedReader
+            sock = _socket_of(reader)
             if len(self._raw._decoded_buffer):  # type: ignore[attr-defined]
                 return True
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -125,16 +124,33 @@ class UpstreamStream:
         return bool(self._poller.poll(timeout * 1000))
 
     def shutdown(self) -> None:
-        """Unblock a reader in another thread (the disconnect watchdog calls this)."""
+        """Unblock a reader in another thread and end the connection for the upstream at once (the
+        disconnect watchdog calls this when the client has gone).
+
+        Both directions: urllib3's own ``shutdown`` stops reading only, which tells the upstream
+        nothing, so it went on streaming (and a foreground response on generating) until the relay's
+        thread got round to closing, seconds later with thousands of threads queued for the GIL.
+        """
         if self._closed:
             return
-        with contextlib.suppress(Exception):
-            self._raw.shutdown()
+        try:
+            _socket_of(self._raw._fp.fp).shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):  # not the connection object this was written for
+            with contextlib.suppress(Exception):
+                self._raw.shutdown()
+        except OSError:  # already closed or reset
+            pass
 
     def close(self) -> None:
         self._closed = True
         with contextlib.suppress(Exception):
             self._response.close()
+
+
+def _socket_of(reader: t.Any) -> socket.socket:
+    """The socket under http.client's reader (the SocketIO's), also once urllib3 has let go of it."""
+    sock: socket.socket = reader.raw._sock
+    return sock
 
 
 def _peek_without_blocking(reader: t.Any, sock: socket.socket) -> bytes:
