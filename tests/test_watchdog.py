@@ -9,6 +9,7 @@ import typing as t
 
 import pytest
 
+from wsgi_proxy.gateway import watchdog as watchdog_module
 from wsgi_proxy.gateway.watchdog import DisconnectWatchdog, peer_closed
 
 
@@ -51,6 +52,42 @@ def test_watchdog_stops_a_stream_when_its_client_leaves(pair: tuple[socket.socke
     client.close()
     assert stopped.wait(2.0)
     assert watch.stop_reason() == "client_gone"
+
+
+def test_a_departure_costs_the_watchdog_no_question_to_the_socket(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[socket.socket] = []
+
+    def counted(sock: socket.socket) -> bool:
+        asked.append(sock)
+        return peer_closed(sock)
+
+    monkeypatch.setattr(watchdog_module, "peer_closed", counted)
+    server, client = pair
+    watchdog = DisconnectWatchdog()
+    stopped = threading.Event()
+    other, its_peer = socket.socketpair()
+    with other, its_peer:
+        assert watchdog.watch(other, lambda: None) is not None  # starts the thread
+        time.sleep(0.7)  # a wait of epoll that began before the next watch ends
+        watch = watchdog.watch(server, stopped.set)
+        assert watch is not None
+        time.sleep(0.7)  # and one that began after it
+        client.close()
+        assert stopped.wait(2.0)
+    assert watch.stop_reason() == "client_gone"
+    assert asked == []  # only a watch younger than the wait asks whether its event is its own
+
+
+def test_a_gone_clients_descriptor_can_be_watched_again(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    watchdog = DisconnectWatchdog()
+    stopped = threading.Event()
+    assert watchdog.watch(server, stopped.set) is not None
+    client.close()
+    assert stopped.wait(2.0)  # the descriptor stays registered until it is closed
+    assert watchdog.watch(server, lambda: None) is not None
 
 
 def test_watchdog_ignores_a_live_client_and_honours_cancel(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -84,6 +84,7 @@ class Watch:
 
     __slots__ = (
         "fd",
+        "number",
         "reason",
         "resumable",
         "_client",
@@ -94,9 +95,15 @@ class Watch:
     )
 
     def __init__(
-        self, watchdog: DisconnectWatchdog, client: socket.socket, fd: int, on_stop: t.Callable[[], None]
+        self,
+        watchdog: DisconnectWatchdog,
+        client: socket.socket,
+        fd: int,
+        on_stop: t.Callable[[], None],
+        number: int = 0,
     ) -> None:
         self.fd = fd
+        self.number = number  # the watchdog's count of watches when this one began
         self.reason: StopReason | None = None
         self.resumable = False
         self._client = client
@@ -171,6 +178,7 @@ class DisconnectWatchdog:
         self._pid = 0
         self._epoll: t.Any = None
         self._watches: dict[int, Watch] = {}
+        self._registered = 0
         self._drain_started: float | None = None
 
     def watch(self, sock: socket.socket | None, on_stop: t.Callable[[], None]) -> Watch | None:
@@ -185,9 +193,13 @@ class DisconnectWatchdog:
             return None
         with self._lock:
             self._ensure_started()
-            watch = Watch(self, sock, fd, on_stop)
+            self._registered += 1
+            watch = Watch(self, sock, fd, on_stop, self._registered)
             try:
-                self._epoll.register(fd, _GONE_EVENTS)
+                try:
+                    self._epoll.register(fd, _GONE_EVENTS)
+                except FileExistsError:  # a gone client's descriptor, left registered (see _run)
+                    self._epoll.modify(fd, _GONE_EVENTS)
             except OSError:
                 return None
             self._watches[fd] = watch
@@ -201,6 +213,7 @@ class DisconnectWatchdog:
         self._pid = pid
         self._epoll = _EPOLL() if _EPOLL is not None else None
         self._watches = {}
+        self._registered = 0
         self._drain_started = None
         thread = threading.Thread(
             target=self._run, args=(self._epoll,), name="wsgi-proxy-watchdog", daemon=True
@@ -217,6 +230,7 @@ class DisconnectWatchdog:
     def _run(self, epoll: t.Any) -> None:
         next_scan = time.monotonic() + _SCAN_INTERVAL
         while True:
+            before = self._registered
             try:
                 ready = epoll.poll(max(0.0, next_scan - time.monotonic()))
             except InterruptedError:
@@ -227,11 +241,17 @@ class DisconnectWatchdog:
             with self._lock:
                 for fd, _events in ready:
                     watch = self._watches.get(fd)
-                    if watch is None or not peer_closed(watch._client):
-                        continue  # a stale event for a reused descriptor, or a half-close
+                    if watch is None:
+                        continue
+                    # A watch that began while epoll waited may have taken the descriptor of a
+                    # socket that closed meanwhile, and the event may be that socket's: only then
+                    # is the socket itself asked. Otherwise the event is this client's, and nothing
+                    # more is asked of the kernel: each call lets go of the GIL, which the watchdog
+                    # must then win back from thousands of threads while thousands of clients leave.
+                    if watch.number > before and not peer_closed(watch._client):
+                        continue
+                    # Left registered: the descriptor leaves epoll when the server closes it.
                     del self._watches[fd]
-                    with contextlib.suppress(OSError, ValueError):
-                        epoll.unregister(fd)
                     gone.append(watch)
             for watch in gone:
                 watch._stop("client_gone")
