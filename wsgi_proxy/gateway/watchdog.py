@@ -5,7 +5,8 @@ models think for minutes) means no writes: the worker thread would sit in ``recv
 connection open. The watchdog notices, and ends such streams at once:
 
 - **gone clients**: ``epoll`` on the client sockets (``EPOLLRDHUP``: the peer closed). The stream's
-  upstream socket is shut down, so the relay's blocked read returns and its thread is freed.
+  upstream connection is shut down, so the upstream learns at once and the relay's blocked read
+  returns and frees its thread.
 - **stalled clients**: a client that stops reading blocks the relay's write forever. A write that
   has not finished after ``send_timeout`` seconds gets both ends shut down.
 - **worker shutdown** (SIGTERM, SIGHUP, ``max_requests``): once :func:`drain_when`'s predicate turns
