@@ -4,9 +4,9 @@ A WSGI server only notices a gone client when a write fails, and a silent upstre
 models think for minutes) means no writes: the worker thread would sit in ``recv`` with an upstream
 connection open. The watchdog notices, and ends such streams at once:
 
-- **gone clients**: ``epoll`` on the client sockets (``EPOLLRDHUP``: the peer closed). The stream's
-  upstream connection is shut down, so the upstream learns at once and the relay's blocked read
-  returns and frees its thread.
+- **gone clients**: ``epoll`` on the client sockets (``EPOLLRDHUP``: the peer closed its side,
+  which a streaming client does only when it leaves). The stream's upstream connection is shut
+  down, so the upstream learns at once and the relay's blocked read returns and frees its thread.
 - **stalled clients**: a client that stops reading blocks the relay's write forever. A write that
   has not finished after ``send_timeout`` seconds gets both ends shut down.
 - **worker shutdown** (SIGTERM, SIGHUP, ``max_requests``): once :func:`drain_when`'s predicate turns
@@ -101,7 +101,7 @@ class Watch:
         client: socket.socket,
         fd: int,
         on_stop: t.Callable[[], None],
-        number: int = 0,
+        number: int,
     ) -> None:
         self.fd = fd
         self.number = number  # the watchdog's count of watches when this one began
