@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import typing as t
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,12 @@ def _pongs(frames: bytearray) -> bytes:
             out += bytes([0x8A, 0x80 | size]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         del frames[: 2 + size]
     return bytes(out)
+
+
+def _port(url: str) -> int:
+    port = urllib.parse.urlsplit(url).port
+    assert port is not None, url
+    return port
 
 
 def _workers(master: int) -> list[int]:
@@ -409,10 +416,10 @@ def run(streams: int, rate: float, kinds: t.Sequence[str] = KINDS) -> dict[str, 
             except Exception as exc:  # a comparison must never sink the run
                 print(f"litellm: did not start ({type(exc).__name__}); not measured", file=sys.stderr)
         targets = [
-            Target("direct", int(sim_url.rsplit(":", 1)[1]), UPSTREAM_KEY),
+            Target("direct", _port(sim_url), UPSTREAM_KEY),
             Target(
                 "floor",
-                int(floor_url.split(":")[2].split("/")[0]),
+                _port(floor_url),
                 CLIENT_KEY,
                 lambda: _workers(floor.pid),
                 floor,
@@ -425,7 +432,7 @@ def run(streams: int, rate: float, kinds: t.Sequence[str] = KINDS) -> dict[str, 
             targets.append(
                 Target(
                     "litellm",
-                    int(rival_url.split(":")[2].split("/")[0]),
+                    _port(rival_url),
                     litellm_proxy.LITELLM_KEY,
                     lambda: [pid, *_workers(pid)],
                     rival,
