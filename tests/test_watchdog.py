@@ -10,7 +10,7 @@ import typing as t
 import pytest
 
 from wsgi_proxy.gateway import watchdog as watchdog_module
-from wsgi_proxy.gateway.watchdog import DisconnectWatchdog, peer_closed
+from wsgi_proxy.gateway.watchdog import DisconnectWatchdog, drain_when, peer_closed
 
 
 @pytest.fixture
@@ -88,6 +88,26 @@ def test_a_gone_clients_descriptor_can_be_watched_again(pair: tuple[socket.socke
     client.close()
     assert stopped.wait(2.0)  # the descriptor stays registered until it is closed
     assert watchdog.watch(server, lambda: None) is not None
+
+
+def test_a_watch_without_departures_is_stopped_only_by_the_worker_stopping(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, client = pair
+    monkeypatch.setattr(watchdog_module, "_drain_check", None)  # restored after the test
+    monkeypatch.setattr(watchdog_module, "_drain_grace", 30.0)
+    worker_stopping = threading.Event()
+    drain_when(worker_stopping.is_set, 30.0)
+    stopped = threading.Event()
+    watch = DisconnectWatchdog().watch(server, stopped.set, departures=False)
+    assert watch is not None
+    watch.set_resumable(True)
+    client.close()
+    assert not stopped.wait(1.0)  # its caller polls the socket and sees the client leave itself
+    assert watch.stop_reason() is None
+    worker_stopping.set()
+    assert stopped.wait(2.0)
+    assert watch.stop_reason() == "shutdown"
 
 
 def test_watchdog_ignores_a_live_client_and_honours_cancel(pair: tuple[socket.socket, socket.socket]) -> None:

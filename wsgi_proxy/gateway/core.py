@@ -186,7 +186,7 @@ class Gateway:
                         raise error from None
                     raise
             if settings.watch_disconnects:
-                watch = state.watchdog.watch(sock, session.interrupt)
+                watch = state.watchdog.watch(sock, session.interrupt, departures=False)
                 session.watch = watch
             state.metrics.websocket_opened()
             try:

@@ -132,7 +132,8 @@ class WebSocketSession:
     :param headers: the client's handshake headers, forwarded like an HTTP request's.
     :param query: the client's raw handshake query, forwarded unchanged.
     :param targets: where the connection may go (None: decided by the first create's model).
-    :param watch: the watchdog's handle on the client socket (gone clients, a stopping worker).
+    :param watch: the watchdog's handle on the client socket, for a stopping worker (the session
+        sees its client leave itself, in its own poll).
     """
 
     def __init__(
@@ -158,7 +159,7 @@ class WebSocketSession:
         self.opened = time.monotonic()
         self._settings = state.settings
         self.watch = watch
-        """The watchdog's handle on the client socket (gone clients, a stopping worker), if watched."""
+        """The watchdog's handle on the client socket (a stopping worker), if watched."""
         self._target: Target | None = None
         self._upstream: Peer | None = None
         self._lanes: dict[str | None, _Lane] = {}
@@ -211,9 +212,9 @@ class WebSocketSession:
         self._ensure_upstream(model)
 
     def interrupt(self) -> None:
-        """The watchdog stopped this connection (the worker stops, or the client is gone): wake
-        :meth:`run` by shutting the client socket's reading side, which it then reads as the
-        watchdog's word, never as the client's. Costs no descriptor per connection."""
+        """The watchdog stopped this connection (the worker stops): wake :meth:`run` by shutting
+        the client socket's reading side, which it then reads as the watchdog's word, never as the
+        client's. Costs no descriptor per connection."""
         with contextlib.suppress(OSError):
             self.client.sock.shutdown(socket.SHUT_RD)
 
@@ -299,12 +300,8 @@ class WebSocketSession:
     # --- client to upstream -----------------------------------------------------------------------
 
     def _from_client(self) -> None:
-        reason = self.watch.stop_reason() if self.watch is not None else None
-        if reason == "shutdown":
+        if self.watch is not None and self.watch.stop_reason() == "shutdown":
             self._shutdown()
-            return
-        if reason is not None:
-            self._end("client_gone", None)
             return
         try:
             messages = self.client.receive()
@@ -582,7 +579,6 @@ class WebSocketSession:
         with contextlib.suppress(KeyError, ValueError):
             self._poll.unregister(upstream.fileno())
         code = upstream.close_code
-        upstream.abort()
         with contextlib.suppress(OSError):
             upstream.sock.close()
         running = {key: lane for key, lane in self._lanes.items() if lane.busy and not lane.resuming}
@@ -703,9 +699,9 @@ class WebSocketSession:
     def _finish(self) -> None:
         self._done.set()
         self._await_close()
-        for peer in (self._upstream, self.client):
-            if peer is not None:
-                peer.abort()
+        # A close, not a shutdown first: each call lets go of the GIL, which this thread must win
+        # back from thousands of others while thousands of clients leave. The server closes the
+        # client's socket once run() returns.
         if self._upstream is not None:
             with contextlib.suppress(OSError):
                 self._upstream.sock.close()

@@ -7,6 +7,8 @@ connection open. The watchdog notices, and ends such streams at once:
 - **gone clients**: ``epoll`` on the client sockets (``EPOLLRDHUP``: the peer closed its side,
   which a streaming client does only when it leaves). The stream's upstream connection is shut
   down, so the upstream learns at once and the relay's blocked read returns and frees its thread.
+  A WebSocket session polls its client itself and sees it leave first: its watch is for the
+  worker's shutdown only (``departures=False``).
 - **stalled clients**: a client that stops reading blocks the relay's write forever. A write that
   has not finished after ``send_timeout`` seconds gets both ends shut down.
 - **worker shutdown** (SIGTERM, SIGHUP, ``max_requests``): once :func:`drain_when`'s predicate turns
@@ -84,6 +86,7 @@ class Watch:
     """The watchdog's view of one open stream; also the relay's handle on it."""
 
     __slots__ = (
+        "departures",
         "fd",
         "number",
         "reason",
@@ -102,7 +105,9 @@ class Watch:
         fd: int,
         on_stop: t.Callable[[], None],
         number: int,
+        departures: bool,
     ) -> None:
+        self.departures = departures  # whether epoll watches for the client leaving
         self.fd = fd
         self.number = number  # the watchdog's count of watches when this one began
         self.reason: StopReason | None = None
@@ -182,8 +187,16 @@ class DisconnectWatchdog:
         self._registered = 0
         self._drain_started: float | None = None
 
-    def watch(self, sock: socket.socket | None, on_stop: t.Callable[[], None]) -> Watch | None:
-        """Watch the client behind ``sock``; ``on_stop`` (from the watchdog thread) ends the stream."""
+    def watch(
+        self, sock: socket.socket | None, on_stop: t.Callable[[], None], *, departures: bool = True
+    ) -> Watch | None:
+        """Watch the client behind ``sock``; ``on_stop`` (from the watchdog thread) ends the stream.
+
+        :param departures: False for a caller that polls ``sock`` itself and so sees its client
+            leave first (a WebSocket session): the watch then only stops it when the worker stops.
+            epoll is not told of the socket, which saves every departure a wake-up of the watchdog
+            and a shutdown, each a GIL hand-off among thousands of threads.
+        """
         if _EPOLL is None or sock is None:
             return None
         try:
@@ -195,12 +208,13 @@ class DisconnectWatchdog:
         with self._lock:
             self._ensure_started()
             self._registered += 1
-            watch = Watch(self, sock, fd, on_stop, self._registered)
+            watch = Watch(self, sock, fd, on_stop, self._registered, departures)
             try:
-                try:
-                    self._epoll.register(fd, _GONE_EVENTS)
-                except FileExistsError:  # a gone client's descriptor, left registered (see _run)
-                    self._epoll.modify(fd, _GONE_EVENTS)
+                if departures:
+                    try:
+                        self._epoll.register(fd, _GONE_EVENTS)
+                    except FileExistsError:  # a gone client's descriptor, left registered (see _run)
+                        self._epoll.modify(fd, _GONE_EVENTS)
             except OSError:
                 return None
             self._watches[fd] = watch
@@ -225,8 +239,9 @@ class DisconnectWatchdog:
         with self._lock:
             if self._watches.get(watch.fd) is watch:
                 del self._watches[watch.fd]
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.unregister(watch.fd)
+                if watch.departures:
+                    with contextlib.suppress(OSError, ValueError):
+                        self._epoll.unregister(watch.fd)
 
     def _run(self, epoll: t.Any) -> None:
         next_scan = time.monotonic() + _SCAN_INTERVAL

@@ -138,8 +138,3 @@ class Peer:
             if self.open:
                 self.protocol.send_close(code, reason)
                 self.flush()
-
-    def abort(self) -> None:
-        """Drop the connection at once, without a closing handshake."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
