@@ -110,6 +110,24 @@ def test_a_watch_without_departures_is_stopped_only_by_the_worker_stopping(
     assert watch.stop_reason() == "shutdown"
 
 
+def test_a_watch_without_departures_ignores_what_a_gone_clients_registration_reports(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = pair
+    watchdog = DisconnectWatchdog()
+    gone = threading.Event()
+    assert watchdog.watch(server, gone.set) is not None
+    client.close()
+    assert gone.wait(2.0)  # the descriptor stays registered until it is closed
+    stopped = threading.Event()
+    watch = watchdog.watch(server, stopped.set, departures=False)
+    assert watch is not None
+    time.sleep(0.7)  # a wait of epoll that began after the watch
+    server.shutdown(socket.SHUT_RDWR)  # a new event on the old registration
+    assert not stopped.wait(1.0)
+    assert watch.stop_reason() is None
+
+
 def test_watchdog_ignores_a_live_client_and_honours_cancel(pair: tuple[socket.socket, socket.socket]) -> None:
     server, client = pair
     stopped = threading.Event()

@@ -257,7 +257,7 @@ class DisconnectWatchdog:
             with self._lock:
                 for fd, _events in ready:
                     watch = self._watches.get(fd)
-                    if watch is None:
+                    if watch is None or not watch.departures:  # a gone client's registration, left
                         continue
                     # A watch that began while epoll waited may have taken the descriptor of a
                     # socket that closed meanwhile, and the event may be that socket's: only then
