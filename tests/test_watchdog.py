@@ -80,14 +80,21 @@ def test_a_departure_costs_the_watchdog_no_question_to_the_socket(
     assert asked == []  # only a watch younger than the wait asks whether its event is its own
 
 
-def test_a_gone_clients_descriptor_can_be_watched_again(pair: tuple[socket.socket, socket.socket]) -> None:
+def _watched_until_gone(pair: tuple[socket.socket, socket.socket]) -> DisconnectWatchdog:
+    """A watchdog that watched the server side of ``pair`` until its client left, which leaves the
+    descriptor registered until it is closed."""
     server, client = pair
     watchdog = DisconnectWatchdog()
     stopped = threading.Event()
     assert watchdog.watch(server, stopped.set) is not None
     client.close()
-    assert stopped.wait(2.0)  # the descriptor stays registered until it is closed
-    assert watchdog.watch(server, lambda: None) is not None
+    assert stopped.wait(2.0)
+    return watchdog
+
+
+def test_a_gone_clients_descriptor_can_be_watched_again(pair: tuple[socket.socket, socket.socket]) -> None:
+    watchdog = _watched_until_gone(pair)
+    assert watchdog.watch(pair[0], lambda: None) is not None
 
 
 def test_a_watch_without_departures_is_stopped_only_by_the_worker_stopping(
@@ -113,12 +120,8 @@ def test_a_watch_without_departures_is_stopped_only_by_the_worker_stopping(
 def test_a_watch_without_departures_ignores_what_a_gone_clients_registration_reports(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    server, client = pair
-    watchdog = DisconnectWatchdog()
-    gone = threading.Event()
-    assert watchdog.watch(server, gone.set) is not None
-    client.close()
-    assert gone.wait(2.0)  # the descriptor stays registered until it is closed
+    server = pair[0]
+    watchdog = _watched_until_gone(pair)
     stopped = threading.Event()
     watch = watchdog.watch(server, stopped.set, departures=False)
     assert watch is not None
