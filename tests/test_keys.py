@@ -163,7 +163,7 @@ def test_revoke_ends_every_secret_or_the_one_named(
     config, store_path = setup
     keys(capsys, config, "create", "alice", "--team", "red")
     _, new, _ = keys(capsys, config, "rotate", "alice")
-    status, _, audit = keys(capsys, config, "revoke", "alice", "--hint", new.strip()[-4:])
+    status, _, audit = keys(capsys, config, "revoke", "alice", "--hint", "..." + new.strip()[-4:])
     assert status == 0 and [line["hint"] for line in audit] == [new.strip()[-4:]]
     with SQLiteStore(store_path) as store:
         usable = [r.hint for r in store.list_keys() if r.usable(time.time())]
@@ -180,6 +180,23 @@ def test_revoke_ends_every_secret_or_the_one_named(
         "key_revoked",
         "key_revoked",
     ]
+
+
+@pytest.mark.parametrize("written", ["...-a_b", "--hint=-a_b", "--hint=...-a_b"])
+def test_a_hint_that_begins_with_a_dash_is_taken_as_keys_list_shows_it(
+    capsys: pytest.CaptureFixture[str],
+    setup: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    written: str,
+) -> None:
+    """One secret in 64 ends in four characters that begin with ``-``, which alone would be
+    taken for an option."""
+    config, _ = setup
+    monkeypatch.setattr("secrets.token_urlsafe", lambda n: "x" * 39 + "-a_b")
+    keys(capsys, config, "create", "alice", "--team", "red")
+    argv = ["--hint", written] if written.startswith(".") else [written]
+    status, _, audit = keys(capsys, config, "revoke", "alice", *argv)
+    assert status == 0 and [line["hint"] for line in audit] == ["-a_b"]
 
 
 def test_a_key_the_store_cannot_check_is_refused_with_a_503_not_let_in(tmp_path: Path) -> None:

@@ -362,7 +362,11 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     expiry(rotate)
     revoke = keys_command("revoke", "stop a key's secrets working, everywhere, within seconds")
     revoke.add_argument("name")
-    revoke.add_argument("--hint", metavar="LAST4", help="only the secret ending in these four characters")
+    revoke.add_argument(
+        "--hint",
+        metavar="...LAST4",
+        help="only the secret ending in these four characters, written as keys list shows them",
+    )
     listing = keys_command("list", "list the stored keys and the state of each secret")
     listing.add_argument(
         "--format", choices=["table", "json"], default="table", help="the output format (table)"

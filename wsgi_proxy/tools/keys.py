@@ -182,9 +182,10 @@ def rotate_key(store: Store, name: str, *, grace_s: float, expires_at: float | N
 
 
 def revoke_key(store: Store, name: str, *, hint: str | None) -> int:
-    """Revoke the usable secrets of ``name`` (only the one ending in ``hint`` when given); returns
-    how many were revoked."""
+    """Revoke the usable secrets of ``name`` (only the one ending in ``hint`` when given, bare or as
+    ``keys list`` shows it: ``...`` and the last four); returns how many were revoked."""
     now = time.time()
+    hint = hint.removeprefix("...") if hint is not None else None
     chosen = [r for r in _usable(store, name, now) if hint is None or r.hint == hint]
     if not chosen:
         which = f" ending in {hint!r}" if hint else ""
