@@ -40,6 +40,8 @@ __all__ = [
 
 #: Stored keys start with this, so that a leaked one is recognised for what it is.
 KEY_PREFIX = "sk-wp-"
+#: What ``keys list`` writes before a secret's last four characters, and ``keys revoke --hint`` reads.
+_HINT_SHOWN = "..."
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -185,7 +187,7 @@ def revoke_key(store: Store, name: str, *, hint: str | None) -> int:
     """Revoke the usable secrets of ``name`` (only the one ending in ``hint`` when given, bare or as
     ``keys list`` shows it: ``...`` and the last four); returns how many were revoked."""
     now = time.time()
-    hint = hint.removeprefix("...") if hint is not None else None
+    hint = hint.removeprefix(_HINT_SHOWN) if hint is not None else None
     chosen = [r for r in _usable(store, name, now) if hint is None or r.hint == hint]
     if not chosen:
         which = f" ending in {hint!r}" if hint else ""
@@ -213,7 +215,7 @@ def render_keys(records: t.Sequence[KeyRecord], fmt: str, now: float) -> str:
         {
             "name": r.name,
             "team": r.team,
-            "hint": "..." + r.hint,
+            "hint": _HINT_SHOWN + r.hint,
             "created": _iso(r.created_at),
             "state": _state(r, now),
             "limits": json.loads(r.limits),
