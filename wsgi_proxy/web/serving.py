@@ -44,9 +44,10 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
       new connections that nobody would accept: they hung, then were reset. Now they are refused at
       once, or, while other workers or a new generation hold the sockets (SIGHUP, a recycled
       worker), served by those.
-    - The heartbeat that gunicorn's master watches counts the event loop's progress, not only its
-      turns (:func:`_keep_heartbeat`), so that thousands of clients leaving at once no longer get
-      a busy worker killed with every other stream on it.
+    - The heartbeat that gunicorn's master watches counts the worker's progress (its event loop's
+      steps, and for a while its threads' finished requests), not only the loop's turns
+      (:func:`_keep_heartbeat`), so that thousands of clients leaving at once no longer get a busy
+      worker killed with every other stream on it.
     """
     sys.setswitchinterval(switch_interval)
     collect_less_often()
@@ -92,48 +93,72 @@ def collect_less_often() -> None:
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
-class _Progress:
-    """How many steps the worker's event loop has finished (a lost increment does not matter)."""
+#: How many heartbeat timeouts the event loop may go without a step while the worker's threads keep
+#: finishing requests: the loop is starved of the GIL then, not stuck.
+STARVED_LOOP_TIMEOUTS = 10
 
-    steps = 0
+
+class _Progress:
+    """What the worker has finished: its event loop's steps, and requests its threads ended (a lost
+    increment does not matter)."""
+
+    loop = 0
+    requests = 0
+
+    def loop_step(self) -> None:
+        self.loop += 1
+
+    def request_step(self) -> None:
+        self.requests += 1
+
+
+def _counted(method: t.Callable[..., t.Any], count: t.Callable[[], None]) -> t.Callable[..., t.Any]:
+    @functools.wraps(method)
+    def step(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            count()
+
+    return step
 
 
 def _keep_heartbeat(worker: t.Any) -> None:
-    """Tell gunicorn's master the worker is alive while its event loop makes progress.
+    """Tell gunicorn's master the worker is alive while it makes progress.
 
-    gthread's loop touches the heartbeat once per turn, and one turn (accepting connections, each
-    of which may start a thread, and finishing requests) needs the GIL many times. When thousands
-    of streams end together, thousands of threads want the GIL too, and a turn took more than
-    gunicorn's ``timeout``: the master killed a worker that was working (seen at 10,000 streams on
-    two workers, ``benchmarks/ramp.py``). A thread of its own now touches the heartbeat every few
-    seconds, but only if the loop finished an accept, a request's end or a turn since the last
-    time: a loop that is truly stuck still gets the worker killed.
+    gthread's loop touches the heartbeat once per turn, and one turn (waiting on its sockets,
+    accepting connections, finishing requests) needs the GIL many times. When thousands of
+    sessions end together, thousands of threads want the GIL too, and the loop starves: a turn
+    took 10 s with 5,000 WebSocket sessions leaving a worker on a quiet day, more than gunicorn's
+    ``timeout`` on a slow one, and the master killed workers that were working, with every other
+    stream on them (``benchmarks/ramp.py``). A thread of its own now touches the heartbeat every
+    ``timeout / 6`` seconds if, since the last time, the loop finished a step (an accept, a
+    request's end, a turn), or the worker's threads finished requests while the loop's last step
+    is less than :data:`STARVED_LOOP_TIMEOUTS` timeouts old. A worker that does neither, its loop
+    stuck and its requests too, or its loop stuck that long, still gets killed.
     """
     tmp, timeout = getattr(worker, "tmp", None), getattr(worker.cfg, "timeout", 0)
-    steps = ("accept", "finish_request", "notify")
-    if tmp is None or not timeout or not all(callable(getattr(worker, name, None)) for name in steps):
+    loop_steps, request_steps = ("accept", "finish_request", "notify"), ("handle",)
+    if tmp is None or not timeout:
+        return
+    if not all(callable(getattr(worker, name, None)) for name in (*loop_steps, *request_steps)):
         return  # not the gthread worker this was written for
     progress = _Progress()
-
-    def counted(method: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
-        @functools.wraps(method)
-        def step(*args: t.Any, **kwargs: t.Any) -> t.Any:
-            try:
-                return method(*args, **kwargs)
-            finally:
-                progress.steps += 1
-
-        return step
-
-    for name in steps:
-        setattr(worker, name, counted(getattr(worker, name)))
+    for names, count in ((loop_steps, progress.loop_step), (request_steps, progress.request_step)):
+        for name in names:
+            setattr(worker, name, _counted(getattr(worker, name), count))
 
     def beat() -> None:
-        seen = progress.steps
+        loop, requests = progress.loop, progress.requests
+        loop_moved_at = time.monotonic()
         while True:
             time.sleep(max(1.0, timeout / 6))
-            if progress.steps != seen:
-                seen = progress.steps
+            now = time.monotonic()
+            moved, worked = progress.loop != loop, progress.requests != requests
+            loop, requests = progress.loop, progress.requests
+            if moved:
+                loop_moved_at = now
+            if moved or (worked and now - loop_moved_at < STARVED_LOOP_TIMEOUTS * timeout):
                 tmp.notify()
 
     threading.Thread(target=beat, name="wsgi-proxy-heartbeat", daemon=True).start()
