@@ -45,7 +45,7 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
       once, or, while other workers or a new generation hold the sockets (SIGHUP, a recycled
       worker), served by those.
     - The heartbeat that gunicorn's master watches counts the worker's progress (its event loop's
-      steps, and for a while its threads' finished requests), not only the loop's turns
+      steps, and for a while the CPU its threads use), not only the loop's turns
       (:func:`_keep_heartbeat`), so that thousands of clients leaving at once no longer get a busy
       worker killed with every other stream on it.
     """
@@ -93,72 +93,67 @@ def collect_less_often() -> None:
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
-#: How many heartbeat timeouts the event loop may go without a step while the worker's threads keep
-#: finishing requests: the loop is starved of the GIL then, not stuck.
+#: How many heartbeat timeouts the event loop may go without a step while the worker keeps busy
+#: (:data:`BUSY_CPU_SHARE`): its loop is starved of the GIL then, not stuck.
 STARVED_LOOP_TIMEOUTS = 10
+
+#: The share of a core a worker uses between two beats that makes it busy: an idle one, thousands of
+#: sessions waiting on their sockets, uses well under 1%; thousands leaving at once keep it near 100%.
+BUSY_CPU_SHARE = 0.1
 
 
 class _Progress:
-    """What the worker has finished: its event loop's steps, and requests its threads ended (a lost
-    increment does not matter)."""
+    """How many steps the worker's event loop has finished (a lost increment does not matter)."""
 
-    loop = 0
-    requests = 0
-
-    def loop_step(self) -> None:
-        self.loop += 1
-
-    def request_step(self) -> None:
-        self.requests += 1
-
-
-def _counted(method: t.Callable[..., t.Any], count: t.Callable[[], None]) -> t.Callable[..., t.Any]:
-    @functools.wraps(method)
-    def step(*args: t.Any, **kwargs: t.Any) -> t.Any:
-        try:
-            return method(*args, **kwargs)
-        finally:
-            count()
-
-    return step
+    steps = 0
 
 
 def _keep_heartbeat(worker: t.Any) -> None:
     """Tell gunicorn's master the worker is alive while it makes progress.
 
     gthread's loop touches the heartbeat once per turn, and one turn (waiting on its sockets,
-    accepting connections, finishing requests) needs the GIL many times. When thousands of
-    sessions end together, thousands of threads want the GIL too, and the loop starves: a turn
-    took 10 s with 5,000 WebSocket sessions leaving a worker on a quiet day, more than gunicorn's
-    ``timeout`` on a slow one, and the master killed workers that were working, with every other
-    stream on them (``benchmarks/ramp.py``). A thread of its own now touches the heartbeat every
-    ``timeout / 6`` seconds if, since the last time, the loop finished a step (an accept, a
-    request's end, a turn), or the worker's threads finished requests while the loop's last step
-    is less than :data:`STARVED_LOOP_TIMEOUTS` timeouts old. A worker that does neither, its loop
-    stuck and its requests too, or its loop stuck that long, still gets killed.
+    accepting connections, finishing requests) needs the GIL several times. When thousands of
+    sessions end together, thousands of threads want the GIL too, each for some ten calls that let
+    go of it, and the loop starves: with 5,000 WebSocket sessions leaving a worker it went 4-10 s
+    without a step, and no session's request returned to gunicorn for 15 s, all of them advancing
+    together (a trace of this thread, ``benchmarks/ramp.py``); the master killed workers that were
+    working, with every other stream on them. A thread of its own now touches the heartbeat every
+    ``timeout / 6`` seconds if, since the last time, the loop finished a step (an accept, a request's
+    end, a turn), or the worker was busy (:data:`BUSY_CPU_SHARE`) while the loop's last step is
+    less than :data:`STARVED_LOOP_TIMEOUTS` timeouts old. A worker whose loop is stuck while it idles, or
+    stuck that long, still gets killed; so does one whose threads keep even this one from the GIL
+    for a whole timeout.
     """
     tmp, timeout = getattr(worker, "tmp", None), getattr(worker.cfg, "timeout", 0)
-    loop_steps, request_steps = ("accept", "finish_request", "notify"), ("handle",)
-    if tmp is None or not timeout:
-        return
-    if not all(callable(getattr(worker, name, None)) for name in (*loop_steps, *request_steps)):
+    steps = ("accept", "finish_request", "notify")
+    if tmp is None or not timeout or not all(callable(getattr(worker, name, None)) for name in steps):
         return  # not the gthread worker this was written for
     progress = _Progress()
-    for names, count in ((loop_steps, progress.loop_step), (request_steps, progress.request_step)):
-        for name in names:
-            setattr(worker, name, _counted(getattr(worker, name), count))
+
+    def counted(method: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+        @functools.wraps(method)
+        def step(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                progress.steps += 1
+
+        return step
+
+    for name in steps:
+        setattr(worker, name, counted(getattr(worker, name)))
 
     def beat() -> None:
-        loop, requests = progress.loop, progress.requests
-        loop_moved_at = time.monotonic()
+        steps, cpu, then = progress.steps, time.process_time(), time.monotonic()
+        loop_moved_at = then
         while True:
             time.sleep(max(1.0, timeout / 6))
-            now = time.monotonic()
-            moved, worked = progress.loop != loop, progress.requests != requests
-            loop, requests = progress.loop, progress.requests
+            now, used = time.monotonic(), time.process_time()
+            moved, busy = progress.steps != steps, used - cpu >= BUSY_CPU_SHARE * (now - then)
+            steps, cpu, then = progress.steps, used, now
             if moved:
                 loop_moved_at = now
-            if moved or (worked and now - loop_moved_at < STARVED_LOOP_TIMEOUTS * timeout):
+            if moved or (busy and now - loop_moved_at < STARVED_LOOP_TIMEOUTS * timeout):
                 tmp.notify()
 
     threading.Thread(target=beat, name="wsgi-proxy-heartbeat", daemon=True).start()
