@@ -10,6 +10,7 @@ frame with the same payload: frames are re-masked and re-framed, never re-encode
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import time
@@ -75,10 +76,18 @@ class Peer:
     def receive(self) -> list[Message]:
         """Read what has arrived (call when the socket is readable) and return the whole messages it
         completed; pings are answered. Raises OSError when the socket failed."""
-        data = self.sock.recv(_READ_SIZE)
-        if isinstance(self.sock, ssl.SSLSocket):
-            while self.sock.pending():
-                data += self.sock.recv(self.sock.pending())
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket):
+            data = sock.recv(_READ_SIZE)
+            while sock.pending():
+                data += sock.recv(sock.pending())
+        else:
+            # One read(2): a socket with a timeout polls before each recv, and each call lets go of
+            # the GIL, which this thread must then win back from thousands of others.
+            try:
+                data = os.read(sock.fileno(), _READ_SIZE)
+            except BlockingIOError:  # readable for nothing: a spurious wake-up
+                return []
         if data:
             self.heard_at = time.monotonic()
             self.ping_sent_at = None
@@ -125,12 +134,26 @@ class Peer:
             self.flush()
 
     def flush(self) -> None:
+        """Write what the protocol has to send. Its end of stream half-closes the socket, unless
+        the peer's bytes ended first: then the socket's close, which follows, says the same, and a
+        departure costs one call fewer (each a wait for the GIL among thousands of threads)."""
         for data in self.protocol.data_to_send():
             if data:
-                self.sock.sendall(data)
-            else:  # the protocol's end of stream: half-close
+                self._write(data)
+            elif not self._eof:
                 with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_WR)
+
+    def _write(self, data: bytes) -> None:
+        """Write ``data`` whole: one write(2) while the socket has room for it (the usual case,
+        and one GIL hand-off where the timed ``sendall`` makes two, its poll and its send), the
+        timed ``sendall`` for whatever it did not take."""
+        sent = 0
+        if not isinstance(self.sock, ssl.SSLSocket):
+            with contextlib.suppress(BlockingIOError):
+                sent = os.write(self.sock.fileno(), data)
+        if sent < len(data):
+            self.sock.sendall(memoryview(data)[sent:])
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake (when open), ignoring a peer that is already gone."""
