@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 import typing as t
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from websockets.uri import parse_uri
 
 from wsgi_proxy.config import ProxySettings
 from wsgi_proxy.errors import WebSocketUnavailable
+from wsgi_proxy.gateway import session
 from wsgi_proxy.gateway.call import Call
 from wsgi_proxy.gateway.core import Gateway
 from wsgi_proxy.gateway.session import SessionStats
@@ -175,3 +177,43 @@ def test_a_connection_stays_with_its_upstream(sim: Simulator, tmp_path: Path) ->
     assert (other_model["type"], other_model["error"]["param"]) == ("error", "model")
     assert other_previous["type"] == "error" and on_two in other_previous["error"]["message"]
     assert "new WebSocket connection" in other_model["error"]["message"]
+
+
+class _CountingGate:
+    """The departures' semaphore, counting how many sessions are inside at once."""
+
+    def __init__(self, size: int) -> None:
+        self._semaphore = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self.inside = self.most = self.passed = 0
+
+    def __enter__(self) -> None:
+        self._semaphore.acquire()
+        with self._lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.02)  # long enough for the others to pile up at the gate
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.inside -= 1
+            self.passed += 1
+        self._semaphore.release()
+
+
+def test_sessions_that_end_together_release_what_they_hold_a_few_at_a_time(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = _CountingGate(2)
+    monkeypatch.setattr(session, "_departures", gate)
+    gateway = _gateway(sim)
+    served = [_Served(gateway) for _ in range(12)]
+    for one in served:
+        assert one.turn()[-1]["type"] == "response.completed"  # each holds its upstream connection
+    leaving = [threading.Thread(target=one.close) for one in served]
+    for thread in leaving:
+        thread.start()
+    for thread in leaving:
+        thread.join(20)
+    assert all(one.stats is not None and one.stats.ended_by == "client" for one in served)
+    assert gate.passed == 12 and gate.most == 2  # all released, never more than two at once

@@ -77,6 +77,17 @@ NORMAL, GOING_AWAY, INTERNAL_ERROR, SERVICE_RESTART = 1000, 1001, 1011, 1012
 #: How long the closing handshake may take before the socket is dropped.
 _CLOSE_WAIT = 2.0
 _RESPONSE_ENDS = frozenset(TERMINAL_TYPES - {"error"})
+
+#: How many of a worker's sessions may be releasing what they hold at once; the others wait on a
+#: semaphore, asleep, which a thread waiting for the GIL is not. When thousands of clients leave
+#: together, each session's end makes some ten calls that let go of the GIL, and with every
+#: departing thread wanting it back after each, the worker's event loop and its heartbeat's thread
+#: waited up to 16 s for their turn: gunicorn killed workers at --timeout 6, and the upstream saw
+#: 10,000 sessions gone in 16-32 s where it took 5-15 s alone (``benchmarks/ramp.py``). Through this
+#: gate the longest wait between heartbeats was the beat's own 5 s, and the upstream was freed as
+#: fast as it frees itself.
+DEPARTURES_AT_ONCE = 8
+_departures = threading.BoundedSemaphore(DEPARTURES_AT_ONCE)
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
@@ -684,7 +695,8 @@ class WebSocketSession:
             self.watch.set_resumable(not self._busy)
 
     def _end(self, ended_by: str, code: int | None) -> None:
-        """End the session: close the client with ``code`` (None: it is gone), and the upstream."""
+        """End the session: close the client with ``code`` (None: it is gone); :meth:`_finish`
+        closes the upstream."""
         if self._over:
             return
         self._over = True
@@ -692,23 +704,25 @@ class WebSocketSession:
         if code is not None and self.client.open:
             self.client.close(code, _REASONS.get(code, ""))
         self.stats.close_code = code if code is not None else self.client.close_code
-        upstream = self._upstream
-        if upstream is not None:
-            upstream.close(NORMAL if ended_by == "client" else GOING_AWAY)
 
     def _finish(self) -> None:
+        """Release what the session holds: the upstream told and closed (after the client's
+        closing handshake), its descriptors closed, its unanswered records ended."""
         self._done.set()
         self._await_close()
-        # A close, not a shutdown first: each call lets go of the GIL, which this thread must win
-        # back from thousands of others while thousands of clients leave. The server closes the
-        # client's socket once run() returns.
-        if self._upstream is not None:
-            with contextlib.suppress(OSError):
-                self._upstream.sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
+        # A close, not a shutdown first, and one session at a time among DEPARTURES_AT_ONCE: each
+        # call lets go of the GIL, which this thread must win back from the others. The server
+        # closes the client's socket once run() returns.
+        with _departures:
+            upstream = self._upstream
+            if upstream is not None:
+                upstream.close(NORMAL if self.stats.ended_by == "client" else GOING_AWAY)
                 with contextlib.suppress(OSError):
-                    os.close(fd)
+                    upstream.sock.close()
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
         self._wake_r = self._wake_w = -1
         for lane in self._lanes.values():
             while lane.records:
