@@ -76,8 +76,8 @@ BODY = json.dumps(
 ).encode()
 KINDS = ("sse", "websocket")
 #: How long a phase waits for the upstream to see its clients gone. The simulator alone has taken
-#: 146 s to let go of 10,000 WebSocket sessions that left at once (a thread each, all woken
-#: together) on a slow day; stopped after 60 s, it was still too busy to answer and sank the run.
+#: 146 s and 206 s to let go of 10,000 WebSocket sessions that left at once (a thread each, all
+#: woken together) on slow days; stopped after 60 s, it was still too busy to answer and sank the run.
 FREED_WAIT_S = 300.0
 _STAMP = re.compile(rb'"sim_sent_at":\s*([0-9.]+)')  # also where a proxy re-serialised the event
 _PING = 0x89
@@ -378,9 +378,11 @@ def ramp(target: Target, kind: str, streams: int, rate: float, upstream: Upstrea
 def _settle(upstream: Upstream, target: Target) -> None:
     """End what a phase left running in the simulator (background responses go on without their
     clients) and forget its records, and give ``target`` new workers (SIGHUP), so that the next
-    phase starts from the same state: no threads or memory left from this one."""
-    requests.post(upstream.url + "/_sim/stop", timeout=60)
-    requests.post(upstream.url + "/_sim/reset", timeout=60)
+    phase starts from the same state: no threads or memory left from this one. The simulator may
+    still be seeing the phase's clients leave it (for minutes on a slow day), so it gets as long to
+    answer as a departure is waited for."""
+    requests.post(upstream.url + "/_sim/stop", timeout=FREED_WAIT_S)
+    requests.post(upstream.url + "/_sim/reset", timeout=FREED_WAIT_S)
     if target.server is not None:
         old = set(target.processes())
         target.server.signal(signal.SIGHUP)
