@@ -1,10 +1,12 @@
 """One end of a relayed WebSocket connection over a real socket pair: messages whole whatever their
-size, nothing read on a spurious wake-up, and no half-close after the peer's own end."""
+size, nothing read on a spurious wake-up, no half-close after the peer's own end, and a close that
+never waits on a peer that stopped reading."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -65,3 +67,26 @@ def test_the_peers_own_end_ends_the_connection_without_a_half_close(pair: tuple[
     theirs.settimeout(0.3)
     with pytest.raises(TimeoutError):  # no FIN before the socket's close: the close says it once
         theirs.recv(1)
+
+
+def test_a_close_at_once_costs_no_wait_on_a_peer_that_stopped_reading(
+    pair: tuple[Peer, socket.socket],
+) -> None:
+    peer, _theirs = pair
+    peer.sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):  # fill both buffers: the client's end reads nothing
+        while True:
+            peer.sock.sendall(b"\0" * 65536)
+    peer.sock.settimeout(5)  # what a timed close would wait for
+    started = time.monotonic()
+    peer.close_at_once(1000)
+    assert time.monotonic() - started < 0.5
+    assert not peer.open
+
+
+def test_a_close_at_once_reaches_a_peer_that_reads(pair: tuple[Peer, socket.socket]) -> None:
+    peer, theirs = pair
+    peer.close_at_once(1001)
+    client = ClientProtocol(parse_uri("ws://proxy/"), state=OPEN, max_size=None)
+    client.receive_data(theirs.recv(65536))
+    assert client.close_rcvd is not None and client.close_rcvd.code == 1001

@@ -711,12 +711,13 @@ class WebSocketSession:
         self._done.set()
         self._await_close()
         # A close, not a shutdown first, and one session at a time among DEPARTURES_AT_ONCE: each
-        # call lets go of the GIL, which this thread must win back from the others. The server
-        # closes the client's socket once run() returns.
+        # call lets go of the GIL, which this thread must win back from the others. Nothing in the
+        # gate waits on a peer (an upstream that stopped reading does not get its close frame
+        # whole). The server closes the client's socket once run() returns.
         with _departures:
             upstream = self._upstream
             if upstream is not None:
-                upstream.close(NORMAL if self.stats.ended_by == "client" else GOING_AWAY)
+                upstream.close_at_once(NORMAL if self.stats.ended_by == "client" else GOING_AWAY)
                 with contextlib.suppress(OSError):
                     upstream.sock.close()
             for fd in (self._wake_r, self._wake_w):

@@ -161,3 +161,20 @@ class Peer:
             if self.open:
                 self.protocol.send_close(code, reason)
                 self.flush()
+
+    def close_at_once(self, code: int) -> None:
+        """Send the close frame (when open) only as far as the socket takes it now, for a socket
+        that is closed right after: a peer that stopped reading costs no wait, and its truncated
+        frame and the close tell it the same."""
+        if not self.open:
+            return
+        self.protocol.send_close(code)
+        with contextlib.suppress(OSError):  # BlockingIOError and ssl.SSLWantWriteError among them
+            for data in self.protocol.data_to_send():
+                if not data:
+                    continue
+                if isinstance(self.sock, ssl.SSLSocket):
+                    self.sock.setblocking(False)
+                    self.sock.send(data)
+                else:  # its timeout made the descriptor non-blocking
+                    os.write(self.sock.fileno(), data)
