@@ -77,6 +77,7 @@ NORMAL, GOING_AWAY, INTERNAL_ERROR, SERVICE_RESTART = 1000, 1001, 1011, 1012
 #: How long the closing handshake may take before the socket is dropped.
 _CLOSE_WAIT = 2.0
 _RESPONSE_ENDS = frozenset(TERMINAL_TYPES - {"error"})
+_POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 #: How many of a worker's sessions may be releasing what they hold at once; the others wait on a
 #: semaphore, asleep, which a thread waiting for the GIL is not. When thousands of clients leave
@@ -88,7 +89,6 @@ _RESPONSE_ENDS = frozenset(TERMINAL_TYPES - {"error"})
 #: it takes 5.2-9.8 s alone.
 DEPARTURES_AT_ONCE = 8
 _departures = threading.BoundedSemaphore(DEPARTURES_AT_ONCE)
-_POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
 class ConnectionLimitReached(InvalidRequest):

@@ -118,11 +118,11 @@ def _keep_heartbeat(worker: t.Any) -> None:
     without a step, and no session's request returned to gunicorn for 15 s, all of them advancing
     together (a trace of this thread, ``benchmarks/ramp.py``); the master killed workers that were
     working, with every other stream on them. A thread of its own now touches the heartbeat every
-    ``timeout / 6`` seconds if, since the last time, the loop finished a step (an accept, a request's
-    end, a turn), or the worker was busy (:data:`BUSY_CPU_SHARE`) while the loop's last step is
-    less than :data:`STARVED_LOOP_TIMEOUTS` timeouts old. A worker whose loop is stuck while it idles, or
-    stuck that long, still gets killed; so does one whose threads keep even this one from the GIL
-    for a whole timeout.
+    ``timeout / 6`` seconds if, since the last time, the loop finished a step (an accept, a
+    request's end, a turn), or the worker was busy (:data:`BUSY_CPU_SHARE`) while the loop's last
+    step is less than :data:`STARVED_LOOP_TIMEOUTS` timeouts old. A worker whose loop is stuck
+    while it idles, or stuck that long, still gets killed; so does one whose threads keep even
+    this one from the GIL for a whole timeout.
     """
     tmp, timeout = getattr(worker, "tmp", None), getattr(worker.cfg, "timeout", 0)
     steps = ("accept", "finish_request", "notify")

@@ -144,15 +144,19 @@ class Peer:
                 with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_WR)
 
-    def _write(self, data: bytes) -> None:
-        """Write ``data`` whole: one write(2) while the socket has room for it (the usual case,
-        and one GIL hand-off where the timed ``sendall`` makes two, its poll and its send), the
-        timed ``sendall`` for whatever it did not take."""
+    def _write(self, data: bytes, *, wait: bool = True) -> None:
+        """Write ``data``: first what the socket takes now, with one write(2) on a plain socket
+        (the usual case, and one GIL hand-off where the timed ``sendall`` makes two, its poll and
+        its send); then, with ``wait``, the timed ``sendall`` for whatever it did not take (all of
+        it on TLS), and without, nothing: the rest is dropped."""
         sent = 0
-        if not isinstance(self.sock, ssl.SSLSocket):
-            with contextlib.suppress(BlockingIOError):
-                sent = os.write(self.sock.fileno(), data)
-        if sent < len(data):
+        with contextlib.suppress(BlockingIOError, ssl.SSLWantWriteError):
+            if not isinstance(self.sock, ssl.SSLSocket):
+                sent = os.write(self.sock.fileno(), data)  # its timeout made it non-blocking
+            elif not wait:
+                self.sock.setblocking(False)
+                sent = self.sock.send(data)
+        if wait and sent < len(data):
             self.sock.sendall(memoryview(data)[sent:])
 
     def close(self, code: int, reason: str = "") -> None:
@@ -169,12 +173,7 @@ class Peer:
         if not self.open:
             return
         self.protocol.send_close(code)
-        with contextlib.suppress(OSError):  # BlockingIOError and ssl.SSLWantWriteError among them
+        with contextlib.suppress(OSError):
             for data in self.protocol.data_to_send():
-                if not data:
-                    continue
-                if isinstance(self.sock, ssl.SSLSocket):
-                    self.sock.setblocking(False)
-                    self.sock.send(data)
-                else:  # its timeout made the descriptor non-blocking
-                    os.write(self.sock.fileno(), data)
+                if data:
+                    self._write(data, wait=False)
