@@ -7,7 +7,8 @@
 
 The simulator (its own process; its background streams written by one thread, so that it holds them
 all) and, in front of it with the default two workers and threads sized to the streams, the proxy
-and the floor forwarder (``floor_app.py``: Flask and requests with nothing else), as deployed; and
+and the floor forwarder (``floor_app.py``: Flask and requests with nothing else), as deployed (the
+proxy with its SQLite store, which records where each response lives, as a config file has it); and
 LiteLLM's proxy when it is installed (``litellm_proxy.py``), given at most :data:`LITELLM_MOST`
 streams and rate (what its create rate allows). One client thread opens background streams
 on raw sockets at ``rate`` per second, to each target in turn, and one selector reads them all. The
@@ -408,7 +409,8 @@ def run(streams: int, rate: float, kinds: t.Sequence[str] = KINDS) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="wsgi-proxy-ramp-") as scratch:
         tmp = Path(scratch)
         threads = streams // 2 + 500
-        env = {"WSGI_PROXY_WORKERS": "2"}
+        # The proxy as a config file deploys it: its store (SQLite) records every stream's locator.
+        env = {"WSGI_PROXY_WORKERS": "2", "WSGI_PROXY_STORE_URL": f"sqlite:///{tmp / 'state.db'}"}
         backlog = ["--backlog", "8192"]
         bed = start_bed(tmp, threads=threads, extra=backlog, env=env, shared_writer=True)
         sim_url = bed.direct.removesuffix("/v1")

@@ -22,7 +22,7 @@ import pytest
 from wsgi_proxy.store import KeyRecord, RateDecision, ResponseRecord, Store, StoreError, UsageEntry, UsageRow
 from wsgi_proxy.store.base import USAGE_TTL_S, Spend, usage_day
 from wsgi_proxy.store.redis_store import RedisStore
-from wsgi_proxy.store.sqlite import SQLiteStore
+from wsgi_proxy.store.sqlite import READERS, SQLiteStore
 from wsgi_proxy.tools.launch import free_port
 from wsgi_proxy.wire.usage import COUNTERS, Usage
 
@@ -608,6 +608,27 @@ class TestMaintenance:
         with pytest.raises(StoreError, match="was closed"):
             store.get_response("resp_1")
 
+    def test_sqlite_connections_do_not_grow_with_the_threads(self, tmp_path: Path) -> None:
+        """A worker holding thousands of streams has a thread for each: a connection per thread
+        cost some 140 KB each. Every SQLite connection opens the file once, so the process's
+        descriptors on it count the connections."""
+        path = tmp_path / "state.db"
+        together = threading.Barrier(40)
+
+        def worker() -> None:
+            name = f"resp_{threading.get_ident()}"
+            store.put_response(record(name), ttl_s=60)
+            assert store.get_response(name) is not None
+            together.wait(10)  # every thread alive, each having written and read
+            opened.append(sum(1 for fd in Path("/proc/self/fd").iterdir() if _names(fd, path)))
+            together.wait(10)
+
+        opened: list[int] = []
+        with SQLiteStore(path) as store:
+            run_threads(worker, 40)
+        assert len(opened) == 40
+        assert 1 < max(opened) <= READERS + 1  # the writer and the readers, whichever thread asks
+
     def test_fork_child_uses_its_own_connections(self, backend: Backend) -> None:
         store = backend.store
         store.hit_rate("forked", 10, 60, now=T0)  # the parent's connection exists before the fork
@@ -678,6 +699,14 @@ _CHILD = textwrap.dedent(
 )
 
 
+def _names(fd: Path, path: Path) -> bool:
+    """Whether the descriptor ``fd`` (under ``/proc/self/fd``) is open on ``path`` itself."""
+    try:
+        return Path(os.readlink(fd)) == path
+    except OSError:  # closed since it was listed
+        return False
+
+
 def spawn_hits(backend: Backend, key: str, *, hits: int, limit: int) -> subprocess.Popen[str]:
     """A separate Python process that counts ``hits`` requests against ``key`` and prints how many passed."""
     argv = [backend.kind, backend.target, backend.prefix, key, str(hits), str(limit), repr(T0 + 1)]
@@ -736,7 +765,7 @@ class TestReadiness:
     def test_a_full_sqlite_database_is_not_ready(self, tmp_path: Path) -> None:
         with SQLiteStore(tmp_path / "state.db") as store:
             assert store.ping()
-            conn = store._connection()  # this thread's connection: cap it at the pages it has
+            conn = store._writer()  # the connection every write goes through: cap it at the pages it has
             (pages,) = conn.execute("PRAGMA page_count").fetchone()
             conn.execute(f"PRAGMA max_page_count = {pages}")
             with pytest.raises(StoreError, match="database or disk is full"):

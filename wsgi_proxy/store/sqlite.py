@@ -1,12 +1,14 @@
 """The embedded store: one SQLite file shared by the gateway workers of one host.
 
-Concurrency model: every thread gets its own connection (created on first use, and again in a
-forked child, which must never touch its parent's connections). The file is in WAL mode, so reads
-never wait for writes. Writes are serialised twice: by a lock inside each process, so the threads
-of one worker queue cheaply instead of spinning in SQLite's busy handler, and by ``BEGIN
-IMMEDIATE`` plus ``busy_timeout`` across processes. Every read-modify-write (rate windows, slot
-leases, usage totals) runs inside one such transaction, which makes it atomic for all workers on
-the host.
+Concurrency model: each process keeps a few connections, whichever of its threads asks, never one per
+thread: a connection costs some 140 KB of memory once used (its page cache and parsed schema), and a
+worker holding thousands of streams has a thread for each. Writes go through one connection, under a
+lock, so the threads of one worker queue cheaply instead of spinning in SQLite's busy handler; across
+processes they are serialised by ``BEGIN IMMEDIATE`` plus ``busy_timeout``. Every read-modify-write
+(rate windows, slot leases, usage totals) runs inside one such transaction, which makes it atomic
+for all workers on the host. Reads take one of at most :data:`READERS` other connections, and the
+file is in WAL mode, so they never wait for writes. A forked child opens its own connections: it must
+never touch its parent's.
 
 Usage totals keep "" for a missing key, team, model, upstream or tier: NULLs would never conflict in
 the primary key, so every response without a key would get a row of its own instead of adding to one.
@@ -50,7 +52,7 @@ from .base import (
     usage_names,
 )
 
-__all__ = ["SQLiteStore"]
+__all__ = ["READERS", "SQLiteStore"]
 
 log = logging.getLogger("wsgi_proxy.store")
 
@@ -178,6 +180,10 @@ def _add_usage(columns: tuple[str, ...]) -> str:
 _KEYS = "SELECT digest, name, team, hint, limits, created_at, expires_at, revoked_at FROM client_keys"
 _READ_USAGE = "SELECT {names}, {columns} FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY {names}"
 
+#: How many connections each process reads through at once (a read takes microseconds; a connection,
+#: some 140 KB once used).
+READERS = 4
+
 #: The tables whose rows expire (usage totals are kept until deleted).
 _TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen", "spend", "markers")
 
@@ -218,11 +224,10 @@ class SQLiteStore(Store):
 
         os.register_at_fork(after_in_child=after_fork_in_child)
         _create_private(self.path)
-        with self._translate("be opened"):
-            conn = self._connection()
+        with self._translate("be opened"), self._write_lock:
+            conn = self._writer()
             self._set_wal(conn)
-            with self._write_lock:
-                conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA)
         self._inode = self.path.stat().st_ino
         with self._write("move the usage totals of an earlier release") as conn:
             # Checked inside the transaction: another worker opening the file may have moved them.
@@ -237,19 +242,21 @@ class SQLiteStore(Store):
         """
         # The parent's connections stay referenced but unused: closing them in the child could
         # release locks the parent still relies on.
-        self._orphans.extend(conn for conn, _ in getattr(self, "_conns", ()))
+        writer: sqlite3.Connection | None = getattr(self, "_writing", None)
+        self._orphans += [*getattr(self, "_idle", []), *([writer] if writer is not None else [])]
         self._pid = pid
-        self._local = threading.local()
-        self._conns: list[tuple[sqlite3.Connection, threading.Thread]] = []
-        self._conns_lock = threading.Lock()
+        self._writing: sqlite3.Connection | None = None
+        self._idle: list[sqlite3.Connection] = []  # reader connections not in use
+        self._readers = threading.BoundedSemaphore(READERS)
+        self._idle_lock = threading.Lock()
         # Reentrant for the same reason as the metrics lock: a relay finished by the garbage collector
         # may release its stream slot while this thread is inside a write.
         self._write_lock = threading.RLock()
         self._writes = 0
         self._last_purge = time.monotonic()
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use.
+    def _check_open(self) -> None:
+        """Refuse a closed store; start afresh in a child forked without ``os.fork``.
 
         :meta private:
         """
@@ -257,16 +264,51 @@ class SQLiteStore(Store):
             raise StoreError(f"The SQLite store at {self.path} was closed; open a new store to use it.")
         if os.getpid() != self._pid:  # forked without os.fork(), so the at-fork hook did not run
             self._reset(os.getpid())
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._make_connection()
-            self._local.conn = conn
-        return conn
+
+    def _writer(self) -> sqlite3.Connection:
+        """The process's connection for writes, opened on first use; only under ``_write_lock``.
+
+        :meta private:
+        """
+        self._check_open()
+        if self._writing is None:
+            self._writing = self._make_connection()
+        return self._writing
+
+    def _rows(self, action: str, sql: str, params: t.Sequence[t.Any] = ()) -> list[t.Any]:
+        """Every row ``sql`` reads, through one of the process's reader connections.
+
+        :meta private:
+        """
+        with self._translate(action):
+            self._check_open()
+            if not self._readers.acquire(timeout=2 * self.busy_timeout):
+                raise StoreError(
+                    f"The SQLite store at {self.path} could not {action}: other threads kept its {READERS}"
+                    f" readers busy for {2 * self.busy_timeout:.0f} s. Lower the load or move the store"
+                    " to Redis."
+                )
+            try:
+                with self._idle_lock:
+                    conn = self._idle.pop() if self._idle else None
+                if conn is None:
+                    conn = self._make_connection()
+                try:
+                    return conn.execute(sql, params).fetchall()
+                finally:
+                    with self._idle_lock:
+                        kept = not self._closed  # else close() has run and did not see this one
+                        if kept:
+                            self._idle.append(conn)
+                    if not kept:
+                        conn.close()
+            finally:
+                self._readers.release()
 
     def _make_connection(self) -> sqlite3.Connection:
         """:meta private:"""
-        # ``timeout`` is SQLite's busy_timeout. check_same_thread is off only so that close() may
-        # close every thread's connection; each is otherwise used by the thread that opened it.
+        # ``timeout`` is SQLite's busy_timeout. check_same_thread is off because a connection serves
+        # whichever thread of the process holds it.
         conn = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
@@ -276,16 +318,6 @@ class SQLiteStore(Store):
         except sqlite3.Error:
             conn.close()
             raise
-        with self._conns_lock:
-            # Close the connections of threads that have ended, so a churn of threads cannot leak.
-            alive = []
-            for other, thread in self._conns:
-                if thread.is_alive():
-                    alive.append((other, thread))
-                else:
-                    other.close()
-            alive.append((conn, threading.current_thread()))
-            self._conns = alive
         return conn
 
     def _set_wal(self, conn: sqlite3.Connection) -> None:
@@ -340,7 +372,7 @@ class SQLiteStore(Store):
                     f" {2 * self.busy_timeout:.0f} s. Lower the write load or move the store to Redis."
                 )
             try:
-                conn = self._connection()
+                conn = self._writer()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -393,19 +425,15 @@ class SQLiteStore(Store):
             )
 
     def get_response(self, response_id: str) -> ResponseRecord | None:
-        with self._translate("look up a response"):
-            row = (
-                self._connection()
-                .execute(
-                    "SELECT upstream, team, key_name, created_at, background FROM responses"
-                    " WHERE response_id = ? AND expires_at > ?",
-                    (response_id, time.time()),
-                )
-                .fetchone()
-            )
-        if row is None:
+        rows = self._rows(
+            "look up a response",
+            "SELECT upstream, team, key_name, created_at, background FROM responses"
+            " WHERE response_id = ? AND expires_at > ?",
+            (response_id, time.time()),
+        )
+        if not rows:
             return None
-        upstream, team, key_name, created_at, background = row
+        ((upstream, team, key_name, created_at, background),) = rows
         return ResponseRecord(response_id, upstream, team, key_name, created_at, bool(background))
 
     def delete_response(self, response_id: str) -> None:
@@ -421,13 +449,12 @@ class SQLiteStore(Store):
             )
 
     def pinned(self, key: str) -> str | None:
-        with self._translate("look up a session's pin"):
-            row = (
-                self._connection()
-                .execute("SELECT upstream FROM pins WHERE key = ? AND expires_at > ?", (key, time.time()))
-                .fetchone()
-            )
-        return None if row is None else str(row[0])
+        rows = self._rows(
+            "look up a session's pin",
+            "SELECT upstream FROM pins WHERE key = ? AND expires_at > ?",
+            (key, time.time()),
+        )
+        return str(rows[0][0]) if rows else None
 
     def hit_rate(
         self, key: str, limit: int, window_s: float = 60.0, now: float | None = None
@@ -512,16 +539,12 @@ class SQLiteStore(Store):
         names = {key_of(now): name for name, key_of, _ in SPEND_WINDOWS}
         found: dict[str, dict[str, tuple[int, int]]] = {counter: {} for counter in counters}
         if counters:
-            with self._translate("read the budgets' spend"):
-                rows = (
-                    self._connection()
-                    .execute(
-                        f"SELECT counter, span, tokens, cost FROM spend WHERE counter IN"
-                        f" ({', '.join('?' * len(counters))}) AND span IN (?, ?, ?)",
-                        (*counters, *names),
-                    )
-                    .fetchall()
-                )
+            rows = self._rows(
+                "read the budgets' spend",
+                f"SELECT counter, span, tokens, cost FROM spend WHERE counter IN"
+                f" ({', '.join('?' * len(counters))}) AND span IN (?, ?, ?)",
+                (*counters, *names),
+            )
             for counter, span, tokens, cost in rows:
                 found[counter][names[span]] = (tokens, cost)
         return {counter: spend_of(windows) for counter, windows in found.items()}
@@ -530,8 +553,7 @@ class SQLiteStore(Store):
         check_day("since", since)
         check_day("until", until)
         sql = _READ_USAGE.format(names=", ".join(USAGE_DIMENSIONS), columns=", ".join(USAGE_COLUMNS))
-        with self._translate("read the usage totals"):
-            rows = self._connection().execute(sql, (since or "", until or "9999-12-31")).fetchall()
+        rows = self._rows("read the usage totals", sql, (since or "", until or "9999-12-31"))
         width = len(USAGE_DIMENSIONS)
         return [UsageRow.of(row[:width], dict(zip(USAGE_COLUMNS, row[width:], strict=True))) for row in rows]
 
@@ -549,13 +571,13 @@ class SQLiteStore(Store):
             )
 
     def marked(self, key: str) -> bool:
-        with self._translate("look a marker up"):
-            row = (
-                self._connection()
-                .execute("SELECT 1 FROM markers WHERE key = ? AND expires_at > ?", (key, time.time()))
-                .fetchone()
+        return bool(
+            self._rows(
+                "look a marker up",
+                "SELECT 1 FROM markers WHERE key = ? AND expires_at > ?",
+                (key, time.time()),
             )
-        return row is not None
+        )
 
     def put_key(self, record: KeyRecord) -> None:
         with self._write("store a client key") as conn:
@@ -566,23 +588,24 @@ class SQLiteStore(Store):
             )
 
     def get_key(self, digest: str) -> KeyRecord | None:
-        with self._translate("look up a client key"):
-            row = self._connection().execute(f"{_KEYS} WHERE digest = ?", (digest,)).fetchone()
-        return None if row is None else KeyRecord(*row)
+        rows = self._rows("look up a client key", f"{_KEYS} WHERE digest = ?", (digest,))
+        return KeyRecord(*rows[0]) if rows else None
 
     def list_keys(self) -> list[KeyRecord]:
-        with self._translate("list the client keys"):
-            rows = self._connection().execute(f"{_KEYS} ORDER BY name, created_at").fetchall()
-        return [KeyRecord(*row) for row in rows]
+        return [
+            KeyRecord(*row)
+            for row in self._rows("list the client keys", f"{_KEYS} ORDER BY name, created_at")
+        ]
 
     def add_audit(self, line: t.Mapping[str, t.Any]) -> None:
         with self._write("write an audit line") as conn:
             conn.execute("INSERT INTO audit (line) VALUES (?)", (json.dumps(line, separators=(",", ":")),))
 
     def audit_log(self) -> list[dict[str, t.Any]]:
-        with self._translate("read the audit log"):
-            rows = self._connection().execute("SELECT line FROM audit ORDER BY id").fetchall()
-        return [json.loads(line) for (line,) in rows]
+        return [
+            json.loads(line)
+            for (line,) in self._rows("read the audit log", "SELECT line FROM audit ORDER BY id")
+        ]
 
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
@@ -607,10 +630,19 @@ class SQLiteStore(Store):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn, _ in conns:
+        self._closed = True  # from now on a reader connection given back is closed instead
+        with self._idle_lock:
+            conns, self._idle = self._idle, []
+        # A write under way finishes first (or, stuck, has its connection closed under it).
+        locked = self._write_lock.acquire(timeout=2 * self.busy_timeout)
+        try:
+            if self._writing is not None:
+                conns.append(self._writing)
+                self._writing = None
+        finally:
+            if locked:
+                self._write_lock.release()
+        for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
