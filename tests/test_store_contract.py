@@ -22,7 +22,7 @@ import pytest
 from wsgi_proxy.store import KeyRecord, RateDecision, ResponseRecord, Store, StoreError, UsageEntry, UsageRow
 from wsgi_proxy.store.base import USAGE_TTL_S, Spend, usage_day
 from wsgi_proxy.store.redis_store import RedisStore
-from wsgi_proxy.store.sqlite import READERS, SQLiteStore
+from wsgi_proxy.store.sqlite import CONNECTIONS, SQLiteStore
 from wsgi_proxy.tools.launch import free_port
 from wsgi_proxy.wire.usage import COUNTERS, Usage
 
@@ -627,7 +627,7 @@ class TestMaintenance:
         with SQLiteStore(path) as store:
             run_threads(worker, 40)
         assert len(opened) == 40
-        assert 1 < max(opened) <= READERS + 1  # the writer and the readers, whichever thread asks
+        assert 1 <= max(opened) <= CONNECTIONS  # taken by whichever thread asks
 
     def test_fork_child_uses_its_own_connections(self, backend: Backend) -> None:
         store = backend.store
@@ -765,7 +765,7 @@ class TestReadiness:
     def test_a_full_sqlite_database_is_not_ready(self, tmp_path: Path) -> None:
         with SQLiteStore(tmp_path / "state.db") as store:
             assert store.ping()
-            conn = store._writer()  # the connection every write goes through: cap it at the pages it has
+            (conn,) = store._idle  # used by one thread, the store opened one connection: cap its pages
             (pages,) = conn.execute("PRAGMA page_count").fetchone()
             conn.execute(f"PRAGMA max_page_count = {pages}")
             with pytest.raises(StoreError, match="database or disk is full"):

@@ -1,14 +1,14 @@
 """The embedded store: one SQLite file shared by the gateway workers of one host.
 
-Concurrency model: each process keeps a few connections, whichever of its threads asks, never one per
-thread: a connection costs some 140 KB of memory once used (its page cache and parsed schema), and a
-worker holding thousands of streams has a thread for each. Writes go through one connection, under a
-lock, so the threads of one worker queue cheaply instead of spinning in SQLite's busy handler; across
-processes they are serialised by ``BEGIN IMMEDIATE`` plus ``busy_timeout``. Every read-modify-write
-(rate windows, slot leases, usage totals) runs inside one such transaction, which makes it atomic
-for all workers on the host. Reads take one of at most :data:`READERS` other connections, and the
-file is in WAL mode, so they never wait for writes. A forked child opens its own connections: it must
-never touch its parent's.
+Concurrency model: each process keeps at most :data:`CONNECTIONS` connections, taken by whichever
+of its threads asks, never one per thread: a connection costs some 140 KB of memory once used (its
+page cache and parsed schema), and a worker holding thousands of streams has a thread for each. The
+file is in WAL mode, so reads never wait for writes. A write that is one statement is a transaction
+of its own, which SQLite serialises across connections and processes with ``busy_timeout``. Every
+read-modify-write (rate windows, slot leases, usage totals) runs inside one ``BEGIN IMMEDIATE``
+transaction, which makes it atomic for all workers on the host; the transactions of one process
+take turns on a lock first. A forked child opens its own connections: it must never touch its
+parent's.
 
 Usage totals keep "" for a missing key, team, model, upstream or tier: NULLs would never conflict in
 the primary key, so every response without a key would get a row of its own instead of adding to one.
@@ -52,7 +52,7 @@ from .base import (
     usage_names,
 )
 
-__all__ = ["READERS", "SQLiteStore"]
+__all__ = ["CONNECTIONS", "SQLiteStore"]
 
 log = logging.getLogger("wsgi_proxy.store")
 
@@ -180,9 +180,9 @@ def _add_usage(columns: tuple[str, ...]) -> str:
 _KEYS = "SELECT digest, name, team, hint, limits, created_at, expires_at, revoked_at FROM client_keys"
 _READ_USAGE = "SELECT {names}, {columns} FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY {names}"
 
-#: How many connections each process reads through at once (a read takes microseconds; a connection,
-#: some 140 KB once used).
-READERS = 4
+#: How many connections each process uses at once, whichever of its threads asks (a read or a write
+#: takes microseconds; a connection costs some 140 KB once used).
+CONNECTIONS = 8
 
 #: The tables whose rows expire (usage totals are kept until deleted).
 _TABLES = ("responses", "pins", "rate_windows", "slot_leases", "usage_seen", "spend", "markers")
@@ -224,8 +224,7 @@ class SQLiteStore(Store):
 
         os.register_at_fork(after_in_child=after_fork_in_child)
         _create_private(self.path)
-        with self._translate("be opened"), self._write_lock:
-            conn = self._writer()
+        with self._write_lock, self._connection("be opened") as conn:
             self._set_wal(conn)
             conn.executescript(_SCHEMA)
         self._inode = self.path.stat().st_ino
@@ -242,12 +241,10 @@ class SQLiteStore(Store):
         """
         # The parent's connections stay referenced but unused: closing them in the child could
         # release locks the parent still relies on.
-        writer: sqlite3.Connection | None = getattr(self, "_writing", None)
-        self._orphans += [*getattr(self, "_idle", []), *([writer] if writer is not None else [])]
+        self._orphans += getattr(self, "_idle", [])
         self._pid = pid
-        self._writing: sqlite3.Connection | None = None
-        self._idle: list[sqlite3.Connection] = []  # reader connections not in use
-        self._readers = threading.BoundedSemaphore(READERS)
+        self._idle: list[sqlite3.Connection] = []  # connections not in use, the last given back last
+        self._slots = threading.BoundedSemaphore(CONNECTIONS)
         self._idle_lock = threading.Lock()
         # Reentrant for the same reason as the metrics lock: a relay finished by the garbage collector
         # may release its stream slot while this thread is inside a write.
@@ -255,38 +252,23 @@ class SQLiteStore(Store):
         self._writes = 0
         self._last_purge = time.monotonic()
 
-    def _check_open(self) -> None:
-        """Refuse a closed store; start afresh in a child forked without ``os.fork``.
-
-        :meta private:
-        """
-        if self._closed:
-            raise StoreError(f"The SQLite store at {self.path} was closed; open a new store to use it.")
-        if os.getpid() != self._pid:  # forked without os.fork(), so the at-fork hook did not run
-            self._reset(os.getpid())
-
-    def _writer(self) -> sqlite3.Connection:
-        """The process's connection for writes, opened on first use; only under ``_write_lock``.
-
-        :meta private:
-        """
-        self._check_open()
-        if self._writing is None:
-            self._writing = self._make_connection()
-        return self._writing
-
-    def _rows(self, action: str, sql: str, params: t.Sequence[t.Any] = ()) -> list[t.Any]:
-        """Every row ``sql`` reads, through one of the process's reader connections.
+    @contextlib.contextmanager
+    def _connection(self, action: str) -> t.Iterator[sqlite3.Connection]:
+        """One of the process's connections, this thread's until the block ends; SQLite's errors in
+        the block become a :class:`StoreError` saying what could not be done (``action``).
 
         :meta private:
         """
         with self._translate(action):
-            self._check_open()
-            if not self._readers.acquire(timeout=2 * self.busy_timeout):
+            if self._closed:
+                raise StoreError(f"The SQLite store at {self.path} was closed; open a new store to use it.")
+            if os.getpid() != self._pid:  # forked without os.fork(), so the at-fork hook did not run
+                self._reset(os.getpid())
+            if not self._slots.acquire(timeout=2 * self.busy_timeout):
                 raise StoreError(
-                    f"The SQLite store at {self.path} could not {action}: other threads kept its {READERS}"
-                    f" readers busy for {2 * self.busy_timeout:.0f} s. Lower the load or move the store"
-                    " to Redis."
+                    f"The SQLite store at {self.path} could not {action}: other threads kept its"
+                    f" {CONNECTIONS} connections busy for {2 * self.busy_timeout:.0f} s. Lower the load"
+                    " or move the store to Redis."
                 )
             try:
                 with self._idle_lock:
@@ -294,7 +276,7 @@ class SQLiteStore(Store):
                 if conn is None:
                     conn = self._make_connection()
                 try:
-                    return conn.execute(sql, params).fetchall()
+                    yield conn
                 finally:
                     with self._idle_lock:
                         kept = not self._closed  # else close() has run and did not see this one
@@ -303,7 +285,15 @@ class SQLiteStore(Store):
                     if not kept:
                         conn.close()
             finally:
-                self._readers.release()
+                self._slots.release()
+
+    def _rows(self, action: str, sql: str, params: t.Sequence[t.Any] = ()) -> list[t.Any]:
+        """Every row ``sql`` reads (WAL: a read never waits for a write).
+
+        :meta private:
+        """
+        with self._connection(action) as conn:
+            return conn.execute(sql, params).fetchall()
 
     def _make_connection(self) -> sqlite3.Connection:
         """:meta private:"""
@@ -360,19 +350,20 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _write(self, action: str) -> t.Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction, committed on success and rolled back on error.
+        """One ``BEGIN IMMEDIATE`` transaction, committed on success and rolled back on error: for a
+        read-modify-write, which needs several statements. The process's transactions take turns
+        on a lock, so that they queue cheaply instead of sleeping in SQLite's busy handler.
 
         :meta private:
         """
-        purge = False
         with self._translate(action):
             if not self._write_lock.acquire(timeout=2 * self.busy_timeout):
                 raise StoreError(
                     f"The SQLite store at {self.path} could not {action}: other threads kept it busy for"
                     f" {2 * self.busy_timeout:.0f} s. Lower the write load or move the store to Redis."
                 )
-            try:
-                conn = self._writer()
+        try:
+            with self._connection(action) as conn:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -381,17 +372,34 @@ class SQLiteStore(Store):
                         conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
-                self._writes += 1
-                if (
-                    self._writes >= self.purge_every
-                    or time.monotonic() - self._last_purge >= self.purge_interval
-                ):
-                    self._writes = 0
-                    self._last_purge = time.monotonic()
-                    purge = True
-            finally:
-                self._write_lock.release()
-        if purge:
+        finally:
+            self._write_lock.release()
+        self._wrote()
+
+    def _write_one(self, action: str, sql: str, params: t.Sequence[t.Any]) -> int:
+        """One statement, a transaction of its own (SQLite makes each statement outside one atomic);
+        returns the rows it changed.
+
+        The file is locked only while SQLite runs the statement, with the GIL let go, and no lock of
+        the process is held: a ``BEGIN IMMEDIATE`` transaction holds both while its thread wins the
+        GIL back three times, each a wait behind thousands of threads in a busy worker.
+
+        :meta private:
+        """
+        with self._connection(action) as conn:
+            changed = conn.execute(sql, params).rowcount
+        self._wrote()
+        return changed
+
+    def _wrote(self) -> None:
+        """Count a write that succeeded, and purge expired entries every so often.
+
+        :meta private:
+        """
+        self._writes += 1  # a lost count only delays a purge
+        if self._writes >= self.purge_every or time.monotonic() - self._last_purge >= self.purge_interval:
+            self._writes = 0
+            self._last_purge = time.monotonic()
             self._purge_quietly()
 
     def _purge_quietly(self) -> None:
@@ -408,21 +416,21 @@ class SQLiteStore(Store):
 
     def put_response(self, record: ResponseRecord, ttl_s: float) -> None:
         check_positive("ttl_s", ttl_s)
-        with self._write("store a response") as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO responses"
-                " (response_id, upstream, team, key_name, created_at, background, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.response_id,
-                    record.upstream,
-                    record.team,
-                    record.key_name,
-                    record.created_at,
-                    int(record.background),
-                    time.time() + ttl_s,
-                ),
-            )
+        self._write_one(
+            "store a response",
+            "INSERT OR REPLACE INTO responses"
+            " (response_id, upstream, team, key_name, created_at, background, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.response_id,
+                record.upstream,
+                record.team,
+                record.key_name,
+                record.created_at,
+                int(record.background),
+                time.time() + ttl_s,
+            ),
+        )
 
     def get_response(self, response_id: str) -> ResponseRecord | None:
         rows = self._rows(
@@ -437,16 +445,15 @@ class SQLiteStore(Store):
         return ResponseRecord(response_id, upstream, team, key_name, created_at, bool(background))
 
     def delete_response(self, response_id: str) -> None:
-        with self._write("delete a response") as conn:
-            conn.execute("DELETE FROM responses WHERE response_id = ?", (response_id,))
+        self._write_one("delete a response", "DELETE FROM responses WHERE response_id = ?", (response_id,))
 
     def pin(self, key: str, upstream: str, ttl_s: float) -> None:
         check_positive("ttl_s", ttl_s)
-        with self._write("pin a session") as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO pins (key, upstream, expires_at) VALUES (?, ?, ?)",
-                (key, upstream, time.time() + ttl_s),
-            )
+        self._write_one(
+            "pin a session",
+            "INSERT OR REPLACE INTO pins (key, upstream, expires_at) VALUES (?, ?, ?)",
+            (key, upstream, time.time() + ttl_s),
+        )
 
     def pinned(self, key: str) -> str | None:
         rows = self._rows(
@@ -494,15 +501,16 @@ class SQLiteStore(Store):
     def refresh_slot(self, key: str, lease: str, ttl_s: float, now: float | None = None) -> None:
         check_positive("ttl_s", ttl_s)
         now = time.time() if now is None else now
-        with self._write("refresh a stream slot") as conn:
-            conn.execute(
-                "UPDATE slot_leases SET expires_at = ? WHERE key = ? AND lease = ? AND expires_at > ?",
-                (now + ttl_s, key, lease, now),
-            )
+        self._write_one(
+            "refresh a stream slot",
+            "UPDATE slot_leases SET expires_at = ? WHERE key = ? AND lease = ? AND expires_at > ?",
+            (now + ttl_s, key, lease, now),
+        )
 
     def release_slot(self, key: str, lease: str) -> None:
-        with self._write("release a stream slot") as conn:
-            conn.execute("DELETE FROM slot_leases WHERE key = ? AND lease = ?", (key, lease))
+        self._write_one(
+            "release a stream slot", "DELETE FROM slot_leases WHERE key = ? AND lease = ?", (key, lease)
+        )
 
     def record_usage(self, entry: UsageEntry, *, at: float | None = None, ttl_s: float = USAGE_TTL_S) -> bool:
         check_positive("ttl_s", ttl_s)
@@ -560,15 +568,15 @@ class SQLiteStore(Store):
     def mark(self, key: str, ttl_s: float) -> bool:
         check_positive("ttl_s", ttl_s)
         now = time.time()
-        with self._write("set a marker") as conn:
-            # A marker that expired but was not purged yet counts as absent, as in Redis.
-            return bool(
-                conn.execute(
-                    "INSERT INTO markers (key, expires_at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
-                    " SET expires_at = excluded.expires_at WHERE markers.expires_at <= ?",
-                    (key, now + ttl_s, now),
-                ).rowcount
+        # A marker that expired but was not purged yet counts as absent, as in Redis.
+        return bool(
+            self._write_one(
+                "set a marker",
+                "INSERT INTO markers (key, expires_at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+                " SET expires_at = excluded.expires_at WHERE markers.expires_at <= ?",
+                (key, now + ttl_s, now),
             )
+        )
 
     def marked(self, key: str) -> bool:
         return bool(
@@ -580,12 +588,12 @@ class SQLiteStore(Store):
         )
 
     def put_key(self, record: KeyRecord) -> None:
-        with self._write("store a client key") as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO client_keys (digest, name, team, hint, limits, created_at,"
-                " expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                dataclasses.astuple(record),
-            )
+        self._write_one(
+            "store a client key",
+            "INSERT OR REPLACE INTO client_keys (digest, name, team, hint, limits, created_at,"
+            " expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            dataclasses.astuple(record),
+        )
 
     def get_key(self, digest: str) -> KeyRecord | None:
         rows = self._rows("look up a client key", f"{_KEYS} WHERE digest = ?", (digest,))
@@ -598,8 +606,11 @@ class SQLiteStore(Store):
         ]
 
     def add_audit(self, line: t.Mapping[str, t.Any]) -> None:
-        with self._write("write an audit line") as conn:
-            conn.execute("INSERT INTO audit (line) VALUES (?)", (json.dumps(line, separators=(",", ":")),))
+        self._write_one(
+            "write an audit line",
+            "INSERT INTO audit (line) VALUES (?)",
+            (json.dumps(line, separators=(",", ":")),),
+        )
 
     def audit_log(self) -> list[dict[str, t.Any]]:
         return [
@@ -617,12 +628,13 @@ class SQLiteStore(Store):
 
     def ping(self) -> bool:
         """True when a write lands in the file this store opened (a full disk, a read-only or a
-        deleted file or directory all say False): one small transaction."""
+        deleted file or directory all say False): one small write."""
         try:
             if self.failing() or self.path.stat().st_ino != self._inode:
                 return False  # or deleted, perhaps replaced: writes would go to a file nobody reads
-            with self._write("answer a ping") as conn:
-                conn.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (time.time(),))
+            self._write_one(
+                "answer a ping", "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (time.time(),)
+            )
         except Exception:
             return False
         return True
@@ -630,18 +642,9 @@ class SQLiteStore(Store):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True  # from now on a reader connection given back is closed instead
+        self._closed = True  # from now on a connection given back is closed instead
         with self._idle_lock:
             conns, self._idle = self._idle, []
-        # A write under way finishes first (or, stuck, has its connection closed under it).
-        locked = self._write_lock.acquire(timeout=2 * self.busy_timeout)
-        try:
-            if self._writing is not None:
-                conns.append(self._writing)
-                self._writing = None
-        finally:
-            if locked:
-                self._write_lock.release()
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
