@@ -193,6 +193,16 @@ def test_parse_create_body_not_an_object_has_no_param(body: bytes) -> None:
         (b'{"previous_response_id": "../x"}', "previous_response_id"),
         (b'{"previous_response_id": "resp_1/cancel"}', "previous_response_id"),
         (b'{"previous_response_id": ""}', "previous_response_id"),
+        (b'{"conversation": 7}', "conversation"),
+        (b'{"conversation": {"id": 7}}', "conversation"),
+        (b'{"conversation": "conv_1/x"}', "conversation"),
+        (b'{"prompt_cache_key": 1}', "prompt_cache_key"),
+        (b'{"prompt_cache_options": "x"}', "prompt_cache_options"),
+        (b'{"prompt_cache_options": {"comparison_response_id": "../x"}}', "prompt_cache_options"),
+        (b'{"include": "reasoning.encrypted_content"}', "include"),
+        (b'{"include": ["a", 1]}', "include"),
+        (b'{"stream_options": []}', "stream_options"),
+        (b'{"model": 5, "stream": "x"}', "model"),  # the first wrong field, in CreateFields' order
     ],
 )
 def test_parse_create_body_wrong_type_names_param(body: bytes, param: str) -> None:
@@ -228,6 +238,44 @@ def test_parse_create_body_wrong_type_names_param(body: bytes, param: str) -> No
 )
 def test_parse_create_body_valid(body: bytes, expected: CreateFields) -> None:
     assert parse_create_body(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"stream": "true"}',
+            "Invalid value for 'stream': it is a string. Expected a boolean (true or false).",
+        ),
+        (b'{"model": 5}', "Invalid value for 'model': it is a number. Expected a model name (string)."),
+        (
+            b'{"model": " "}',
+            "Invalid value for 'model': it must not be empty. Expected a model name (string).",
+        ),
+        (
+            b'{"stream_options": [1]}',
+            "Invalid value for 'stream_options': it is an array. Expected an object.",
+        ),
+        (
+            b'{"include": [null]}',
+            "Invalid value for 'include': every item must be a string. Expected a list of strings.",
+        ),
+    ],
+)
+def test_a_wrong_create_field_is_said_in_one_sentence(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_create_body(body)
+    assert info.value.message == message
+
+
+def test_create_fields_keep_every_value_they_check() -> None:
+    body = (
+        b'{"conversation": {"id": "conv_1"}, "prompt_cache_key": "k", "include": ["a"],'
+        b' "prompt_cache_options": {"comparison_response_id": "resp_2"}, "input": [{"file_id": "file_3"}]}'
+    )
+    fields = parse_create_body(body)
+    assert (fields.conversation_id, fields.prompt_cache_key, fields.include) == ("conv_1", "k", ["a"])
+    assert fields.owned_ids == ("conv_1", "resp_2", "file_3")
 
 
 def test_parse_json_object_returns_dict() -> None:
