@@ -9,6 +9,7 @@ once. A key whose team the configuration no longer has is refused, never guessed
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -27,6 +28,14 @@ log = logging.getLogger("wsgi_proxy.keys")
 
 #: The most keys a worker remembers answers about (unknown ones included); the oldest go first.
 CACHE_LIMIT = 10_000
+
+
+@functools.lru_cache(maxsize=CACHE_LIMIT)
+def _read_limits(text: str) -> KeyLimits:
+    """A stored key's limits (frozen), validated once per worker and text: each thread that validates
+    a pydantic model keeps 8 KB more of its stack resident for its life (``docs/design.md``), and
+    every answer the store gives is read again once its trust runs out."""
+    return KeyLimits.model_validate_json(text)
 
 
 class StoredKeys:
@@ -89,7 +98,7 @@ class StoredKeys:
             )
             return None
         try:
-            limits = KeyLimits.model_validate_json(record.limits)
+            limits = _read_limits(record.limits)
         except ValidationError:
             log.error("the stored key %r has limits this gateway cannot read: refused", record.name)
             return None
