@@ -629,6 +629,23 @@ class TestMaintenance:
         assert len(opened) == 40
         assert 1 <= max(opened) <= CONNECTIONS  # taken by whichever thread asks
 
+    def test_sqlite_waits_for_a_connection_when_all_are_taken(self, tmp_path: Path) -> None:
+        with SQLiteStore(tmp_path / "state.db", busy_timeout=0.5) as store:
+            taken = [store._connection("hold a connection") for _ in range(CONNECTIONS)]
+            for block in taken:
+                block.__enter__()
+            with pytest.raises(StoreError, match=f"kept its {CONNECTIONS} connections busy for 1 s") as info:
+                store.get_response("resp_1")
+            assert_sentence(str(info.value))
+            back = threading.Timer(0.2, taken.pop().__exit__, (None, None, None))
+            back.start()
+            started = time.monotonic()
+            assert store.get_response("resp_1") is None  # on the connection given back
+            assert 0.1 < time.monotonic() - started < 1.0
+            back.join()
+            for block in taken:
+                block.__exit__(None, None, None)
+
     def test_fork_child_uses_its_own_connections(self, backend: Backend) -> None:
         store = backend.store
         store.hit_rate("forked", 10, 60, now=T0)  # the parent's connection exists before the fork
@@ -765,7 +782,9 @@ class TestReadiness:
     def test_a_full_sqlite_database_is_not_ready(self, tmp_path: Path) -> None:
         with SQLiteStore(tmp_path / "state.db") as store:
             assert store.ping()
-            (conn,) = store._idle  # used by one thread, the store opened one connection: cap its pages
+            conn = store._idle.get_nowait()  # used by one thread, the store opened one connection:
+            assert store._idle.empty()  # cap its pages
+            store._idle.put(conn)
             (pages,) = conn.execute("PRAGMA page_count").fetchone()
             conn.execute(f"PRAGMA max_page_count = {pages}")
             with pytest.raises(StoreError, match="database or disk is full"):

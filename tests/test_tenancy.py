@@ -459,7 +459,9 @@ def test_a_create_whose_record_cannot_be_written_is_kept_until_the_store_takes_i
         json={**_response("resp_full1"), "model": "gpt-a", "usage": usage},
     )
     mocked.add(responses.GET, f"{ALPHA}/responses/resp_full1", json=_response("resp_full1"))
-    (conn,) = store._idle  # the test client serves requests on this thread: the store's one connection
+    conn = store._idle.get_nowait()  # the test client serves requests on this thread: the store's one
+    assert store._idle.empty()  # connection
+    store._idle.put(conn)
     (pages,) = conn.execute("PRAGMA page_count").fetchone()
     conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
     with pytest.raises(Exception, match="full"):

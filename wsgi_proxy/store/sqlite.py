@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -212,7 +213,7 @@ class SQLiteStore(Store):
         self.purge_every = purge_every
         self.purge_interval = purge_interval
         self._closed = False
-        self._orphans: list[sqlite3.Connection] = []
+        self._orphans: list[object] = []
         self._reset(os.getpid())
         # A forked child starts clean even if another thread held a lock at the moment of the fork.
         ref = weakref.ref(self)
@@ -241,11 +242,11 @@ class SQLiteStore(Store):
         """
         # The parent's connections stay referenced but unused: closing them in the child could
         # release locks the parent still relies on.
-        self._orphans += getattr(self, "_idle", [])
+        self._orphans.append(getattr(self, "_idle", None))
         self._pid = pid
-        self._idle: list[sqlite3.Connection] = []  # connections not in use, the last given back last
-        self._slots = threading.BoundedSemaphore(CONNECTIONS)
-        self._idle_lock = threading.Lock()
+        self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()  # those not in use
+        self._opened = 0
+        self._open_lock = threading.Lock()
         # Reentrant for the same reason as the metrics lock: a relay finished by the garbage collector
         # may release its stream slot while this thread is inside a write.
         self._write_lock = threading.RLock()
@@ -264,28 +265,52 @@ class SQLiteStore(Store):
                 raise StoreError(f"The SQLite store at {self.path} was closed; open a new store to use it.")
             if os.getpid() != self._pid:  # forked without os.fork(), so the at-fork hook did not run
                 self._reset(os.getpid())
-            if not self._slots.acquire(timeout=2 * self.busy_timeout):
-                raise StoreError(
-                    f"The SQLite store at {self.path} could not {action}: other threads kept its"
-                    f" {CONNECTIONS} connections busy for {2 * self.busy_timeout:.0f} s. Lower the load"
-                    " or move the store to Redis."
-                )
+            conn = self._take(action)
             try:
-                with self._idle_lock:
-                    conn = self._idle.pop() if self._idle else None
-                if conn is None:
-                    conn = self._make_connection()
-                try:
-                    yield conn
-                finally:
-                    with self._idle_lock:
-                        kept = not self._closed  # else close() has run and did not see this one
-                        if kept:
-                            self._idle.append(conn)
-                    if not kept:
-                        conn.close()
+                yield conn
             finally:
-                self._slots.release()
+                self._idle.put(conn)
+                if self._closed:  # close() may have run before this one came back
+                    self._close_idle()
+
+    def _take(self, action: str) -> sqlite3.Connection:
+        """An idle connection, a new one while fewer than :data:`CONNECTIONS` are open, or the first
+        to come back.
+
+        :meta private:
+        """
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._open_lock:
+            opening = self._opened < CONNECTIONS
+            self._opened += opening
+        if opening:
+            try:
+                return self._make_connection()
+            except BaseException:
+                with self._open_lock:
+                    self._opened -= 1
+                raise
+        try:
+            return self._idle.get(timeout=2 * self.busy_timeout)
+        except queue.Empty:
+            raise StoreError(
+                f"The SQLite store at {self.path} could not {action}: other threads kept its"
+                f" {CONNECTIONS} connections busy for {2 * self.busy_timeout:.0f} s. Lower the load"
+                " or move the store to Redis."
+            ) from None
+
+    def _close_idle(self) -> None:
+        """:meta private:"""
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def _rows(self, action: str, sql: str, params: t.Sequence[t.Any] = ()) -> list[t.Any]:
         """Every row ``sql`` reads (WAL: a read never waits for a write).
@@ -642,12 +667,8 @@ class SQLiteStore(Store):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True  # from now on a connection given back is closed instead
-        with self._idle_lock:
-            conns, self._idle = self._idle, []
-        for conn in conns:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        self._closed = True  # from now on a connection given back is closed too
+        self._close_idle()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
