@@ -7,7 +7,8 @@
 `benchmarks/run.py` charts.
 
 The simulator runs as its own process (`wsgi-proxy simulate`) and the proxy under gunicorn with
-the repository's gunicorn.conf.py (1 worker); the client is this process, on loopback. Reported:
+the repository's gunicorn.conf.py (1 worker), with a SQLite store as a config file has it (each
+create's locator and usage recorded); the client is this process, on loopback. Reported:
 
 - added latency per non-streaming call: p50/p99 of (proxy - direct) over sequential creates;
 - added delay per event: one live stream read directly and through the proxy at the same time,
@@ -277,7 +278,9 @@ def bench(
     """
     sizes = QUICK_SIZES if quick else FULL_SIZES
     with tempfile.TemporaryDirectory(prefix="wsgi-proxy-bench-") as scratch:
-        bed = start_bed(Path(scratch), threads=64, delay_ms=0)
+        # Everything on, as a config file has it: a SQLite store records each create's locator and usage.
+        store = {"WSGI_PROXY_STORE_URL": f"sqlite:///{Path(scratch) / 'state.db'}"}
+        bed = start_bed(Path(scratch), threads=64, delay_ms=0, env=store)
         try:
             floor, floor_url = start_floor(Path(scratch), bed.direct)
             try:
