@@ -242,7 +242,8 @@ class SQLiteStore(Store):
         """
         # The parent's connections stay referenced but unused: closing them in the child could
         # release locks the parent still relies on.
-        self._orphans.append(getattr(self, "_idle", None))
+        if hasattr(self, "_idle"):
+            self._orphans.append(self._idle)
         self._pid = pid
         self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()  # those not in use
         self._opened = 0
@@ -296,11 +297,17 @@ class SQLiteStore(Store):
         try:
             return self._idle.get(timeout=2 * self.busy_timeout)
         except queue.Empty:
-            raise StoreError(
-                f"The SQLite store at {self.path} could not {action}: other threads kept its"
-                f" {CONNECTIONS} connections busy for {2 * self.busy_timeout:.0f} s. Lower the load"
-                " or move the store to Redis."
-            ) from None
+            raise self._kept_busy(action, f"its {CONNECTIONS} connections") from None
+
+    def _kept_busy(self, action: str, what: str) -> StoreError:
+        """The error of a thread that waited twice ``busy_timeout`` for ``what`` the process shares.
+
+        :meta private:
+        """
+        return StoreError(
+            f"The SQLite store at {self.path} could not {action}: other threads kept {what} busy for"
+            f" {2 * self.busy_timeout:.0f} s. Lower the load or move the store to Redis."
+        )
 
     def _close_idle(self) -> None:
         """:meta private:"""
@@ -383,10 +390,7 @@ class SQLiteStore(Store):
         """
         with self._translate(action):
             if not self._write_lock.acquire(timeout=2 * self.busy_timeout):
-                raise StoreError(
-                    f"The SQLite store at {self.path} could not {action}: other threads kept it busy for"
-                    f" {2 * self.busy_timeout:.0f} s. Lower the write load or move the store to Redis."
-                )
+                raise self._kept_busy(action, "it")
         try:
             with self._connection(action) as conn:
                 conn.execute("BEGIN IMMEDIATE")

@@ -287,20 +287,23 @@ def _not_blank(value: str) -> str | None:
     return "it must not be empty" if not value.strip() else None
 
 
+def _safe_id(value: object) -> bool:
+    return isinstance(value, str) and RESPONSE_ID.fullmatch(value) is not None
+
+
 def _a_response_id(value: str) -> str | None:
-    return None if RESPONSE_ID.fullmatch(value) else "it must be a response id such as 'resp_abc123'"
+    return None if _safe_id(value) else "it must be a response id such as 'resp_abc123'"
 
 
 def _a_conversation(value: str | dict[str, t.Any]) -> str | None:
-    named = value.get("id") if isinstance(value, dict) else value
-    if isinstance(named, str) and RESPONSE_ID.fullmatch(named):
+    if _safe_id(value.get("id") if isinstance(value, dict) else value):
         return None
     return "it must be a conversation id such as 'conv_abc123', or an object with one as 'id'"
 
 
 def _a_comparison(value: dict[str, t.Any]) -> str | None:
     named = value.get("comparison_response_id")
-    if named is None or (isinstance(named, str) and RESPONSE_ID.fullmatch(named)):
+    if named is None or _safe_id(named):
         return None
     return "its comparison_response_id must be a response id such as 'resp_abc123'"
 
