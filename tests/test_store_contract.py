@@ -593,6 +593,50 @@ class TestMaintenance:
             assert store.usage_totals() == [row()]
             assert use(store, "resp_1")
 
+    def test_sqlite_usage_that_fails_half_way_leaves_nothing(self, tmp_path: Path) -> None:
+        """The marker, the day's totals and the spend are one statement: a failure in the last
+        (injected: the spend table refuses rows) undoes the first two, so a retry counts it once."""
+        path = tmp_path / "state.db"
+        with SQLiteStore(path) as store:
+            with sqlite3.connect(path) as admin:
+                admin.execute(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON spend BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                )
+            with pytest.raises(StoreError, match="could not record token usage: disk full") as info:
+                use(store, "resp_1", charges=("key:ci",))
+            assert_sentence(str(info.value))
+            assert store.usage_totals() == []
+            with sqlite3.connect(path) as admin:
+                admin.execute("DROP TRIGGER refuse")
+            assert use(store, "resp_1", charges=("key:ci",))
+            assert not use(store, "resp_1", charges=("key:ci",))
+            assert store.usage_totals() == [row()]
+            assert store.spend(["key:ci"], now=JAN31)["key:ci"].tokens_day == 15
+
+    def test_sqlite_usage_does_not_wait_for_the_process_transactions(self, tmp_path: Path) -> None:
+        """A transaction of several statements (a rate window, a slot) holds the process's write
+        lock while its thread wins the GIL back after each; a usage is one statement and never waits
+        for that lock (held here by another thread)."""
+        with SQLiteStore(tmp_path / "state.db", busy_timeout=0.5) as store:
+            held, done = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                with store._write_lock:
+                    held.set()
+                    done.wait(10)
+
+            holder = threading.Thread(target=hold)
+            holder.start()
+            try:
+                assert held.wait(10)
+                started = time.monotonic()
+                assert use(store, "resp_1")
+                assert time.monotonic() - started < 0.5
+            finally:
+                done.set()
+                holder.join(10)
+            assert store.usage_totals() == [row()]
+
     def test_sqlite_purges_opportunistically(self, tmp_path: Path) -> None:
         with SQLiteStore(tmp_path / "state.db", purge_every=3) as store:
             store.put_response(record("resp_a"), ttl_s=0.05)

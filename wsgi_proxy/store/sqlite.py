@@ -4,10 +4,11 @@ Concurrency model: each process keeps at most :data:`CONNECTIONS` connections, t
 of its threads asks, never one per thread: a connection costs some 140 KB of memory once used (its
 page cache and parsed schema), and a worker holding thousands of streams has a thread for each. The
 file is in WAL mode, so reads never wait for writes. A write that is one statement is a transaction
-of its own, which SQLite serialises across connections and processes with ``busy_timeout``. Every
-read-modify-write (rate windows, slot leases, usage totals) runs inside one ``BEGIN IMMEDIATE``
-transaction, which makes it atomic for all workers on the host; the transactions of one process
-take turns on a lock first. A forked child opens its own connections: it must never touch its
+of its own, which SQLite serialises across connections and processes with ``busy_timeout``; a
+response's usage is one too, an insert into a view whose trigger does the counting. The other
+read-modify-writes (rate windows, slot leases) run inside one ``BEGIN IMMEDIATE`` transaction,
+which makes them atomic for all workers on the host; the transactions of one process take turns on
+a lock first. A forked child opens its own connections: it must never touch its
 parent's.
 
 Usage totals keep "" for a missing key, team, model, upstream or tier: NULLs would never conflict in
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -141,12 +141,43 @@ CREATE TABLE IF NOT EXISTS heartbeat (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     at REAL NOT NULL
 );
+
+-- A response's usage is counted by one statement, an insert into this view, so that it is atomic
+-- without a transaction of several statements: its trigger sets the response's marker, stops if the
+-- marker was already set (the response was counted), then adds to the day's totals and to the spend
+-- of every counter charged (a JSON array of [counter, span, expires_at]). A new shape needs new names.
+CREATE VIEW IF NOT EXISTS usage_count (response_id, expires_at, now, {names}, {counted}, spends)
+    AS SELECT {nulls} WHERE 0;
+
+CREATE TRIGGER IF NOT EXISTS usage_count_insert INSTEAD OF INSERT ON usage_count BEGIN
+    -- A marker that expired but was not purged yet counts as absent, as in Redis.
+    INSERT INTO usage_seen (response_id, expires_at) VALUES (NEW.response_id, NEW.expires_at)
+        ON CONFLICT (response_id) DO UPDATE SET expires_at = excluded.expires_at
+        WHERE usage_seen.expires_at <= NEW.now;
+    SELECT RAISE(IGNORE) WHERE changes() = 0;
+    INSERT INTO usage_daily ({names}, {counted}) VALUES ({new_names}, {new_counted})
+        ON CONFLICT ({names}) DO UPDATE SET {sums};
+    INSERT INTO spend (counter, span, tokens, cost, expires_at)
+        SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), NEW.total_tokens,
+            NEW.cost_nano_usd, json_extract(value, '$[2]') FROM json_each(NEW.spends) WHERE 1
+        ON CONFLICT (counter, span) DO UPDATE SET tokens = tokens + excluded.tokens,
+            cost = cost + excluded.cost, expires_at = MAX(expires_at, excluded.expires_at);
+END;
 """
 
 _SCHEMA = _SCHEMA.format(
     dimensions=",\n    ".join(f"{name} TEXT NOT NULL" for name in USAGE_DIMENSIONS),
     columns=",\n    ".join(f"{name} INTEGER NOT NULL DEFAULT 0" for name in USAGE_COLUMNS),
     names=", ".join(USAGE_DIMENSIONS),
+    counted=", ".join(USAGE_COLUMNS),
+    nulls=", ".join(["NULL"] * (4 + len(USAGE_DIMENSIONS) + len(USAGE_COLUMNS))),
+    new_names=", ".join(f"NEW.{name}" for name in USAGE_DIMENSIONS),
+    new_counted=", ".join(f"NEW.{name}" for name in USAGE_COLUMNS),
+    sums=", ".join(f"{name} = {name} + excluded.{name}" for name in USAGE_COLUMNS),
+)
+
+_COUNT_USAGE = (
+    f"INSERT INTO usage_count VALUES ({', '.join('?' * (4 + len(USAGE_DIMENSIONS) + len(USAGE_COLUMNS)))})"
 )
 
 #: Totals kept by earlier releases (one row per day, team, key and model, three token counts) move
@@ -161,22 +192,6 @@ _MIGRATE_USAGE_TOTALS = (
     " output_tokens = output_tokens + excluded.output_tokens,"
     " total_tokens = total_tokens + excluded.total_tokens"
 )
-
-_ADD_USAGE = (
-    "INSERT INTO usage_daily ({names}, {columns}) VALUES ({marks}) ON CONFLICT ({names}) DO UPDATE SET {sums}"
-)
-
-
-@functools.lru_cache(maxsize=64)
-def _add_usage(columns: tuple[str, ...]) -> str:
-    """The statement that adds the counts of ``columns`` to a usage row (a few shapes in all)."""
-    return _ADD_USAGE.format(
-        names=", ".join(USAGE_DIMENSIONS),
-        columns=", ".join(columns),
-        marks=", ".join("?" * (len(USAGE_DIMENSIONS) + len(columns))),
-        sums=", ".join(f"{name} = {name} + excluded.{name}" for name in columns),
-    )
-
 
 _KEYS = "SELECT digest, name, team, hint, limits, created_at, expires_at, revoked_at FROM client_keys"
 _READ_USAGE = "SELECT {names}, {columns} FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY {names}"
@@ -406,8 +421,8 @@ class SQLiteStore(Store):
         self._wrote()
 
     def _write_one(self, action: str, sql: str, params: t.Sequence[t.Any]) -> int:
-        """One statement, a transaction of its own (SQLite makes each statement outside one atomic);
-        returns the rows it changed.
+        """One statement, a transaction of its own (SQLite makes each statement outside one atomic,
+        its triggers included); returns the rows it and its triggers changed.
 
         The file is locked only while SQLite runs the statement, with the GIL let go, and no lock of
         the process is held: a ``BEGIN IMMEDIATE`` transaction holds both while its thread wins the
@@ -416,7 +431,9 @@ class SQLiteStore(Store):
         :meta private:
         """
         with self._connection(action) as conn:
-            changed = conn.execute(sql, params).rowcount
+            before = conn.total_changes
+            conn.execute(sql, params)
+            changed = conn.total_changes - before
         self._wrote()
         return changed
 
@@ -545,31 +562,22 @@ class SQLiteStore(Store):
         check_positive("ttl_s", ttl_s)
         counts = check_entry(entry)
         now = time.time()
-        names = usage_names(entry, usage_day(now if at is None else at))
-        with self._write("record token usage") as conn:
-            # A marker that expired but was not purged yet counts as absent, as in Redis.
-            first = conn.execute(
-                "INSERT INTO usage_seen (response_id, expires_at) VALUES (?, ?)"
-                " ON CONFLICT (response_id) DO UPDATE SET expires_at = excluded.expires_at"
-                " WHERE usage_seen.expires_at <= ?",
-                (entry.response_id, now + ttl_s, now),
-            ).rowcount
-            if not first:
-                return False
-            conn.execute(_add_usage(tuple(counts)), (*names, *counts.values()))
-            tokens, cost = entry.usage.total_tokens, entry.cost_nano_usd or 0
-            when = now if at is None else at
-            conn.executemany(
-                "INSERT INTO spend (counter, span, tokens, cost, expires_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (counter, span) DO UPDATE SET tokens = tokens + excluded.tokens,"
-                " cost = cost + excluded.cost, expires_at = MAX(expires_at, excluded.expires_at)",
-                [
-                    (counter, key_of(when), tokens, cost, when + keep)
-                    for counter in entry.charges
-                    for _, key_of, keep in SPEND_WINDOWS
-                ],
-            )
-        return True
+        when = now if at is None else at
+        spends = [
+            (counter, key_of(when), when + keep)
+            for counter in entry.charges
+            for _, key_of, keep in SPEND_WINDOWS
+        ]
+        params = (
+            entry.response_id,
+            now + ttl_s,
+            now,
+            *usage_names(entry, usage_day(when)),
+            *(counts.get(name, 0) for name in USAGE_COLUMNS),
+            json.dumps(spends),
+        )
+        # One statement (the view's trigger does the rest), so no lock of the process is held.
+        return bool(self._write_one("record token usage", _COUNT_USAGE, params))
 
     def spend(self, counters: t.Sequence[str], now: float | None = None) -> dict[str, Spend]:
         now = time.time() if now is None else now
