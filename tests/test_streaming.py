@@ -13,7 +13,7 @@ import pytest
 
 from wsgi_proxy.errors import StreamAborted, UpstreamStreamInterrupted
 from wsgi_proxy.wire import sse
-from wsgi_proxy.wire.relay import KEEPALIVE, Resume, StreamEnd, StreamRelay, StreamStats
+from wsgi_proxy.wire.relay import KEEPALIVE, Resume, StreamEnd, StreamRelay, StreamStats, UpstreamBody
 from wsgi_proxy.wire.sse import EventInfo, EventSplitter, EventTooLarge, parse_event
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -353,6 +353,9 @@ class FakeBody:
         assert isinstance(item, bytes)
         return item
 
+    def shutdown(self) -> None:
+        raise AssertionError("only the watchdog shuts a body down")
+
     def close(self) -> None:
         self.closes += 1
 
@@ -365,9 +368,13 @@ class FakeControl:
         self.calls = 0  # cancel() calls
         self.resumable = False
         self.sleeps: list[float] = []
+        self.bodies: list[object] = []  # attached, in order
 
     def stop_reason(self) -> str | None:
         return self.reason
+
+    def attach(self, body: UpstreamBody) -> None:
+        self.bodies.append(body)
 
     def writing(self, active: bool) -> None:
         pass
@@ -626,6 +633,7 @@ def test_relay_resumes_after_a_cut_from_the_last_whole_event() -> None:
         True,
     )
     assert (first.closes, second.closes, control.calls) == (1, 1, 1)
+    assert control.bodies == [first, second]  # a client leaving now shuts the resumed body down
 
 
 def test_relay_resume_retries_transient_failures_then_gives_up() -> None:

@@ -54,6 +54,35 @@ def test_watchdog_stops_a_stream_when_its_client_leaves(pair: tuple[socket.socke
     assert watch.stop_reason() == "client_gone"
 
 
+class _Body:
+    """A relay's body as a watch sees it: its shutdowns."""
+
+    def __init__(self) -> None:
+        self.shutdowns = 0
+        self.shut = threading.Event()
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+        self.shut.set()
+
+
+def test_a_watch_without_on_stop_shuts_down_the_body_attached_last(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A relay attaches each body it reads (the first, then each resumed one): a client leaving
+    ends the one being read, not the first (closed already)."""
+    server, client = pair
+    watch = DisconnectWatchdog().watch(server)
+    assert watch is not None
+    first, resumed = _Body(), _Body()
+    watch.attach(t.cast(t.Any, first))
+    watch.attach(t.cast(t.Any, resumed))
+    client.close()
+    assert resumed.shut.wait(2.0)
+    assert watch.stop_reason() == "client_gone"
+    assert (first.shutdowns, resumed.shutdowns) == (0, 1)
+
+
 def test_a_departure_costs_the_watchdog_no_question_to_the_socket(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:

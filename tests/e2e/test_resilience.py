@@ -173,6 +173,52 @@ def test_upstream_gone_for_good_during_a_resume_aborts_the_client(client: OpenAI
     assert numbers == list(range(len(numbers)))  # what arrived is whole, and the client can resume
 
 
+def test_a_client_leaving_a_resumed_stream_frees_the_resumed_upstream_at_once(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """The watchdog shuts down the body the relay reads: after a resume that is the resumed one, not
+    the first (already closed), which left the upstream streaming until the relay's next write, a
+    keep-alive interval later at best."""
+    slow = {**FAST, "WSGI_PROXY_KEEPALIVE_INTERVAL": "30"}
+    running = start_proxy(tmp_path, simulator.base_url, env=slow)
+    try:
+        metadata = {"sim_cut_after": "3", "sim_gap_at": "6", "sim_gap_s": "20", "sim_delay_ms": "10"}
+        body = {
+            "model": "gpt-4o-mini",
+            "input": "leave",
+            "background": True,
+            "stream": True,
+            "metadata": metadata,
+        }
+        sock = raw_request(
+            running.base_url + "/responses",
+            "POST",
+            {**AUTH, "Content-Type": "application/json"},
+            json.dumps(body).encode(),
+        )
+        try:
+            head = recv_until(sock, b'"sequence_number":5')  # after the resume, before the silence
+            response_id = head.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode()
+        finally:
+            sock.close()
+        left_at = time.monotonic()
+
+        def resumed_closed() -> list[t.Any]:
+            return [
+                c
+                for c in simulator.stream_closures
+                if c.response_id == response_id and c.closed_at >= left_at
+            ]
+
+        _wait_for(lambda: bool(resumed_closed()), limit=15)
+        (closure,) = resumed_closed()
+        assert closure.reason == "client_gone"
+        assert closure.closed_at - left_at < 3
+        assert "resumed upstream stream POST /responses after sequence_number" in running.log()
+    finally:
+        running.server.stop()
+
+
 def test_stalled_client_is_disconnected_and_upstream_closed(proxy: Proxy, simulator: Simulator) -> None:
     body = json.dumps(
         {

@@ -346,7 +346,7 @@ class Gateway:
 
         metrics = state.metrics
         body = UpstreamStream(sent.answer)
-        watch = state.watchdog.watch(client, body.shutdown) if settings.watch_disconnects else None
+        watch = state.watchdog.watch(client) if settings.watch_disconnects else None
         record.stream_started()
         relay = StreamRelay(
             body,

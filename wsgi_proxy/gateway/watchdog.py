@@ -5,8 +5,9 @@ models think for minutes) means no writes: the worker thread would sit in ``recv
 connection open. The watchdog notices, and ends such streams at once:
 
 - **gone clients**: ``epoll`` on the client sockets (``EPOLLRDHUP``: the peer closed its side,
-  which a streaming client does only when it leaves). The stream's upstream connection is shut
-  down, so the upstream learns at once and the relay's blocked read returns and frees its thread.
+  which a streaming client does only when it leaves). The upstream connection of the body the
+  relay is reading (:meth:`Watch.attach`) is shut down, so the upstream learns at once and the
+  relay's blocked read returns and frees its thread.
   A WebSocket session polls its client itself and sees it leave first: its watch is for the
   worker's shutdown only (``departures=False``).
 - **stalled clients**: a client that stops reading blocks the relay's write forever. A write that
@@ -29,6 +30,8 @@ import socket
 import threading
 import time
 import typing as t
+
+from ..wire.relay import UpstreamBody
 
 __all__ = ["DisconnectWatchdog", "NoWatch", "StopReason", "Watch", "drain_when", "peer_closed", "stopping"]
 
@@ -91,6 +94,7 @@ class Watch:
         "number",
         "reason",
         "resumable",
+        "_body",
         "_client",
         "_on_stop",
         "_stopped",
@@ -103,7 +107,7 @@ class Watch:
         watchdog: DisconnectWatchdog,
         client: socket.socket,
         fd: int,
-        on_stop: t.Callable[[], None],
+        on_stop: t.Callable[[], None] | None,
         number: int,
         departures: bool,
     ) -> None:
@@ -112,6 +116,7 @@ class Watch:
         self.number = number  # the watchdog's count of watches when this one began
         self.reason: StopReason | None = None
         self.resumable = False
+        self._body: UpstreamBody | None = None
         self._client = client
         self._on_stop = on_stop
         self._stopped = threading.Event()
@@ -136,6 +141,11 @@ class Watch:
         """Stop watching (the stream ended); safe to call more than once."""
         self._watchdog._unregister(self)
 
+    def attach(self, body: UpstreamBody) -> None:
+        """The body a relay reads from now on (the first, then each resumed one): what a stop
+        without ``on_stop`` shuts down."""
+        self._body = body
+
     def _stop(self, reason: StopReason, *, close_client: bool = False) -> None:
         if self.reason is not None:
             return
@@ -145,7 +155,10 @@ class Watch:
             with contextlib.suppress(OSError):
                 self._client.shutdown(socket.SHUT_RDWR)
         try:
-            self._on_stop()
+            if self._on_stop is not None:
+                self._on_stop()
+            elif self._body is not None:
+                self._body.shutdown()
         except Exception:  # a failing callback must not stop the watchdog thread
             log.exception("stopping a stream failed")
 
@@ -171,6 +184,9 @@ class NoWatch:
     def cancel(self) -> None:
         pass
 
+    def attach(self, body: UpstreamBody) -> None:
+        pass
+
 
 class DisconnectWatchdog:
     """A per-process watcher of client sockets; re-created lazily after a fork.
@@ -188,9 +204,14 @@ class DisconnectWatchdog:
         self._drain_started: float | None = None
 
     def watch(
-        self, sock: socket.socket | None, on_stop: t.Callable[[], None], *, departures: bool = True
+        self,
+        sock: socket.socket | None,
+        on_stop: t.Callable[[], None] | None = None,
+        *,
+        departures: bool = True,
     ) -> Watch | None:
-        """Watch the client behind ``sock``; ``on_stop`` (from the watchdog thread) ends the stream.
+        """Watch the client behind ``sock``; ``on_stop`` (from the watchdog thread) ends the stream,
+        and without it the body last attached (:meth:`Watch.attach`) is shut down.
 
         :param departures: False for a caller that polls ``sock`` itself and so sees its client
             leave first (a WebSocket session): the watch then only stops it when the worker stops.

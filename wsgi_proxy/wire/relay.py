@@ -96,6 +96,10 @@ class UpstreamBody(t.Protocol):
         """True when :meth:`read` would not block; False after ``timeout`` seconds of silence."""
         ...
 
+    def shutdown(self) -> None:
+        """End the connection both ways from any thread, so that a blocked :meth:`read` returns."""
+        ...
+
     def close(self) -> None:
         """Release the connection (called once, from the relaying thread)."""
         ...
@@ -117,6 +121,10 @@ class Control(t.Protocol):
         ...
 
     def cancel(self) -> None: ...
+
+    def attach(self, body: UpstreamBody) -> None:
+        """The body the relay reads from now on: the first, then each resumed one."""
+        ...
 
 
 class Resume(enum.Enum):
@@ -278,6 +286,7 @@ class StreamRelay:
         self._terminal: str | None = None
         self._ended_at: float | None = None  # when the terminal event arrived
         control.set_resumable(resumer is not None and response_id is not None)
+        control.attach(body)
         self._gen: t.Generator[bytes, None, None] = self._run()
 
     def __iter__(self) -> StreamRelay:
@@ -477,6 +486,7 @@ class StreamRelay:
                 attempt, body = outcome
                 self._body.close()
                 self._body = body
+                self._control.attach(body)
                 self._splitter = EventSplitter(self._max_event_bytes)  # a half event is dropped
                 self._replayed_through = self._last_sequence
                 self._resumes += 1
