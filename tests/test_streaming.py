@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import gc
+import inspect
 import itertools
 import json
 import re
@@ -400,6 +402,24 @@ def _relay(
 ) -> tuple[StreamRelay, FakeControl]:
     control = control or FakeControl()
     return StreamRelay(body, label="test", control=control, **kwargs), control
+
+
+def test_a_waiting_relay_keeps_none_of_the_bytes_it_read() -> None:
+    """Thousands of quiet streams wait at once: the last read of each is not kept while it waits."""
+    read = bytes(bytearray(DELTA))  # an object of its own, read once
+    holders: list[list[str]] = []
+
+    class Watched(FakeBody):
+        def wait(self, timeout: float) -> bool:
+            if self.reads == 2:  # the wait after the read of ``read``
+                # A suspended generator's frame is the generator's, found as the generator.
+                holding = [r for r in gc.get_referrers(read) if inspect.isgenerator(r)]
+                holders.append([generator.gi_code.co_name for generator in holding])
+            return super().wait(timeout)
+
+    relay, _ = _relay(Watched([CREATED, read, COMPLETED]), keepalive_interval=10)
+    assert b"".join(relay) == CREATED + DELTA + COMPLETED
+    assert len(holders) == 1 and not {"_pump", "_write"} & set(holders[0]), holders
 
 
 def test_relay_first_item_is_empty_bytes() -> None:
