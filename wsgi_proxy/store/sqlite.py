@@ -5,11 +5,11 @@ of its threads asks, never one per thread: a connection costs some 140 KB of mem
 page cache and parsed schema), and a worker holding thousands of streams has a thread for each. The
 file is in WAL mode, so reads never wait for writes. A write that is one statement is a transaction
 of its own, which SQLite serialises across connections and processes with ``busy_timeout``; a
-response's usage is one too, an insert into a view whose trigger does the counting. The other
-read-modify-writes (rate windows, slot leases) run inside one ``BEGIN IMMEDIATE`` transaction,
-which makes them atomic for all workers on the host; the transactions of one process take turns on
-a lock first. A forked child opens its own connections: it must never touch its
-parent's.
+response's usage is one too (an insert into a view whose trigger does the counting), and so is
+taking a stream slot. A rate window's count, which must be read back, runs inside one ``BEGIN
+IMMEDIATE`` transaction, as do purges, which makes them atomic for all workers on the host; the
+transactions of one process take turns on a lock first. A forked child opens its own connections:
+it must never touch its parent's.
 
 Usage totals keep "" for a missing key, team, model, upstream or tier: NULLs would never conflict in
 the primary key, so every response without a key would get a row of its own instead of adding to one.
@@ -529,20 +529,18 @@ class SQLiteStore(Store):
     def acquire_slot(self, key: str, limit: int, lease: str, ttl_s: float, now: float | None = None) -> bool:
         check_positive("ttl_s", ttl_s)
         now = time.time() if now is None else now
-        with self._write("take a stream slot") as conn:
-            conn.execute("DELETE FROM slot_leases WHERE key = ? AND expires_at <= ?", (key, now))
-            held = conn.execute(
-                "SELECT 1 FROM slot_leases WHERE key = ? AND lease = ?", (key, lease)
-            ).fetchone()
-            if held is None:
-                (taken,) = conn.execute("SELECT COUNT(*) FROM slot_leases WHERE key = ?", (key,)).fetchone()
-                if taken >= limit:
-                    return False
-            conn.execute(
-                "INSERT OR REPLACE INTO slot_leases (key, lease, expires_at) VALUES (?, ?, ?)",
-                (key, lease, now + ttl_s),
+        # One statement, so no lock of the process is held: the lease is written when it is held
+        # already (its expiry moves) or when fewer than ``limit`` live ones are. Expired leases
+        # count as absent until a purge removes them.
+        return bool(
+            self._write_one(
+                "take a stream slot",
+                "INSERT OR REPLACE INTO slot_leases (key, lease, expires_at) SELECT ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM slot_leases WHERE key = ? AND lease = ? AND expires_at > ?)"
+                " OR (SELECT COUNT(*) FROM slot_leases WHERE key = ? AND expires_at > ?) < ?",
+                (key, lease, now + ttl_s, key, lease, now, key, now, limit),
             )
-        return True
+        )
 
     def refresh_slot(self, key: str, lease: str, ttl_s: float, now: float | None = None) -> None:
         check_positive("ttl_s", ttl_s)
