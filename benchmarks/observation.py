@@ -92,6 +92,9 @@ class _StoredBody:
         self._left -= 1
         return _DELTA if self._left >= 0 else _COMPLETED
 
+    def shutdown(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
