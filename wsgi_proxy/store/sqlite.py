@@ -146,8 +146,7 @@ CREATE TABLE IF NOT EXISTS heartbeat (
 -- without a transaction of several statements: its trigger sets the response's marker, stops if the
 -- marker was already set (the response was counted), then adds to the day's totals and to the spend
 -- of every counter charged (a JSON array of [counter, span, expires_at]). A new shape needs new names.
-CREATE VIEW IF NOT EXISTS usage_count (response_id, expires_at, now, {names}, {counted}, spends)
-    AS SELECT {nulls} WHERE 0;
+CREATE VIEW IF NOT EXISTS usage_count ({count_columns}) AS SELECT {nulls} WHERE 0;
 
 CREATE TRIGGER IF NOT EXISTS usage_count_insert INSTEAD OF INSERT ON usage_count BEGIN
     -- A marker that expired but was not purged yet counts as absent, as in Redis.
@@ -165,20 +164,22 @@ CREATE TRIGGER IF NOT EXISTS usage_count_insert INSTEAD OF INSERT ON usage_count
 END;
 """
 
+#: The columns of the view ``usage_count``, in the order :meth:`SQLiteStore.record_usage` gives them.
+_USAGE_COUNT = ("response_id", "expires_at", "now", *USAGE_DIMENSIONS, *USAGE_COLUMNS, "spends")
+
 _SCHEMA = _SCHEMA.format(
     dimensions=",\n    ".join(f"{name} TEXT NOT NULL" for name in USAGE_DIMENSIONS),
     columns=",\n    ".join(f"{name} INTEGER NOT NULL DEFAULT 0" for name in USAGE_COLUMNS),
     names=", ".join(USAGE_DIMENSIONS),
     counted=", ".join(USAGE_COLUMNS),
-    nulls=", ".join(["NULL"] * (4 + len(USAGE_DIMENSIONS) + len(USAGE_COLUMNS))),
+    count_columns=", ".join(_USAGE_COUNT),
+    nulls=", ".join(["NULL"] * len(_USAGE_COUNT)),
     new_names=", ".join(f"NEW.{name}" for name in USAGE_DIMENSIONS),
     new_counted=", ".join(f"NEW.{name}" for name in USAGE_COLUMNS),
     sums=", ".join(f"{name} = {name} + excluded.{name}" for name in USAGE_COLUMNS),
 )
 
-_COUNT_USAGE = (
-    f"INSERT INTO usage_count VALUES ({', '.join('?' * (4 + len(USAGE_DIMENSIONS) + len(USAGE_COLUMNS)))})"
-)
+_COUNT_USAGE = f"INSERT INTO usage_count VALUES ({', '.join('?' * len(_USAGE_COUNT))})"
 
 #: Totals kept by earlier releases (one row per day, team, key and model, three token counts) move
 #: into ``usage_daily`` once, with no upstream or tier, when a store is opened.
