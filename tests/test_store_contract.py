@@ -205,8 +205,11 @@ class TestRateLimit:
         run_threads(worker, 20)
         allowed = [d for d in results if d.allowed]
         assert len(results) == 1000 and len(allowed) == 500
-        # Every allowed hit saw a distinct count: no two threads read-modified-wrote the same value.
-        assert sorted(d.remaining for d in allowed) == list(range(500))
+        # No hit was lost or counted twice: the window is full, exactly. ``remaining`` may be
+        # under-stated under contention (SQLite reads the count back), never over-stated.
+        assert all(0 <= d.remaining < 500 for d in allowed)
+        assert min(d.remaining for d in allowed) == 0
+        assert not store.hit_rate("shared", 500, 60, now=T0 + 1).allowed
 
     @pytest.mark.slow
     def test_processes_share_one_count(self, backend: Backend) -> None:
@@ -618,14 +621,15 @@ class TestMaintenance:
         [
             pytest.param(lambda store: use(store, "resp_1"), id="usage"),
             pytest.param(lambda store: store.acquire_slot("k", 1, "a", 30), id="slot"),
+            pytest.param(lambda store: store.hit_rate("k", 1).allowed, id="rate"),
         ],
     )
     def test_sqlite_one_statement_writes_do_not_wait_for_the_process_transactions(
         self, tmp_path: Path, write: t.Callable[[Store], bool]
     ) -> None:
-        """A transaction of several statements (a rate window's count) holds the process's write
-        lock while its thread wins the GIL back after each; a usage or a slot is one statement and
-        never waits for that lock (held here by another thread)."""
+        """A transaction of several statements (a purge) holds the process's write lock while its
+        thread wins the GIL back after each; a usage, a slot or a rate window's count is one
+        statement and never waits for that lock (held here by another thread)."""
         with SQLiteStore(tmp_path / "state.db", busy_timeout=0.5) as store:
             held, done = threading.Event(), threading.Event()
 

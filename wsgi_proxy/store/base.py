@@ -100,7 +100,8 @@ class RateDecision:
     retry_after: float
     """Seconds until a request would be allowed again; 0 when this one was."""
     remaining: int
-    """Requests still allowed in the current window."""
+    """Requests still allowed in the current window: under contention a store may under-state it,
+    never over-state it."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,8 @@ class Store(abc.ABC):
         """Count one request against ``key`` in a fixed window and say whether it is allowed.
 
         Windows are ``[i * window_s, (i + 1) * window_s)``; a request is allowed while the window's
-        count, this request included, is at most ``limit``. Refused requests are counted too.
+        count, this request included, is at most ``limit``. A store may count refused requests or
+        not: a window that refused one refuses every later one until it ends, either way.
         """
 
     @abc.abstractmethod

@@ -6,10 +6,10 @@ page cache and parsed schema), and a worker holding thousands of streams has a t
 file is in WAL mode, so reads never wait for writes. A write that is one statement is a transaction
 of its own, which SQLite serialises across connections and processes with ``busy_timeout``; a
 response's usage is one too (an insert into a view whose trigger does the counting), and so is
-taking a stream slot. A rate window's count, which must be read back, runs inside one ``BEGIN
-IMMEDIATE`` transaction, as do purges, which makes them atomic for all workers on the host; the
-transactions of one process take turns on a lock first. A forked child opens its own connections:
-it must never touch its parent's.
+taking a stream slot or counting a request against a rate window (counted only while the window
+has room). Purges run inside one ``BEGIN IMMEDIATE`` transaction, which makes them atomic for all
+workers on the host; the transactions of one process take turns on a lock first. A forked child
+opens its own connections: it must never touch its parent's.
 
 Usage totals keep "" for a missing key, team, model, upstream or tier: NULLs would never conflict in
 the primary key, so every response without a key would get a row of its own instead of adding to one.
@@ -398,9 +398,10 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _write(self, action: str) -> t.Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction, committed on success and rolled back on error: for a
-        read-modify-write, which needs several statements. The process's transactions take turns
-        on a lock, so that they queue cheaply instead of sleeping in SQLite's busy handler.
+        """One ``BEGIN IMMEDIATE`` transaction, committed on success and rolled back on error: for
+        work of several statements (a purge; moving an earlier release's usage totals at open). The
+        process's transactions take turns on a lock, so that they queue cheaply instead of sleeping
+        in SQLite's busy handler.
 
         :meta private:
         """
@@ -516,16 +517,24 @@ class SQLiteStore(Store):
         check_positive("window_s", window_s)
         now = time.time() if now is None else now
         index, window_end = fixed_window(now, window_s)
-        with self._write("count a request") as conn:
-            conn.execute(
-                "INSERT INTO rate_windows (key, window_index, hits, expires_at) VALUES (?, ?, 1, ?)"
-                " ON CONFLICT (key, window_index) DO UPDATE SET hits = hits + 1",
-                (key, index, window_end),
-            )
-            (hits,) = conn.execute(
+        # One statement, so no lock of the process is held: the hit is counted only while the
+        # window has room (a limit of 0 has none), so the count never passes the limit and a
+        # refused hit changes no row. The count read back next, on the same connection, may
+        # include later hits of other threads, so ``remaining`` can only be under-stated.
+        with self._connection("count a request") as conn:
+            counted = conn.execute(
+                "INSERT INTO rate_windows (key, window_index, hits, expires_at) SELECT ?, ?, 1, ?"
+                " WHERE ? > 0 ON CONFLICT (key, window_index) DO UPDATE SET hits = hits + 1 WHERE hits < ?",
+                (key, index, window_end, limit, limit),
+            ).rowcount
+            if not counted:
+                return rate_decision(limit + 1, limit, now, window_s)
+            row = conn.execute(
                 "SELECT hits FROM rate_windows WHERE key = ? AND window_index = ?", (key, index)
             ).fetchone()
-        return rate_decision(hits, limit, now, window_s)
+        self._wrote()
+        # A purge may have removed a window already over between the two statements.
+        return rate_decision(int(row[0]) if row else limit, limit, now, window_s)
 
     def acquire_slot(self, key: str, limit: int, lease: str, ttl_s: float, now: float | None = None) -> bool:
         check_positive("ttl_s", ttl_s)
