@@ -10,7 +10,8 @@ installed), a SQLite gateway whose model has two routes, its creates carrying a
 whose team has token and cost budgets (each create reads the spend, each answer adds to it). Each
 create records where the response lives and counts the key's rate; each retrieve looks it up and
 checks its owner.
-Reported: p50/p99 of create and retrieve through each, and the added cost against the shorthand.
+Reported: p50/p99 of create and retrieve through each, and the added cost against the shorthand;
+what each store operation costs alone, and how long a rate count waits in a busy worker.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -27,6 +29,7 @@ from pathlib import Path
 import requests
 from harness import CLIENT_KEY, UPSTREAM_KEY, per_call_us, save_result, start_bed, start_proxy
 
+from wsgi_proxy.store import StoreError
 from wsgi_proxy.tools.launch import free_port
 
 CONFIG = """
@@ -120,6 +123,55 @@ def _store_costs(url: str, calls: int) -> dict[str, float]:
     return timings
 
 
+def _contended(url: str, seconds: float) -> dict[str, float]:
+    """Requests counted against one rate limit by 32 threads of a busy worker: beside 8 threads
+    that hold the GIL 2 ms in every 4 (a worker's other requests), each counts one, then waits
+    5 ms (its upstream). What a count waits for there is the GIL, and whatever lock its store
+    holds across the waits."""
+    from wsgi_proxy.store import open_store
+
+    store = open_store(url)
+    stop = threading.Event()
+    waits: list[float] = []
+    failures: list[str] = []
+
+    def busy() -> None:
+        while not stop.is_set():
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:
+                pass
+            time.sleep(0.002)
+
+    def count() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                store.hit_rate("rpm:contended", 10**9)
+            except StoreError as exc:
+                failures.append(str(exc))
+            waits.append(time.perf_counter() - start)  # list.append is atomic
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=busy) for _ in range(8)] + [
+        threading.Thread(target=count) for _ in range(32)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        store.close()
+    return {
+        "counts_per_s": round(len(waits) / seconds, 1),
+        "p50_ms": round(_pct(waits, 0.5) * 1000, 1),
+        "p99_ms": round(_pct(waits, 0.99) * 1000, 1),
+        "failed": len(failures),
+    }
+
+
 CHARGES = ("team:bench", "key:bench")
 
 
@@ -167,6 +219,7 @@ def run(calls: int) -> dict[str, t.Any]:
                 gateways[label] = f"http://127.0.0.1:{port}/v1"
             for name, url in stores.items():
                 results[f"store operations, {name}"] = _store_costs(url, calls * 2)
+                results[f"store contended, {name}"] = _contended(url, max(calls / 200, 0.5))
             for _ in range(2):  # interleave rounds so that machine noise hits every proxy alike
                 for name, base in gateways.items():
                     measured = _measure(base, calls // 2, "bench-session" if name == PINNED else None)
@@ -184,7 +237,7 @@ def run(calls: int) -> dict[str, t.Any]:
                 redis_process.wait(10)
             bed.stop()
     base = results["shorthand (no store)"]
-    for measured in (m for name, m in results.items() if not name.startswith("store operations")):
+    for measured in (m for name, m in results.items() if not name.startswith("store ")):
         measured["added_create_p50_ms"] = round(measured["create_p50_ms"] - base["create_p50_ms"], 3)
         measured["added_retrieve_p50_ms"] = round(measured["retrieve_p50_ms"] - base["retrieve_p50_ms"], 3)
     budgets = round(
@@ -216,6 +269,13 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         if name.startswith("store operations"):
             print(
                 f"| {name} | " + ", ".join(f"{k.removesuffix('_us')} {v} µs" for k, v in m.items()) + " | | |"
+            )
+            continue
+        if name.startswith("store contended"):
+            print(
+                f"| {name}: 32 threads count a request each 5 ms, 8 others hold the GIL half the time |"
+                f" {m['counts_per_s']} counts/s | wait p50 {m['p50_ms']} / p99 {m['p99_ms']} ms |"
+                f" {m['failed']} failed |"
             )
             continue
         print(
