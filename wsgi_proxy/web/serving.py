@@ -67,7 +67,7 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
 
 
 #: How many collections of the middle generation come before a full one is considered (Python's: 10).
-FULL_COLLECTION_EVERY = 50
+FULL_COLLECTION_EVERY = 200
 
 
 def collect_less_often() -> None:
@@ -75,18 +75,19 @@ def collect_less_often() -> None:
     object the worker holds, from stalling thousands of open streams again and again.
 
     An open stream holds some 145 tracked objects in this worker (Flask's, requests', gunicorn's and
-    ours; ~130 in the floor forwarder): at 5,000 streams a full collection walks ~800,000 objects and
-    held the GIL for 1-2 s, with every stream's events waiting. Python starts one each time the
-    long-lived heap grows by a quarter, so opening 5,000 streams cost a worker ten of them, 9 s in
-    all (``benchmarks/ramp.py``, with the collections timed by ``gc.callbacks``). What the process
-    built before it served (modules, the app, its configuration) lives as long as the process, so it
-    is frozen out of every collection (call this once serving starts: :func:`prepare_worker` does in
+    ours; ~130 in the floor forwarder): a full collection takes ~0.2 ms per open stream, 0.7-1.1 s at
+    5,000, with every stream's events waiting. Python starts one each time the long-lived heap
+    grows by a quarter, so opening 5,000 streams cost a worker ten of them, 9 s in all
+    (``benchmarks/ramp.py``, with the collections timed by ``gc.callbacks``). What the process built
+    before it served (modules, the app, its configuration) lives as long as the process, so it is
+    frozen out of every collection (call this once serving starts: :func:`prepare_worker` does in
     each worker, the simulator in its own process); and a full collection is considered after
     :data:`FULL_COLLECTION_EVERY` collections of the middle generation instead of 10, i.e. once
-    ~350,000 surviving objects have been allocated: two while 5,000 streams open. The cost is
-    cyclic garbage kept longer; a stream leaves none (its objects are freed by their counts: a full
-    collection after 5,000 streams closed found nothing), and what an error leaves is collected
-    within that bound.
+    ~1.4 million surviving allocations have been made: none while 5,000 streams open. At 50 there
+    were two, of 0.3 s and 0.7-1.1 s, and 10,000 streams' events while they opened were 110-855 ms
+    late at p99 (nine runs), 36-137 ms at 200 (nine). The cost is cyclic garbage kept longer, and a stream
+    leaves it only young: the young generations' collections took ~7 objects per stream, full ones
+    ~100 objects in all after 5,000 streams per worker had come and gone.
     """
     gc.freeze()
     young, middle, _full = gc.get_threshold()
