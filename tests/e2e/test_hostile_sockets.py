@@ -17,6 +17,7 @@ from wsgi_proxy.simulator import Simulator
 from wsgi_proxy.tools.hostile import IdleClosers
 
 from .conftest import CLIENT_KEY, Proxy, start_proxy
+from .sse import raw_request, recv_until
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +77,46 @@ def test_new_connections_are_refused_or_served_at_once_while_workers_drain(
         allowed = {"refused", 200} if signum == signal.SIGTERM else {200}
         assert {outcome for outcome, _ in outcomes} <= allowed, outcomes
     finally:
+        proxy.server.stop()
+
+
+def _accept_queue(port: int) -> int:
+    """How many connections the kernel holds on the listening socket of ``port`` that no worker has
+    accepted yet (``/proc/net/tcp`` gives a listener's accept queue as its receive queue)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_a_worker_whose_threads_are_all_held_leaves_new_connections_to_the_others(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """gthread accepts up to worker_connections and queues what its busy threads cannot take: a
+    connection queued behind streams waited as long as they lasted, even with another worker idle."""
+    proxy = start_proxy(tmp_path, simulator.base_url, env={"WSGI_PROXY_THREADS": "2"})  # two workers
+    port = urlsplit(proxy.root_url).port
+    assert port is not None
+    long_stream = json.dumps(
+        {"model": "m", "input": "x", "stream": True, "metadata": {"sim_words": "2000", "sim_delay_ms": "100"}}
+    ).encode()
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    held: list[socket.socket] = []
+    try:
+        for _ in range(4):  # a thread each, on whichever worker has one free
+            held.append(raw_request(proxy.base_url + "/responses", "POST", headers, long_stream))
+            recv_until(held[-1], b'"sequence_number":0')
+        waiting = raw_request(proxy.root_url + "/healthz", "GET", {})
+        held.append(waiting)
+        time.sleep(1.0)  # a worker's loop would have accepted it by now
+        assert _accept_queue(port) == 1  # left to the kernel, for the first worker to free a thread
+        held.pop(0).close()
+        assert recv_until(waiting, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+        assert _accept_queue(port) == 0
+    finally:
+        for sock in held:
+            sock.close()
         proxy.server.stop()
 
 

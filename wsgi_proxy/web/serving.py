@@ -39,6 +39,12 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
     - On SIGTERM, SIGHUP or ``max_requests``, open streams are ended deliberately instead of by a
       SIGKILL: background streams at once, so that their clients resume (``starting_after``) on
       another worker, other streams shortly before ``graceful_timeout``.
+    - It accepts a connection only while one of its threads is free. gthread accepts up to
+      ``worker_connections`` and queues what its threads cannot take yet; a stream or a WebSocket
+      session holds its thread for its whole life, so a connection queued behind full threads
+      waited for as long as they lasted, while another worker had threads idle (62 of 10,000
+      WebSocket sessions never answered in ``benchmarks/ramp.py``). Now it stays in the kernel's
+      queue, for whichever worker frees a thread first.
     - Once the worker stops accepting, it closes its copies of the listening sockets. Without that
       a stopping gunicorn (SIGTERM) kept them open through the whole drain, and the kernel queued
       new connections that nobody would accept: they hung, then were reset. Now they are refused at
@@ -56,14 +62,40 @@ def prepare_worker(worker: t.Any, *, switch_interval: float = GIL_SWITCH_INTERVA
     set_accept_enabled = getattr(worker, "set_accept_enabled", None)
     if set_accept_enabled is None:  # not gunicorn's gthread worker of 24.1 or later
         return
+    held = _threads_held(worker)
+    threads = worker.cfg.threads
 
-    def stop_accepting_for_good(enabled: bool) -> None:
+    def accept_while_a_thread_is_free(enabled: bool) -> None:
+        if enabled and held is not None and held() >= threads:
+            enabled = False  # the next connection would wait for a thread here: another worker's
         set_accept_enabled(enabled)
         if not enabled and not worker.alive:  # not a full worker pausing, a stopping one
             for listener in worker.sockets:
                 listener.close()
 
-    worker.set_accept_enabled = stop_accepting_for_good
+    worker.set_accept_enabled = accept_while_a_thread_is_free
+    if held is None:
+        return
+    accept = worker.accept
+
+    def accept_and_pause_when_full(listener: t.Any) -> None:
+        accept(listener)
+        if held() >= threads:  # gthread's loop only looks again once worker_connections are reached
+            worker.set_accept_enabled(False)
+
+    worker.accept = accept_and_pause_when_full
+
+
+def _threads_held(worker: t.Any) -> t.Callable[[], int] | None:
+    """How many of a gthread worker's connections hold one of its threads or wait for one: all it
+    counts but the idle keep-alive ones and (gunicorn 25) those still waiting for their request."""
+    if not hasattr(worker, "nr_conns") or not hasattr(worker, "keepalived_conns"):
+        return None  # not the gthread worker this was written for
+
+    def held() -> int:
+        return int(worker.nr_conns) - len(worker.keepalived_conns) - len(getattr(worker, "pending_conns", ()))
+
+    return held
 
 
 #: How many collections of the middle generation come before a full one is considered (Python's: 10).
