@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import socket
 import struct
+import sys
 import threading
 import time
 import typing as t
@@ -153,12 +154,26 @@ def scripted() -> t.Iterator[t.Callable[[list[bytes | threading.Event | None]], 
 
 def test_a_read_takes_every_chunk_that_has_arrived(scripted: t.Any) -> None:
     events = _events(0, 50)
-    gate = threading.Event()
-    stream = scripted([_HEAD + b"".join(_chunk(e) for e in events), gate, _chunk(b"late\n\n") + _chunk(b"")])
+    first, then = threading.Event(), threading.Event()
+    # After the headers, so that none waits in the reader's buffer (what comes with the headers is
+    # returned first, up to that buffer: the next test).
+    stream = scripted(
+        [_HEAD, first, b"".join(_chunk(e) for e in events), then, _chunk(b"late\n\n") + _chunk(b"")]
+    )
+    first.set()
     time.sleep(0.2)  # all 50 chunks are in the kernel before the first read
     assert stream.read() == b"".join(events)  # one read, not fifty
-    gate.set()
+    then.set()
     assert stream.read() == b"late\n\n"
+    assert stream.read() == b""
+
+
+def test_what_came_with_the_headers_is_read_first_then_the_rest(scripted: t.Any) -> None:
+    events = _events(0, 100)  # ~4.5 KB: more than the reader's buffer holds
+    stream = scripted([_HEAD + b"".join(_chunk(e) for e in events) + _chunk(b"")])
+    time.sleep(0.2)
+    received = [stream.read(), stream.read()]
+    assert b"".join(received) == b"".join(events)  # the buffer's part, then the kernel's in one read
     assert stream.read() == b""
 
 
@@ -213,6 +228,27 @@ def test_a_wait_finds_the_body_that_came_with_the_headers_and_then_is_one_poll(
     assert time.monotonic() - started < 1.0
     assert stream.read() == b""
     hold.set()
+
+
+def test_headers_longer_than_the_read_buffer_arrive_whole_and_the_buffer_stays_small() -> None:
+    long = b"".join(b"X-Long-%d: %s\r\n" % (n, b"v" * 100) for n in range(60))  # ~7 KB of headers
+    events = _events(0, 3)
+    head = _HEAD[:-2] + long + b"\r\n"
+    server = _Scripted([head + b"".join(_chunk(e) for e in events) + _chunk(b"")])
+    try:
+        client = UpstreamClient(UpstreamSpec(name="u", url=server.url, read_timeout=10))
+        answer = client.send(UpstreamRequest("GET", "/s", b"", stream=True))
+        assert [answer.headers[f"X-Long-{n}"] for n in (0, 59)] == ["v" * 100] * 2
+        assert answer.headers["Content-Type"] == "text/event-stream"
+        # The reader an open stream keeps: its size counts its buffer (http.client's own is 8 KiB).
+        assert sys.getsizeof(answer.raw._fp.fp) < 4096
+        stream = UpstreamStream(answer)
+        received = b""
+        while chunk := stream.read():
+            received += chunk
+        assert received == b"".join(events)
+    finally:
+        server.close()
 
 
 def test_a_shutdown_tells_the_upstream_at_once_that_its_client_left() -> None:
