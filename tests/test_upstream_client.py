@@ -37,6 +37,9 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Set-Cookie", "upstream_session=SECRET; Path=/")
+        if self.path.startswith("/v1/repeated"):
+            self.send_header("X-Ratelimit-Note", "a")
+            self.send_header("X-Ratelimit-Note", "b")
         self.end_headers()
         self.wfile.write(body)
 
@@ -78,6 +81,16 @@ def test_upstream_cookies_are_never_kept_or_sent_back(upstream: str) -> None:
     _get(client, "/models")
     assert [cookie for _, _, cookie in _Recorder.seen] == [None, None]
     assert not client.session.cookies
+
+
+def test_repeated_headers_come_back_as_the_upstream_sent_them(upstream: str) -> None:
+    answer = UpstreamClient(UpstreamSpec(name="u", url=upstream)).send(
+        UpstreamRequest("GET", "/repeated", b"", stream=False)
+    )
+    notes = [(name, value) for name, value in answer.headers.items() if name.lower() == "x-ratelimit-note"]
+    assert notes == [("X-Ratelimit-Note", "a"), ("X-Ratelimit-Note", "b")]  # two lines, relayed as two
+    assert answer.headers["x-ratelimit-note"] == "a, b"  # a lookup, any case, joins them
+    assert answer.headers.get("CONTENT-TYPE") == "application/json"
 
 
 def test_query_goes_upstream_byte_for_byte(upstream: str) -> None:

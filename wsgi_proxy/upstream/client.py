@@ -169,6 +169,9 @@ class _LeanAdapter(HTTPAdapter):
       re-checking the CA bundle on every call (the proxy has no per-request proxies or client certs).
     - Responses skip cookie extraction: the proxy refuses upstream cookies (see ``_RefuseCookies``).
     - Its pools' connections read responses through a small buffer (:data:`_HEAD_BUFFER`).
+    - A response's headers are urllib3's, not a copy in requests' dict: the same case-insensitive
+      lookups (repeated headers joined), and ``items()`` gives each line as the upstream sent it. An
+      open stream kept both, 2.6 KB of its RSS.
     """
 
     def __init__(self, **kwargs: t.Any) -> None:
@@ -205,7 +208,8 @@ class _LeanAdapter(HTTPAdapter):
     def build_response(self, req: requests.PreparedRequest, resp: t.Any) -> requests.Response:
         response = requests.Response()
         response.status_code = resp.status
-        response.headers = requests.structures.CaseInsensitiveDict(resp.headers)
+        # urllib3's headers as they are (case-insensitive too), not a copy an open stream would keep.
+        response.headers = t.cast(t.Any, resp.headers)
         response.encoding = requests.utils.get_encoding_from_headers(response.headers)
         response.raw = resp
         response.reason = resp.reason
