@@ -54,6 +54,42 @@ def test_watchdog_stops_a_stream_when_its_client_leaves(pair: tuple[socket.socke
     assert watch.stop_reason() == "client_gone"
 
 
+def test_a_sleep_ends_when_the_client_leaves(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    watch = DisconnectWatchdog().watch(server, None)
+    assert watch is not None
+    threading.Timer(0.2, client.close).start()
+    started = time.monotonic()
+    assert watch.sleep(10.0)  # a resume's backoff, cut short
+    assert time.monotonic() - started < 5.0
+    assert watch.sleep(10.0)  # and any sleep after the stop returns at once
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_sleep_after_a_stop_returns_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    watch = DisconnectWatchdog().watch(server, None)
+    assert watch is not None
+    client.close()
+    deadline = time.monotonic() + 5.0
+    while watch.stop_reason() is None:  # stopped before any sleep made its event
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert watch.sleep(10.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_sleep_without_a_stop_lasts_its_time(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _client = pair
+    watch = DisconnectWatchdog().watch(server, None)
+    assert watch is not None
+    started = time.monotonic()
+    assert not watch.sleep(0.3)
+    assert time.monotonic() - started >= 0.3
+    watch.cancel()
+
+
 class _Body:
     """A relay's body as a watch sees it: its shutdowns."""
 

@@ -119,7 +119,9 @@ class Watch:
         self._body: UpstreamBody | None = None
         self._client = client
         self._on_stop = on_stop
-        self._stopped = threading.Event()
+        # Made by the first sleep (a resume's backoff): most streams never sleep, and an Event is
+        # ~1 KB and six objects for the cycle collector, kept for the stream's life.
+        self._stopped: threading.Event | None = None
         self._watchdog = watchdog
         self._writing_since: float | None = None
 
@@ -135,7 +137,13 @@ class Watch:
 
     def sleep(self, seconds: float) -> bool:
         """Wait ``seconds``; True if the stream was stopped meanwhile."""
-        return self._stopped.wait(seconds)
+        stopped = self._stopped
+        if stopped is None:
+            stopped = self._stopped = threading.Event()
+        # Read after the Event is in place: a stop that came first is seen here, a later one sets it.
+        if self.reason is not None:
+            return True
+        return stopped.wait(seconds)
 
     def cancel(self) -> None:
         """Stop watching (the stream ended); safe to call more than once."""
@@ -150,7 +158,8 @@ class Watch:
         if self.reason is not None:
             return
         self.reason = reason
-        self._stopped.set()
+        if self._stopped is not None:
+            self._stopped.set()
         if close_client:
             with contextlib.suppress(OSError):
                 self._client.shutdown(socket.SHUT_RDWR)
