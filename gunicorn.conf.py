@@ -51,7 +51,7 @@ bind = os.environ.get("WSGI_PROXY_BIND", "127.0.0.1:8000")
 
 # gthread: plain threads, no monkey-patching, no asyncio. Each open stream holds one thread for its
 # whole life (a background stream can last many minutes), so threads, not workers, bound the number
-# of concurrent streams: workers x threads. An open stream costs about 80 KB of RSS (79 KB measured by
+# of concurrent streams: workers x threads. An open stream costs about 72 KB of RSS (71 KB measured by
 # benchmarks/capacity.py; a thread's 8 MiB stack is virtual), and threads are only created when needed.
 worker_class = "gthread"
 workers = int(os.environ.get("WSGI_PROXY_WORKERS", "2"))  # >= 2: one can restart while the other serves
