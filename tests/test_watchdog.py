@@ -62,8 +62,9 @@ def test_a_sleep_ends_when_the_client_leaves(pair: tuple[socket.socket, socket.s
     started = time.monotonic()
     assert watch.sleep(10.0)  # a resume's backoff, cut short
     assert time.monotonic() - started < 5.0
+    started = time.monotonic()
     assert watch.sleep(10.0)  # and any sleep after the stop returns at once
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < 1.0
 
 
 def test_a_sleep_after_a_stop_returns_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
